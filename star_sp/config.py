@@ -1,0 +1,74 @@
+"""One validated configuration for Star Attention (``StarConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from .errors import StarInputError
+
+AnchorSource = Literal["broadcast", "recompute"]
+Backend = Literal["auto", "cpu", "flash", "cudnn", "efficient", "math"]
+
+ANCHOR_SOURCES: tuple[str, ...] = ("broadcast", "recompute")
+BACKENDS: tuple[str, ...] = ("auto", "cpu", "flash", "cudnn", "efficient", "math")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise StarInputError(f"{name} must be a positive integer (a number of tokens), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class StarConfig:
+    """How Star Attention cuts and encodes a context.
+
+    Checks run in ``__post_init__``; every bad value raises ``StarInputError`` (a ``ValueError``)
+    naming the valid choices.
+    """
+
+    block_size: int
+    """Tokens per context block (``b``). The last block may be shorter; it is never padded."""
+
+    anchor_size: int | None = None
+    """Tokens of the anchor (``a``), the context's first tokens, ``1 <= a <= block_size``.
+    ``None`` means ``block_size``, as in the paper."""
+
+    anchor_source: AnchorSource = "broadcast"
+    """Where a host that does not own block 0 gets the anchor's KV in phase 1: ``"broadcast"`` (the
+    owner of block 0 sends it layer by layer; the anchor never runs through the other hosts' linear
+    layers) or ``"recompute"`` (every host encodes ``[anchor; block]`` itself, the paper's form)."""
+
+    backend: Backend = "auto"
+    """Attention kernel: ``"auto"`` picks the fastest that supports the inputs (cuDNN, then flash,
+    then memory-efficient on CUDA; the fused CPU kernel on CPU); any other name is used or refused,
+    never replaced silently."""
+
+    collective_timeout_s: float = 600.0
+    """Seconds a group-wide step may wait for the other ranks before every rank raises."""
+
+    def __post_init__(self) -> None:
+        _positive_int("block_size", self.block_size)
+        if self.anchor_size is not None:
+            _positive_int("anchor_size", self.anchor_size)
+            if self.anchor_size > self.block_size:
+                raise StarInputError(
+                    f"anchor_size ({self.anchor_size}) must not exceed block_size ({self.block_size}); "
+                    "lower anchor_size or raise block_size"
+                )
+        if self.anchor_source not in ANCHOR_SOURCES:
+            raise StarInputError(f"anchor_source must be one of {ANCHOR_SOURCES}, got {self.anchor_source!r}")
+        if self.backend not in BACKENDS:
+            raise StarInputError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        timeout = self.collective_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise StarInputError(f"collective_timeout_s must be a positive number of seconds, got {timeout!r}")
+
+    @property
+    def anchor(self) -> int:
+        """The anchor size in tokens, with ``None`` resolved to ``block_size``."""
+        return self.block_size if self.anchor_size is None else self.anchor_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,259 @@
+"""Attention kernels that return the log-sum-exp, one small class per backend.
+
+Every kernel computes, for ``q: (B, H, Sq, D)`` and ``k, v: (B, Hkv, Sk, D)`` with ``H % Hkv == 0``
+(grouped-query attention: query head ``h`` reads KV head ``h // (H // Hkv)``)::
+
+    out = softmax(scale * q @ k^T + mask) @ v        (B, H, Sq, D), dtype of q
+    lse = logsumexp(scale * q @ k^T + mask, dim=-1)  (B, H, Sq), float32 (float64 for float64 input)
+
+where ``mask`` is empty or, with ``causal=True``, the square causal mask (``Sq == Sk`` is required:
+callers split longer key ranges into an unmasked prefix and a square causal part, see
+``ops/parts.py``). The log is natural. ``backward`` recomputes the probabilities from ``lse`` (which may
+be the log-sum-exp of a larger, merged key set) and returns ``(dq, dk, dv)``.
+
+Backends: ``cpu`` (aten's fused CPU flash kernel), ``flash``, ``cudnn``, ``efficient`` (aten's CUDA
+kernels) and ``math`` (plain matrix products, any device and dtype; the honest "plain implementation"
+for tolerances). ``select_kernel("auto", ...)`` picks the fastest that supports the inputs; a named
+backend that cannot run them raises ``BackendUnavailableError`` instead of falling back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BackendUnavailableError, StarInputError
+from .merge import accumulation_dtype
+
+aten = torch.ops.aten
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _reduce_kv_grad(dx: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return dx
+    b, h, s, d = dx.shape
+    return dx.view(b, h // groups, groups, s, d).sum(dim=2)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class Kernel:
+    """One attention backend. Subclasses set ``name`` and implement the three methods."""
+
+    name: str = ""
+    native_gqa: bool = True
+
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor) -> str | None:
+        """Why this backend cannot run these inputs, or ``None`` when it can."""
+        raise NotImplementedError
+
+    def forward(self, q, k, v, causal: bool, scale: float):
+        """Returns ``(out, lse, aux)``; ``aux`` is whatever ``backward`` needs from the forward."""
+        groups = q.shape[1] // k.shape[1]
+        if not self.native_gqa:
+            k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+        q, k, v = map(_last_dim_contiguous, (q, k, v))
+        return self._forward(q, k, v, causal, scale)
+
+    def backward(self, dout, q, k, v, out, lse, aux, causal: bool, scale: float):
+        groups = q.shape[1] // k.shape[1]
+        if not self.native_gqa:
+            k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+        q, k, v = map(_last_dim_contiguous, (q, k, v))
+        dq, dk, dv = self._backward(dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), aux, causal, scale)
+        if not self.native_gqa:
+            dk, dv = _reduce_kv_grad(dk, groups), _reduce_kv_grad(dv, groups)
+        return dq, dk, dv
+
+    def _forward(self, q, k, v, causal, scale):
+        raise NotImplementedError
+
+    def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        raise NotImplementedError
+
+
+class CpuKernel(Kernel):
+    """aten's fused CPU flash kernel. Its causal mask is aligned top-left (equal to bottom-right
+    for the square blocks it is given here)."""
+
+    name = "cpu"
+
+    def unsupported(self, q, k):
+        if q.device.type != "cpu":
+            return f"the cpu kernel runs on CPU tensors, got {q.device}"
+        if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            return f"the cpu kernel takes float16/bfloat16/float32/float64, got {q.dtype}"
+        return None
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse, None
+
+    def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse.to(accumulation_dtype(q.dtype)), 0.0, causal, scale=scale
+        )
+
+
+class _CudaKernel(Kernel):
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+    max_head_dim: int = 256
+    head_dim_multiple: int = 8
+
+    def unsupported(self, q, k):
+        if q.device.type != "cuda":
+            return f"the {self.name} kernel runs on CUDA tensors, got {q.device}"
+        if q.dtype not in self.dtypes:
+            return f"the {self.name} kernel takes {[str(d) for d in self.dtypes]}, got {q.dtype}"
+        d = q.shape[-1]
+        if d > self.max_head_dim or d % self.head_dim_multiple:
+            return (f"the {self.name} kernel takes head dims that are multiples of {self.head_dim_multiple} "
+                    f"up to {self.max_head_dim}, got {d}")
+        return None
+
+
+class FlashKernel(_CudaKernel):
+    name = "flash"
+    native_gqa = False
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse, cq, ck, mq, mk, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale
+        )
+        return out, lse, (cq, ck, mq, mk, seed, offset)
+
+    def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        cq, ck, mq, mk, seed, offset = aux
+        return aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale
+        )
+
+
+class CudnnKernel(_CudaKernel):
+    name = "cudnn"
+    native_gqa = False
+    max_head_dim = 128
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse, cq, ck, mq, mk, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )
+        return out, lse.reshape(lse.shape[:3]), (cq, ck, mq, mk, seed, offset)
+
+    def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        cq, ck, mq, mk, seed, offset = aux
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, cq, ck, mq, mk, 0.0, causal, scale=scale
+        )
+
+
+class EfficientKernel(_CudaKernel):
+    name = "efficient"
+    native_gqa = False
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    head_dim_multiple = 1
+    lse_align = 32
+
+    def _forward(self, q, k, v, causal, scale):
+        out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale
+        )
+        return out, lse[..., : q.shape[2]], (seed, offset)
+
+    def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        seed, offset = aux
+        pad = -lse.shape[-1] % self.lse_align
+        lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, None, out, lse, seed, offset, 0.0, [True, True, True, False], causal, scale=scale
+        )
+        return dq, dk, dv
+
+
+class MathKernel(Kernel):
+    """Plain matrix products: scores in the input dtype, softmax statistics in float32 (float64 for
+    float64 input). Memory grows as ``Sq * Sk``: for tests and tolerances, not for long contexts."""
+
+    name = "math"
+    native_gqa = False
+
+    def unsupported(self, q, k):
+        if not q.dtype.is_floating_point:
+            return f"attention needs floating-point inputs, got {q.dtype}"
+        return None
+
+    def _probs(self, q, k, lse, causal, scale):
+        acc = accumulation_dtype(q.dtype)
+        s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
+        if causal:
+            sq, sk = s.shape[-2:]
+            keep = torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril()
+            s = s.masked_fill(~keep, float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(s, dim=-1)
+        return torch.exp(s - lse.unsqueeze(-1)), lse
+
+    def _forward(self, q, k, v, causal, scale):
+        p, lse = self._probs(q, k, None, causal, scale)
+        return torch.matmul(p.to(v.dtype), v), lse, None
+
+    def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        p, _ = self._probs(q, k, lse, causal, scale)
+        acc = p.dtype
+        dv = torch.matmul(p.to(dout.dtype).transpose(-1, -2), dout)
+        dp = torch.matmul(dout, v.transpose(-1, -2)).to(acc)
+        delta = (dout.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)
+        ds = (p * (dp - delta) * scale).to(q.dtype)
+        return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+
+
+KERNELS: dict[str, Kernel] = {
+    kernel.name: kernel for kernel in (CpuKernel(), CudnnKernel(), FlashKernel(), EfficientKernel(), MathKernel())
+}
+AUTO_ORDER = {"cpu": ("cpu", "math"), "cuda": ("cudnn", "flash", "efficient", "math")}
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``StarInputError`` unless q, k, v are (B, H, S, D) attention inputs that fit together."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise StarInputError(
+            f"q, k, v must be 4-D (batch, heads, tokens, head_dim), got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise StarInputError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise StarInputError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch (dim 0) and head_dim (dim 3)"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise StarInputError(
+            f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise StarInputError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise StarInputError(f"attention inputs must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise StarInputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def select_kernel(backend: str, q: torch.Tensor, k: torch.Tensor) -> Kernel:
+    """The kernel for ``backend`` (or the fastest suitable one for ``"auto"``)."""
+    if backend == "auto":
+        for name in AUTO_ORDER.get(q.device.type, ("math",)):
+            if KERNELS[name].unsupported(q, k) is None:
+                return KERNELS[name]
+        raise BackendUnavailableError(f"no attention backend supports {q.dtype} inputs on {q.device}")
+    if backend not in KERNELS:
+        raise StarInputError(f"unknown attention backend {backend!r}; choose one of {('auto', *KERNELS)}")
+    reason = KERNELS[backend].unsupported(q, k)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run these inputs: {reason}; "
+                                      "pick another backend or 'auto'")
+    return KERNELS[backend]

@@ -1,0 +1,50 @@
+"""The log-sum-exp merge of partial attention results.
+
+Attention of query rows over a key set ``K`` split into disjoint parts ``K_1 .. K_n`` is recovered from
+the parts' results ``(O_i, s_i)``, where ``O_i`` is softmax attention over ``K_i`` alone and ``s_i`` its
+row-wise log-sum-exp of scaled scores (natural log, base e)::
+
+    m = max_i s_i
+    w_i = exp(s_i - m)
+    O = sum_i w_i * O_i / sum_i w_i
+    s = m + log(sum_i w_i)
+
+A part over no keys has ``s_i = -inf`` in its rows and contributes nothing; a row that is ``-inf`` in
+every part gives ``O = 0`` and ``s = -inf``, never NaN. The same function serves phase 1 (anchor plus
+local block), phase 2 (hosts, through its all-reduce form) and the ring baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merges and log-sum-exps are kept in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_partials(partials: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial results ``(out_i, lse_i)`` over disjoint key sets into ``(out, lse)``.
+
+    Shapes: ``out_i`` is ``(..., S, D)``, ``lse_i`` is ``(..., S)``, all alike. The merge runs in
+    float32 (float64 for float64 inputs); ``out`` comes back in the dtype of ``out_0`` and ``lse`` in
+    the accumulation dtype. Pure torch operations, so gradients flow to every ``out_i`` and ``lse_i``.
+    """
+    if not partials:
+        raise ValueError("merge_partials needs at least one partial result")
+    out_dtype = partials[0][0].dtype
+    acc = accumulation_dtype(out_dtype)
+    lses = torch.stack([lse.to(acc) for _, lse in partials])
+    m = lses.amax(dim=0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no keys at all
+    w = torch.exp(lses - m)
+    den = w.sum(dim=0)
+    has_keys = den > 0
+    den = torch.where(has_keys, den, torch.ones_like(den))  # keeps the backward free of 0 * inf
+    num = sum(wi.unsqueeze(-1) * out.to(acc) for wi, (out, _) in zip(w, partials))
+    out = num / den.unsqueeze(-1)
+    lse = torch.where(has_keys, m + torch.log(den), torch.full_like(den, float("-inf")))
+    return out.to(out_dtype), lse

@@ -1,0 +1,136 @@
+"""Attention of one query tensor over several key sets, merged, as one autograd function.
+
+A ``Part`` says: query rows ``[row_start, row_end)`` of ``q`` attend keys ``k, v`` (unmasked, or with
+the square causal mask). Parts may cover the same rows (their results are merged with the LSE merge,
+``ops/merge.py``) or different rows. ``fold > 1`` cuts the part's rows and keys into ``fold`` equal
+consecutive chunks and lets chunk ``j`` of the rows attend chunk ``j`` of the keys only, as one kernel
+call with the chunks in the batch dimension: this is how equal-sized Star blocks attend themselves
+causally without a Python loop over blocks::
+
+    fold = 3, causal:  rows  [ r0 | r1 | r2 ]      keys  [ k0 | k1 | k2 ]
+                       r_j attends k_j under the square causal mask; nothing else.
+
+``reducer`` (optional) merges the result with other processes' results after the local merge and
+sums the query gradient across them; ``star_sp.distributed`` provides it, so this module needs no
+collectives. The backward pass runs each part's kernel backward with the *merged* output and
+log-sum-exp (ring-attention style), so no per-part statistics are kept; a gradient arriving on the
+returned log-sum-exp is honoured exactly through one more kernel backward per part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .backends import Kernel
+from .merge import accumulation_dtype, merge_partials
+
+
+@dataclass(frozen=True, eq=False)
+class Part:
+    """Query rows ``[row_start, row_end)`` attend ``k, v: (B, Hkv, Sk, D)``."""
+
+    row_start: int
+    row_end: int
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool = False
+    fold: int = 1
+
+    def __post_init__(self) -> None:
+        rows = self.row_end - self.row_start
+        assert rows > 0 and self.k.shape[2] > 0, "empty parts must be dropped by the caller"
+        assert rows % self.fold == 0 and self.k.shape[2] % self.fold == 0
+        if self.causal:
+            assert rows == self.k.shape[2], "causal parts must be square; split longer key ranges"
+
+
+class Reducer(Protocol):
+    """Merges a local ``(out, lse)`` with other processes' and sums gradients across them."""
+
+    def merge(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def sum_grad(self, grad: torch.Tensor) -> torch.Tensor: ...
+
+
+def _fold(x: torch.Tensor, fold: int) -> torch.Tensor:
+    """``(B, H, f*L, ...) -> (B*f, H, L, ...)``."""
+    if fold == 1:
+        return x
+    b, h, s = x.shape[:3]
+    return x.unflatten(2, (fold, s // fold)).transpose(1, 2).reshape(b * fold, h, s // fold, *x.shape[3:])
+
+
+def _unfold(x: torch.Tensor, fold: int) -> torch.Tensor:
+    """``(B*f, H, L, ...) -> (B, H, f*L, ...)``."""
+    if fold == 1:
+        return x
+    bf, h, s = x.shape[:3]
+    return x.unflatten(0, (bf // fold, fold)).transpose(1, 2).reshape(bf // fold, h, fold * s, *x.shape[3:])
+
+
+class _PartsAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, metas, kernel: Kernel, scale, reducer, *kvs):
+        b, h, s, d = q.shape
+        acc = accumulation_dtype(q.dtype)
+        out_acc = q.new_zeros((b, h, s, d), dtype=acc)
+        lse_acc = q.new_full((b, h, s), float("-inf"), dtype=acc)
+        auxes = []
+        for i, (r0, r1, causal, fold) in enumerate(metas):
+            k, v = kvs[2 * i], kvs[2 * i + 1]
+            o, lse, aux = kernel.forward(_fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold), causal, scale)
+            auxes.append(aux)
+            o, lse = _unfold(o, fold), _unfold(lse, fold)
+            merged = merge_partials([(out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1]), (o.to(acc), lse.to(acc))])
+            out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = merged
+        if reducer is not None:
+            out_acc, lse_acc = reducer.merge(out_acc, lse_acc)
+        out = out_acc.to(q.dtype)
+        ctx.save_for_backward(q, out, lse_acc, *kvs)
+        ctx.metas, ctx.kernel, ctx.scale, ctx.reducer, ctx.auxes = metas, kernel, scale, reducer, auxes
+        ctx.set_materialize_grads(False)
+        return out, lse_acc
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, out, lse, *kvs = ctx.saved_tensors
+        kernel, scale = ctx.kernel, ctx.scale
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq = torch.zeros_like(q, dtype=accumulation_dtype(q.dtype))
+        kv_grads = []
+        for i, (r0, r1, causal, fold) in enumerate(ctx.metas):
+            k, v = kvs[2 * i], kvs[2 * i + 1]
+            qp, kp, vp = _fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold)
+            op, lp = _fold(out[:, :, r0:r1], fold), _fold(lse[:, :, r0:r1], fold)
+            dqp, dkp, dvp = kernel.backward(_fold(dout[:, :, r0:r1], fold), qp, kp, vp, op, lp, ctx.auxes[i], causal, scale)
+            if dlse is not None:
+                # dS += P * dlse: a kernel backward with v = 0, out = e_0 and dout = -dlse * e_0 yields
+                # exactly that term (its dP is 0 and its rowsum(dout * out) is -dlse).
+                e0 = torch.zeros_like(op)
+                e0[..., 0] = 1
+                dout2 = torch.zeros_like(op)
+                dout2[..., 0] = -_fold(dlse[:, :, r0:r1], fold).to(op.dtype)
+                dq2, dk2, _ = kernel.backward(dout2, qp, kp, torch.zeros_like(vp), e0, lp, ctx.auxes[i], causal, scale)
+                dqp, dkp = dqp + dq2, dkp + dk2
+            dq[:, :, r0:r1] += _unfold(dqp, fold)
+            kv_grads += [_unfold(dkp, fold), _unfold(dvp, fold)]
+        if ctx.reducer is not None:
+            dq = ctx.reducer.sum_grad(dq)
+        return (dq.to(q.dtype), None, None, None, None, *kv_grads)
+
+
+def parts_attention(
+    q: torch.Tensor, parts: list[Part], kernel: Kernel, scale: float, reducer: Reducer | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged attention of ``q: (B, H, S, D)`` over ``parts``; returns ``(out, lse)``.
+
+    ``out`` has q's dtype and shape; ``lse: (B, H, S)`` is float32 (float64 for float64 input) and is
+    ``-inf`` in rows that no part covers (such rows get ``out = 0``).
+    """
+    metas = tuple((p.row_start, p.row_end, p.causal, p.fold) for p in parts)
+    kvs = [t for p in parts for t in (p.k, p.v)]
+    return _PartsAttention.apply(q, metas, kernel, scale, reducer, *kvs)

@@ -1,0 +1,124 @@
+"""Star Attention for one host, as pure tensor math (no collectives).
+
+Phase 1 (context encoding). A host holds the concatenation of its blocks, optionally preceded by the
+anchor's own rows (the paper's "recompute" form). Rows of block 0 attend earlier rows of block 0; rows
+of any other block attend the anchor's keys (unmasked) and earlier rows of their own block::
+
+    rows \\ keys     anchor   own block
+    B_0               -       causal          (block 0 is the anchor's source)
+    B_i, i > 0      all       causal
+
+Phase 2 (query). Query rows attend this host's context keys unmasked (context precedes every query
+token) and, on the query host, the query and generated tokens' keys with the causal mask aligned
+bottom-right. Hosts merge their results with the LSE merge (``star_sp.distributed``).
+
+All tensors are ``(B, H, S, D)``; KV may have fewer heads (GQA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .attention import default_scale, key_parts
+from .backends import check_qkv, select_kernel
+from .parts import Part, Reducer, parts_attention
+
+
+def phase1_parts(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_lengths: Sequence[int],
+    *,
+    has_block0: bool,
+    anchor_len: int,
+    anchor_k: torch.Tensor | None = None,
+    anchor_v: torch.Tensor | None = None,
+    anchor_rows: int = 0,
+) -> list[Part]:
+    """Parts for one host's phase-1 rows: ``[anchor rows (anchor_rows of them) ; blocks]``.
+
+    The anchor KV is, in this order of precedence: the host's own anchor rows (``anchor_rows > 0``),
+    the first ``anchor_len`` keys of block 0 (``has_block0``), or ``anchor_k, anchor_v`` as given
+    (received from the owner of block 0). Equal-sized consecutive blocks share one folded kernel call.
+    """
+    parts: list[Part] = []
+    if anchor_rows:
+        anchor_k, anchor_v = k[:, :, :anchor_rows], v[:, :, :anchor_rows]
+        parts.append(Part(0, anchor_rows, anchor_k, anchor_v, causal=True))
+    row = anchor_rows
+    lengths = list(block_lengths)
+    if has_block0 and lengths:
+        anchor_k, anchor_v = k[:, :, row:row + anchor_len], v[:, :, row:row + anchor_len]
+        parts.append(Part(row, row + lengths[0], k[:, :, row:row + lengths[0]], v[:, :, row:row + lengths[0]], True))
+        row += lengths.pop(0)
+    if not lengths:
+        return parts
+    if anchor_k is None or anchor_v is None:
+        raise ValueError("blocks after block 0 need the anchor's KV: pass anchor_k and anchor_v")
+    end = row + sum(lengths)
+    parts.append(Part(row, end, anchor_k, anchor_v))
+    while lengths:  # runs of equal-length blocks, each run one folded causal call
+        run = 1
+        while run < len(lengths) and lengths[run] == lengths[0]:
+            run += 1
+        stop = row + run * lengths[0]
+        parts.append(Part(row, stop, k[:, :, row:stop], v[:, :, row:stop], causal=True, fold=run))
+        row, lengths = stop, lengths[run:]
+    return parts
+
+
+def phase2_parts(
+    rows: tuple[int, int],
+    ctx_k: torch.Tensor,
+    ctx_v: torch.Tensor,
+    query_k: torch.Tensor | None = None,
+    query_v: torch.Tensor | None = None,
+) -> list[Part]:
+    """Parts for query rows ``[rows[0], rows[1])``: the local context keys, unmasked, then (on the query
+    host) the query/generated keys, causal and aligned bottom-right. An empty context gives no part."""
+    parts = key_parts(*rows, ctx_k, ctx_v, causal=False)
+    if query_k is not None:
+        parts += key_parts(*rows, query_k, query_v, causal=True)
+    return parts
+
+
+def star_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    context_len: int,
+    block_size: int,
+    anchor_size: int,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Star Attention layer over ``[context ; query]`` held in one process, as one autograd call.
+
+    ``q: (B, H, Lc + Lq, D)``, ``k, v: (B, Hkv, Lc + Lq, D)``; returns ``(out, lse)`` for every row,
+    equal to dense attention under ``M_star``. This is phase 1 as a block-sparse prefill plus phase 2
+    with every block local; it is also the form used to fine-tune under the anchor pattern on one device.
+    """
+    check_qkv(q, k, v)
+    total = q.shape[2]
+    if not 0 < context_len <= total:
+        raise ValueError(f"context_len must be in [1, {total}], got {context_len}")
+    kernel = select_kernel(backend, q, k)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    lengths = [min(block_size, context_len - s) for s in range(0, context_len, block_size)]
+    parts = phase1_parts(k[:, :, :context_len], v[:, :, :context_len], lengths, has_block0=True,
+                         anchor_len=min(anchor_size, context_len))
+    parts += phase2_parts((context_len, total), k[:, :, :context_len], v[:, :, :context_len],
+                          k[:, :, context_len:], v[:, :, context_len:])
+    return parts_attention(q, parts, kernel, scale)
+
+
+def local_attention(
+    q: torch.Tensor, parts: list[Part], *, scale: float | None, backend: str, reducer: Reducer | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``parts`` for ``q`` with the chosen backend; the distributed layer's entry to the math."""
+    kernel = select_kernel(backend, q, parts[0].k if parts else q)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    return parts_attention(q, parts, kernel, scale, reducer)

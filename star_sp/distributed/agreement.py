@@ -1,0 +1,40 @@
+"""One step that makes every rank agree on a call's settings, or raise the same error everywhere.
+
+Each rank contributes a small dict of what must match across ranks (config, dtype, shapes) and the
+error its own validation found, if any. After one ``all_gather_object`` every rank sees every
+contribution, so every rank raises the same ``StarInputError`` naming the ranks at fault: a bad
+argument on one rank never leaves the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from ..errors import StarInputError
+
+
+def agree(group: "dist.ProcessGroup", step: str, meta: dict, error: str | None) -> None:
+    """Raise ``StarInputError`` on every rank if any rank reported ``error`` or the ``meta`` differ."""
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (meta, error), group=group)
+    errors = [(rank, err) for rank, (_, err) in enumerate(gathered) if err]
+    if errors:
+        detail = "; ".join(f"rank {rank}: {err}" for rank, err in errors)
+        raise StarInputError(f"{step}: invalid input on rank(s) {[r for r, _ in errors]}: {detail}")
+    reference = gathered[0][0]
+    for rank, (other, _) in enumerate(gathered):
+        for key in sorted(set(reference) | set(other)):
+            if reference.get(key) != other.get(key):
+                raise StarInputError(
+                    f"{step}: ranks disagree on {key}: rank 0 has {reference.get(key)!r}, rank {rank} has "
+                    f"{other.get(key)!r}; every rank must use the same config, dtype and tensor shapes"
+                )
+
+
+def validated(fn, *args, **kwargs) -> str | None:
+    """Run a local check; return its error message instead of raising it."""
+    try:
+        fn(*args, **kwargs)
+    except (StarInputError, ValueError) as exc:
+        return str(exc)
+    return None

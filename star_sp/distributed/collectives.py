@@ -1,0 +1,119 @@
+"""The collectives of Star Attention: the phase-2 merge across hosts and the phase-1 anchor broadcast.
+
+Every function takes its process group explicitly; nothing here uses the default world group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .._compat import global_rank
+from ..ops.merge import accumulation_dtype
+from .guard import wait
+
+
+class AllReduceMerge:
+    """The LSE merge across the ranks of ``group`` (``ops/merge.py`` gives the formula), in float32
+    (float64 for float64 input), with one max all-reduce and one sum all-reduce::
+
+        m = max_h s_h                                  all-reduce MAX of lse      (B, H, S)
+        [num | den] = sum_h exp(s_h - m) * [O_h | 1]   all-reduce SUM, packed     (B, H, S, D + 1)
+        O = num / den,  s = m + log(den)
+
+    A rank without keys has ``s_h = -inf`` and contributes zeros. As a ``Reducer`` for
+    ``ops.parts_attention`` it also sums the query gradient over the ranks in the backward pass (the
+    query is replicated, each rank holds part of its keys).
+    """
+
+    def __init__(self, group: "dist.ProcessGroup", timeout_s: float | None = None):
+        self.group = group
+        self.timeout_s = timeout_s
+
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        wait(dist.all_reduce(tensor, op=op, group=self.group, async_op=True), self.timeout_s, tensor)
+        return tensor
+
+    def merge(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acc = accumulation_dtype(out.dtype)
+        lse = lse.to(acc)
+        m = self._all_reduce(lse.clone(), dist.ReduceOp.MAX)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w = torch.exp(lse - m).unsqueeze(-1)
+        packed = torch.cat([out.to(acc) * w, w], dim=-1)
+        self._all_reduce(packed, dist.ReduceOp.SUM)
+        num, den = packed[..., :-1], packed[..., -1]
+        has_keys = den > 0
+        den = torch.where(has_keys, den, torch.ones_like(den))
+        merged_lse = torch.where(has_keys, m + torch.log(den), torch.full_like(den, float("-inf")))
+        return num / den.unsqueeze(-1), merged_lse
+
+    def sum_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(grad.contiguous(), dist.ReduceOp.SUM)
+
+
+class _BroadcastAnchor(torch.autograd.Function):
+    """Forward: rank ``src`` sends ``kv`` to every rank. Backward: the ranks' gradients are summed
+    onto ``src`` (the anchor's KV is used on every host, but computed on ``src`` alone)."""
+
+    @staticmethod
+    def forward(ctx, kv, src, group, timeout_s):
+        kv = kv.contiguous().clone()
+        wait(dist.broadcast(kv, src=global_rank(group, src), group=group, async_op=True), timeout_s, kv)
+        ctx.src, ctx.group, ctx.timeout_s = src, group, timeout_s
+        return kv
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dst = global_rank(ctx.group, ctx.src)
+        wait(dist.reduce(grad, dst=dst, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True), ctx.timeout_s, grad)
+        is_src = dist.get_rank(ctx.group) == ctx.src
+        return (grad if is_src else torch.zeros_like(grad)), None, None, None
+
+
+def broadcast_anchor(
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    *,
+    src: int,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    group: "dist.ProcessGroup",
+    timeout_s: float | None = None,
+    requires_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send the anchor's ``k, v: (B, Hkv, a, D)`` from group rank ``src`` to every rank of ``group``.
+
+    On ``src`` pass the tensors; elsewhere pass None and the expected ``shape``, ``dtype``, ``device``.
+    K and V travel as one packed tensor ``(2, B, Hkv, a, D)``, in one broadcast. Differentiable: with
+    ``requires_grad`` (which must be the same on every rank) the backward pass sums the ranks' anchor
+    gradients onto ``src``.
+    """
+    if dist.get_rank(group) == src:
+        kv = torch.stack([k, v])
+    else:  # a placeholder that asks for a gradient where the owner's KV does, so every rank reduces
+        kv = torch.empty((2, *shape), dtype=dtype, device=device).requires_grad_(requires_grad)
+    kv = _BroadcastAnchor.apply(kv, src, group, timeout_s)
+    return kv[0], kv[1]
+
+
+class _Tie(torch.autograd.Function):
+    """Returns ``out`` unchanged but makes the backward pass visit ``others`` (with zero gradient),
+    so that a collective inside their backward runs on every rank, also where they are unused."""
+
+    @staticmethod
+    def forward(ctx, out, *others):
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in others]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad, *unused):
+        return (grad, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes])
+
+
+def tie(out: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in others):
+        return out
+    return _Tie.apply(out, *others)

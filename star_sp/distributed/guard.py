@@ -1,0 +1,91 @@
+"""Group-wide steps that end with a clear error on every rank instead of hanging.
+
+``guarded_step(name, group)`` wraps one step (local work plus its collectives). If the step raises on
+one rank, that rank records ``(rank, step, message)`` in the default group's key-value store and
+raises ``StarCollectiveError``. The other ranks are then blocked in a collective, which fails when the
+failed process exits (gloo and NCCL notice a closed peer) or, at the latest, when the collective's
+timeout runs out; they read the record and raise ``StarCollectiveError`` naming the failed rank and
+its step. If no rank left a record (a rank was killed, or is stuck outside star-sp), the error says
+so and names the step this rank was in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from .._compat import default_store
+from ..errors import StarCollectiveError, StarInputError
+
+_KEY = "star_sp/failure/{}"
+
+
+def _record(store, rank: int, step: str, message: str) -> None:
+    try:
+        store.set(_KEY.format(rank), f"{step}\x00{message}")
+    except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0
+        pass
+
+
+def _read_failure(store, world_size: int, me: int) -> tuple[int, str, str] | None:
+    try:
+        for rank in range(world_size):
+            key = _KEY.format(rank)
+            if rank != me and store.check([key]):
+                step, message = store.get(key).decode().split("\x00", 1)
+                return rank, step, message
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def guarded_step(step: str, group: "dist.ProcessGroup | None"):
+    """Run one group-wide step; any failure becomes a ``StarCollectiveError`` on every rank."""
+    try:
+        yield
+    except (StarInputError, StarCollectiveError):
+        raise  # already raised on every rank, or already translated by an inner step
+    except Exception as exc:  # noqa: BLE001
+        if group is None or not dist.is_initialized():
+            raise
+        rank, world = dist.get_rank(), dist.get_world_size()
+        store = default_store()
+        peer = _read_failure(store, world, rank) if store is not None else None
+        if peer is not None:
+            raise StarCollectiveError(
+                f"rank {rank}: step '{step}' stopped because rank {peer[0]} failed in step '{peer[1]}': {peer[2]}",
+                step=step, failed_rank=peer[0],
+            ) from exc
+        message = f"{type(exc).__name__}: {exc}".strip()
+        if isinstance(exc, RuntimeError) and _looks_like_collective_failure(exc):
+            raise StarCollectiveError(
+                f"rank {rank}: step '{step}' failed in a collective and no rank reported an error: a rank was "
+                f"killed, timed out, or is stuck outside star-sp. Look at the other ranks' logs. ({message})",
+                step=step,
+            ) from exc
+        if store is not None:
+            _record(store, rank, step, message.splitlines()[0][:500])
+        raise StarCollectiveError(
+            f"rank {rank} failed in step '{step}': {message}\n{''.join(traceback.format_tb(exc.__traceback__)[-3:])}",
+            step=step, failed_rank=rank,
+        ) from exc
+
+
+def _looks_like_collective_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    markers = ("timed out", "timeout", "connection", "closed", "peer", "gloo", "nccl", "broken pipe", "reset")
+    return isinstance(exc, getattr(dist, "DistBackendError", ())) or any(m in text for m in markers)
+
+
+def wait(work, timeout_s: float | None, tensor: torch.Tensor) -> None:
+    """Wait for an async collective; on CPU (gloo) with an explicit timeout, on CUDA let the stream
+    order it (NCCL's watchdog enforces the group's timeout there, without a host sync here)."""
+    if tensor.device.type == "cpu" and timeout_s is not None:
+        work.wait(datetime.timedelta(seconds=timeout_s))
+    else:
+        work.wait()

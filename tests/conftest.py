@@ -1,0 +1,37 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cluster import Cluster  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+_clusters: dict[int, Cluster] = {}
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """``cluster(n)``: a live pool of ``n`` gloo processes, shared by the session's tests."""
+
+    def get(n: int) -> Cluster:
+        if n not in _clusters:
+            _clusters[n] = Cluster(n)
+        return _clusters[n]
+
+    yield get
+    for c in _clusters.values():
+        c.close()
+    _clusters.clear()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; run tools/run_gpu_tests.sh on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,91 @@
+"""attention_with_lse on each CPU backend against the float64 oracle, forward and backward."""
+
+import pytest
+import torch
+
+from star_sp import BackendUnavailableError, StarInputError
+from star_sp.ops import attention_with_lse, reference_attention
+from common import max_err
+
+
+def _inputs(sq, sk, h=6, hkv=2, d=59, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, h, sq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, hkv, sk, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, hkv, sk, d, generator=gen, dtype=torch.float64)
+    return q, k, v, torch.randn(2, h, sq, d, generator=gen, dtype=torch.float64)
+
+
+def _bottom_right(sq, sk):
+    return torch.ones(sq, sk, dtype=torch.bool).tril(diagonal=sk - sq)
+
+
+def _run(fn, q, k, v, g, dtype):
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    grads = torch.autograd.grad((out * g.to(dtype)).sum(), (q, k, v))
+    return out.detach(), lse.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["cpu", "math"])
+@pytest.mark.parametrize("sq, sk, causal", [(1, 1, True), (7, 7, True), (5, 23, True), (1, 23, True), (33, 33, False),
+                                            (3, 40, False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_attention_with_lse_matches_oracle(backend, sq, sk, causal, dtype):
+    q, k, v, g = _inputs(sq, sk)
+    mask = _bottom_right(sq, sk) if causal else None
+    ref_out, ref_lse, ref_grads = _run(lambda q, k, v: reference_attention(q, k, v, mask), q, k, v, g, torch.float64)
+    out, lse, grads = _run(lambda q, k, v: attention_with_lse(q, k, v, causal=causal, backend=backend), q, k, v, g, dtype)
+    assert out.dtype == dtype and out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    if dtype == torch.float64:
+        tol_out = tol_lse = tol_grad = 1e-10
+    else:
+        # the plain implementation in this dtype (the math backend) bounds what is acceptable
+        p_out, p_lse, p_grads = _run(lambda q, k, v: attention_with_lse(q, k, v, causal=causal, backend="math"),
+                                     q, k, v, g, dtype)
+        eps = torch.finfo(dtype).eps
+        tol_out = 2 * max_err(p_out, ref_out) + 4 * eps
+        tol_lse = 2 * max_err(p_lse, ref_lse) + 16 * eps
+        tol_grad = max(2 * max_err(a, b) + 8 * eps * b.abs().max().item() for a, b in zip(p_grads, ref_grads))
+    assert max_err(out, ref_out) <= tol_out
+    assert max_err(lse, ref_lse) <= tol_lse
+    for a, b in zip(grads, ref_grads):
+        assert max_err(a, b) <= tol_grad
+
+
+def test_low_precision_tolerance_is_not_vacuous():
+    """The bf16 bound must be far below the size of a real mistake (a dropped key)."""
+    q, k, v, _ = _inputs(5, 23)
+    ref = reference_attention(q, k, v)[0]
+    plain = attention_with_lse(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="math")[0]
+    wrong = reference_attention(q, k[:, :, 1:], v[:, :, 1:])[0]
+    assert 2 * max_err(plain, ref) < 0.25 * max_err(wrong, ref)
+
+
+def test_explicit_backend_never_falls_back():
+    q, k, v, _ = _inputs(4, 4)
+    for name in ("flash", "cudnn", "efficient"):
+        with pytest.raises(BackendUnavailableError, match=f"backend '{name}' cannot run"):
+            attention_with_lse(q.float(), k.float(), v.float(), backend=name)
+    with pytest.raises(StarInputError, match="unknown attention backend"):
+        attention_with_lse(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("bad, words", [
+    (lambda q, k, v: (q[0], k, v), "must be 4-D"),
+    (lambda q, k, v: (q, k, v[:, :, :-1]), "one shape"),
+    (lambda q, k, v: (q, k.float(), v.float()), "one dtype"),
+    (lambda q, k, v: (q[:, :5], k, v), "multiple of KV heads"),
+    (lambda q, k, v: (q[..., :-1], k, v), "head_dim"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), "floating point"),
+])
+def test_bad_inputs_raise_clear_errors(bad, words):
+    q, k, v, _ = _inputs(4, 4)
+    with pytest.raises(StarInputError, match=words):
+        attention_with_lse(*bad(q, k, v))
+
+
+def test_causal_needs_enough_keys():
+    q, k, v, _ = _inputs(5, 3)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        attention_with_lse(q, k, v, causal=True)

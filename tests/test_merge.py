@@ -1,0 +1,70 @@
+"""The LSE merge: attention over key sets merged equals attention over their union."""
+
+import pytest
+import torch
+
+from star_sp.ops import attention_with_lse, merge_partials, reference_attention
+
+
+def _split_points(n, parts, gen):
+    cuts = sorted(torch.randperm(n - 1, generator=gen)[: parts - 1].add(1).tolist())
+    return list(zip([0] + cuts, cuts + [n]))
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+@pytest.mark.parametrize("source", ["reference", "cpu", "math"])
+def test_merge_of_parts_equals_union(parts, source):
+    gen = torch.Generator().manual_seed(parts)
+    q = torch.randn(2, 6, 5, 13, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(2, 3, 17, 13, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(2, 3, 17, 13, dtype=torch.float64, generator=gen, requires_grad=True)
+    g_out, g_lse = torch.randn(2, 6, 5, 13, dtype=torch.float64), torch.randn(2, 6, 5, dtype=torch.float64)
+
+    pieces = []
+    for s, e in _split_points(17, parts, gen):
+        if source == "reference":
+            pieces.append(reference_attention(q, k[:, :, s:e], v[:, :, s:e]))
+        else:
+            pieces.append(attention_with_lse(q, k[:, :, s:e], v[:, :, s:e], backend=source))
+    out, lse = merge_partials(pieces)
+    ref_out, ref_lse = reference_attention(q, k, v)
+    assert torch.allclose(out, ref_out, atol=1e-12) and torch.allclose(lse, ref_lse, atol=1e-12)
+    # gradients through both outputs (the lse gradient exercises the kernels' lse backward)
+    grads = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), (q, k, v))
+    ref = torch.autograd.grad((ref_out * g_out).sum() + (ref_lse * g_lse).sum(), (q, k, v))
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-11), (a - b).abs().max()
+
+
+def test_empty_partial_contributes_nothing_and_never_nan():
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    full = reference_attention(q, k, v)
+    empty = attention_with_lse(q, k[:, :, :0], v[:, :, :0])
+    assert torch.isinf(empty[1]).all() and (empty[1] < 0).all() and (empty[0] == 0).all()
+    out, lse = merge_partials([empty, full, empty])
+    assert torch.allclose(out, full[0]) and torch.allclose(lse, full[1])
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_rows_without_any_keys_give_zero_not_nan():
+    empty = (torch.zeros(1, 1, 3, 4, requires_grad=True), torch.full((1, 1, 3), float("-inf"), requires_grad=True))
+    out, lse = merge_partials([empty, empty])
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    (out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()).backward()
+    assert torch.isfinite(empty[0].grad).all() and torch.isfinite(empty[1].grad).all()
+
+
+def test_merge_is_stable_for_large_scores():
+    out_a, out_b = torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3)
+    lse_a, lse_b = torch.tensor([[[1e4, -1e4]]]), torch.tensor([[[1e4, -1e4 + 1]]])
+    out, lse = merge_partials([(out_a, lse_a), (out_b, lse_b)])
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert torch.allclose(out[0, 0, 0], (out_a + out_b)[0, 0, 0] / 2)
+
+
+def test_merge_needs_a_partial():
+    with pytest.raises(ValueError):
+        merge_partials([])

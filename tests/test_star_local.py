@@ -1,0 +1,78 @@
+"""Star Attention in one process (block-sparse prefill + phase 2) against the float64 oracle."""
+
+import pytest
+import torch
+
+from common import Case, assert_close_to_oracle, make_qkv, oracle, plain_lowp
+from star_sp.ops import phase1_parts, reference_attention, star_attention
+
+CASES = [
+    Case(context_len=23, query_len=3, block_size=7, anchor_size=7),       # ragged last block
+    Case(context_len=23, query_len=1, block_size=7, anchor_size=3),       # a < b, Lq = 1
+    Case(context_len=40, query_len=5, block_size=8, anchor_size=2, kv_heads=1),  # equal blocks (folded), MQA
+    Case(context_len=9, query_len=4, block_size=9, anchor_size=9, heads=3, kv_heads=3),  # one block
+    Case(context_len=17, query_len=2, block_size=1, anchor_size=1, head_dim=16),  # block of one token
+    Case(context_len=50, query_len=6, block_size=13, anchor_size=13, batch=1, head_dim=64),
+]
+
+
+def _run(case: Case):
+    q, k, v, g = make_qkv(case)
+    q_, k_, v_ = (t.to(case.dtype).requires_grad_() for t in (q, k, v))
+    out, lse = star_attention(q_, k_, v_, context_len=case.context_len, block_size=case.block_size,
+                              anchor_size=case.anchor_size, backend=case.backend)
+    grads = torch.autograd.grad((out * g.to(case.dtype)).sum(), (q_, k_, v_))
+    return (q, k, v, g), out.detach(), lse.detach(), grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "math"])
+def test_star_attention_matches_oracle_float64(case, backend):
+    case = case.but(backend=backend)
+    (q, k, v, g), out, lse, grads = _run(case)
+    ref_out, ref_lse, ref_grads = oracle(case, q, k, v, g)
+    assert_close_to_oracle("out", out, ref_out, None, torch.float64)
+    assert_close_to_oracle("lse", lse, ref_lse, None, torch.float64)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_close_to_oracle(f"d{name}", a, b, None, torch.float64)
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_star_attention_low_precision_within_plain_error(case, dtype):
+    case = case.but(dtype=dtype, backend="cpu")
+    (q, k, v, g), out, _, grads = _run(case)
+    ref_out, _, ref_grads = oracle(case, q, k, v, g)
+    plain_out, plain_grads = plain_lowp(case, q, k, v, g)
+    assert_close_to_oracle("out", out, ref_out, plain_out, dtype)
+    for name, a, b, p in zip("qkv", grads, ref_grads, plain_grads):
+        assert_close_to_oracle(f"d{name}", a, b, p, dtype)
+
+
+@pytest.mark.parametrize("block_size", [30, 31, 100])
+def test_block_at_least_context_is_plain_causal(block_size):
+    case = Case(context_len=30, query_len=4, block_size=block_size, anchor_size=5)
+    q, k, v, _ = make_qkv(case)
+    out, lse = star_attention(q, k, v, context_len=30, block_size=block_size, anchor_size=5)
+    causal = torch.ones(34, 34, dtype=torch.bool).tril()
+    ref_out, ref_lse = reference_attention(q, k, v, causal)
+    assert torch.allclose(out, ref_out, atol=1e-12) and torch.allclose(lse, ref_lse, atol=1e-12)
+
+
+def test_star_differs_from_causal_when_blocks_are_small():
+    """Guards the oracle comparisons above against a mask that degenerated to plain causal."""
+    case = Case(context_len=30, query_len=4, block_size=6, anchor_size=2)
+    q, k, v, _ = make_qkv(case)
+    out, _ = star_attention(q, k, v, context_len=30, block_size=6, anchor_size=2)
+    causal = reference_attention(q, k, v, torch.ones(34, 34, dtype=torch.bool).tril())[0]
+    assert (out[:, :, 6:30] - causal[:, :, 6:30]).abs().max() > 0.1
+    assert torch.allclose(out[:, :, :6], causal[:, :, :6], atol=1e-12)  # block 0 is causal either way
+
+
+def test_equal_blocks_share_one_folded_call():
+    k = v = torch.zeros(1, 1, 26, 4)
+    parts = phase1_parts(k, v, [6, 6, 6, 6, 2], has_block0=True, anchor_len=3)
+    # block 0, the anchor for all later rows, three equal blocks in one call, the ragged block
+    assert [(p.row_start, p.row_end, p.causal, p.fold) for p in parts] == [
+        (0, 6, True, 1), (6, 26, False, 1), (6, 24, True, 3), (24, 26, True, 1)]
+    assert parts[1].k.shape[2] == 3

@@ -1,0 +1,90 @@
+"""Functions that run on every rank of a test cluster (``tests/cluster.py``); each takes the group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from common import Case, make_qkv
+from star_sp import BlockLayout
+from star_sp.distributed import phase1_attention, phase2_attention
+
+
+def _from_rank0(group, tensors):
+    """The ring-flash-attention test design: rank 0's inputs, broadcast to everyone."""
+    for t in tensors:
+        dist.broadcast(t, src=0, group=group)
+    return tensors
+
+
+def star_layer(group, case: Case, with_grad: bool = True) -> dict:
+    """Phase 1 then phase 2 of one layer on this rank; returns outputs and gradients with the global
+    row indices they belong to, for the test to assemble and compare with the oracle."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    q, k, v, g = _from_rank0(group, list(make_qkv(case)))
+    layout = BlockLayout(case.context_len, case.block_size, case.anchor_size, world, rank)
+    recompute = case.anchor_source == "recompute"
+    start, end = layout.token_range
+    rows = list(range(layout.anchor_rows(recompute))) + list(range(start, end))
+    lc = case.context_len
+    leaf = lambda t: t.to(case.dtype).clone().requires_grad_(with_grad)  # noqa: E731
+    q1, k1, v1 = (leaf(t[:, :, rows]) for t in (q, k, v))
+    out1, lse1 = phase1_attention(q1, k1, v1, layout, group=group, anchor_source=case.anchor_source,
+                                  backend=case.backend)
+    q2 = leaf(q[:, :, lc:])
+    qk = qv = None
+    if layout.is_query_host:
+        qk, qv = leaf(k[:, :, lc:]), leaf(v[:, :, lc:])
+    out2, lse2 = phase2_attention(q2, k1[:, :, len(rows) - (end - start):], v1[:, :, len(rows) - (end - start):],
+                                  group=group, query_k=qk, query_v=qv, backend=case.backend)
+    result = {"rows": rows, "anchor_rows": layout.anchor_rows(recompute), "out1": out1.detach(), "lse1": lse1.detach(), "out2": out2.detach(),
+              "lse2": lse2.detach(), "query_host": layout.is_query_host}
+    if with_grad:
+        gd = g.to(case.dtype)
+        skip = layout.anchor_rows(recompute)  # recomputed anchor rows' outputs are dropped, as in a model
+        loss = (out1[:, :, skip:] * gd[:, :, start:end]).sum() + (out2 * gd[:, :, lc:]).sum()
+        loss.backward()
+        result.update(dq1=q1.grad, dk1=k1.grad, dv1=v1.grad, dq2=q2.grad)
+        if qk is not None:
+            result.update(dkq=qk.grad, dvq=qv.grad)
+    return result
+
+
+def phase2_bad_query_kv(group, case: Case) -> None:
+    """Every rank passes query KV: only the last rank may."""
+    q, k, v, _ = make_qkv(case)
+    lc = case.context_len
+    phase2_attention(q[:, :, lc:], k[:, :, :0], v[:, :, :0], group=group, query_k=k[:, :, lc:], query_v=v[:, :, lc:])
+
+
+def phase1_config_mismatch(group, case: Case) -> None:
+    """Rank 1 builds its layout with another block size."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    block = case.block_size + (1 if rank == 1 else 0)
+    layout = BlockLayout(case.context_len, block, case.anchor_size, world, rank)
+    q, k, v, _ = make_qkv(case)
+    s, e = layout.token_range
+    phase1_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], layout, group=group)
+
+
+def phase1_bad_shape_on_one_rank(group, case: Case) -> None:
+    """The last rank passes one row too few."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    layout = BlockLayout(case.context_len, case.block_size, case.anchor_size, world, rank)
+    q, k, v, _ = make_qkv(case)
+    s, e = layout.token_range
+    if rank == world - 1:
+        e -= 1
+    phase1_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], layout, group=group)
+
+
+def phase2_dtype_mismatch(group, case: Case) -> None:
+    """Rank 0 passes float32 while the others pass float64."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    q, k, v, _ = make_qkv(case)
+    if rank == 0:
+        q, k, v = q.float(), k.float(), v.float()
+    lc = case.context_len
+    last = rank == world - 1
+    phase2_attention(q[:, :, lc:], k[:, :, :lc], v[:, :, :lc], group=group,
+                     query_k=k[:, :, lc:] if last else None, query_v=v[:, :, lc:] if last else None)

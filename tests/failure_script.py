@@ -26,8 +26,9 @@ phase2_attention(q[:, :, lc:], k[:, :, :lc], v[:, :, :lc], **kw)
 if rank == bad_rank:
     if mode == "kill":
         os._exit(3)
-    if mode == "hang":
-        time.sleep(3 * timeout)
+    if mode == "hang":  # stuck outside star-sp, then killed by whoever watches it
+        time.sleep(2 * timeout)
+        os._exit(4)
     with guarded_step("user step", group):
         raise RuntimeError("simulated failure in this rank's own work")
 phase2_attention(q[:, :, lc:], k[:, :, :lc], v[:, :, :lc], check=False, timeout_s=timeout, **kw)

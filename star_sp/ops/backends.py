@@ -119,7 +119,6 @@ class _CudaKernel(Kernel):
 
 class FlashKernel(_CudaKernel):
     name = "flash"
-    native_gqa = False
 
     def _forward(self, q, k, v, causal, scale):
         out, lse, cq, ck, mq, mk, seed, offset, _ = aten._scaled_dot_product_flash_attention(
@@ -135,17 +134,28 @@ class FlashKernel(_CudaKernel):
 
 
 class CudnnKernel(_CudaKernel):
+    """cuDNN's fused attention, the fastest on Hopper. cuDNN refuses a call with one query and one key
+    (``s_q = s_kv = 1``, e.g. a one-token block or a decode step's own key): such calls, and only
+    those, run through the flash kernel."""
+
     name = "cudnn"
-    native_gqa = False
     max_head_dim = 128
 
+    @staticmethod
+    def _single(q, k) -> bool:
+        return q.shape[2] == 1 and k.shape[2] == 1
+
     def _forward(self, q, k, v, causal, scale):
+        if self._single(q, k):
+            return KERNELS["flash"]._forward(q, k, v, causal, scale)
         out, lse, cq, ck, mq, mk, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale
         )
         return out, lse.reshape(lse.shape[:3]), (cq, ck, mq, mk, seed, offset)
 
     def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        if self._single(q, k):
+            return KERNELS["flash"]._backward(dout, q, k, v, out, lse, aux, causal, scale)
         cq, ck, mq, mk, seed, offset = aux
         return aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, cq, ck, mq, mk, 0.0, causal, scale=scale
@@ -153,6 +163,10 @@ class CudnnKernel(_CudaKernel):
 
 
 class EfficientKernel(_CudaKernel):
+    """The memory-efficient kernel. Its backward reads ``out`` in the (B, S, H, D) memory layout that
+    its forward writes (other strides give wrong gradients on torch 2.11, seen on an H200) and wants
+    the log-sum-exp padded to a multiple of 32 rows."""
+
     name = "efficient"
     native_gqa = False
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -167,6 +181,7 @@ class EfficientKernel(_CudaKernel):
 
     def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
         seed, offset = aux
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel reads out as (B, S, H, D)
         pad = -lse.shape[-1] % self.lse_align
         lse = torch.nn.functional.pad(lse, (0, pad)).contiguous()
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(

@@ -123,5 +123,11 @@ def test_dtype_mismatch_raises_everywhere(cluster):
     _errors_on_every_rank(raw, "ranks disagree on dtype")
 
 
+@pytest.mark.slow
+def test_empty_query_raises_everywhere(cluster):
+    raw = cluster(2).run_raw(workers.phase2_empty_query, Case(context_len=10, query_len=2, block_size=5, anchor_size=5))
+    _errors_on_every_rank(raw, "the query is empty")
+
+
 def test_star_input_error_is_a_value_error():
     assert issubclass(StarInputError, ValueError)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common import Case, assert_close_to_oracle, make_qkv, oracle, plain_lowp
-from star_sp.ops import phase1_parts, reference_attention, star_attention
+from star_sp.ops import phase1_parts, phase2_local, reference_attention, star_attention
 
 CASES = [
     Case(context_len=23, query_len=3, block_size=7, anchor_size=7),       # ragged last block
@@ -76,3 +76,15 @@ def test_equal_blocks_share_one_folded_call():
     assert [(p.row_start, p.row_end, p.causal, p.fold) for p in parts] == [
         (0, 6, True, 1), (6, 26, False, 1), (6, 24, True, 3), (24, 26, True, 1)]
     assert parts[1].k.shape[2] == 3
+
+
+@pytest.mark.parametrize("query_len, cached", [(1, 0), (4, 0), (1, 5), (3, 2)])
+def test_phase2_local_matches_oracle_rows(query_len, cached):
+    """Query rows over the whole context plus a cache of earlier query/generated tokens."""
+    case = Case(context_len=19, query_len=cached + query_len, block_size=5, anchor_size=2)
+    q, k, v, _ = make_qkv(case)
+    lc, total = case.context_len, case.total
+    out, lse = phase2_local(q[:, :, total - query_len:], k[:, :, :lc], v[:, :, :lc], k[:, :, lc:], v[:, :, lc:])
+    ref_out, ref_lse, _ = oracle(case, q, k, v, torch.zeros_like(q))
+    assert torch.allclose(out, ref_out[:, :, total - query_len:], atol=1e-12)
+    assert torch.allclose(lse, ref_lse[:, :, total - query_len:], atol=1e-12)

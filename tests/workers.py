@@ -88,3 +88,12 @@ def phase2_dtype_mismatch(group, case: Case) -> None:
     last = rank == world - 1
     phase2_attention(q[:, :, lc:], k[:, :, :lc], v[:, :, :lc], group=group,
                      query_k=k[:, :, lc:] if last else None, query_v=v[:, :, lc:] if last else None)
+
+
+def phase2_empty_query(group, case: Case) -> None:
+    """Every rank passes a query of zero tokens."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    q, k, v, _ = make_qkv(case)
+    last = rank == world - 1
+    phase2_attention(q[:, :, :0], k, v, group=group, query_k=k[:, :, :0] if last else None,
+                     query_v=v[:, :, :0] if last else None)

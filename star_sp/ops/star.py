@@ -84,6 +84,25 @@ def phase2_parts(
     return parts
 
 
+def phase2_local(
+    q: torch.Tensor,
+    ctx_k: torch.Tensor,
+    ctx_v: torch.Tensor,
+    query_k: torch.Tensor,
+    query_v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 2 with every block in this process: ``q: (B, H, Lq, D)`` attends the whole context's
+    ``ctx_k, ctx_v: (B, Hkv, Lc, D)`` unmasked and ``query_k, query_v: (B, Hkv, Lk >= Lq, D)`` causally
+    (bottom-right). Equals ``star_sp.distributed.phase2_attention`` over any number of hosts."""
+    check_qkv(q, ctx_k, ctx_v)
+    check_qkv(q, query_k, query_v)
+    return local_attention(q, phase2_parts((0, q.shape[2]), ctx_k, ctx_v, query_k, query_v),
+                           scale=scale, backend=backend)
+
+
 def star_attention(
     q: torch.Tensor,
     k: torch.Tensor,

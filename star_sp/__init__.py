@@ -3,10 +3,20 @@
 from .config import StarConfig
 from .errors import BackendUnavailableError, StarCollectiveError, StarError, StarInputError
 from .layout import BlockLayout
+from .sampling import SamplingConfig
+
+
+def __getattr__(name):  # the engine pulls in the transformers adapter: import it only when asked
+    if name in ("StarEngine", "StarContext"):
+        from .integrations.transformers import StarEngine
+        from .distributed.passes import StarContext
+
+        return {"StarEngine": StarEngine, "StarContext": StarContext}[name]
+    raise AttributeError(f"module 'star_sp' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "BlockLayout", "StarCollectiveError", "StarConfig", "StarError",
-    "StarInputError", "__version__",
+    "BackendUnavailableError", "BlockLayout", "SamplingConfig", "StarCollectiveError", "StarConfig",
+    "StarContext", "StarEngine", "StarError", "StarInputError", "__version__",
 ]

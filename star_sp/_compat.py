@@ -26,3 +26,26 @@ def global_rank(group: "dist.ProcessGroup", group_rank: int) -> int:
 
 
 TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
+# -- transformers ------------------------------------------------------------------------------
+
+def cache_kwarg(model) -> str:
+    """The name under which this transformers release takes the KV cache: ``cache`` from 5.2x on,
+    ``past_key_values`` before (5.2x still accepts the old name, with a deprecation warning)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def set_attn_implementation(model, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(name)
+    else:  # older releases read the private config field directly
+        model.config._attn_implementation = name
+
+
+def attn_implementation(model) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)

@@ -117,3 +117,11 @@ def tie(out: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in others):
         return out
     return _Tie.apply(out, *others)
+
+
+def broadcast_tokens(tokens: torch.Tensor, *, src: int, group: "dist.ProcessGroup",
+                     device: torch.device, timeout_s: float | None = None) -> torch.Tensor:
+    """Send the chosen token ids ``(B,)`` from group rank ``src`` to every rank; returns them on CPU."""
+    buf = tokens.to(device=device, dtype=torch.long).contiguous()
+    wait(dist.broadcast(buf, src=global_rank(group, src), group=group, async_op=True), timeout_s, buf)
+    return buf.cpu()

@@ -1,0 +1,18 @@
+"""Entry point for launchers: one process per host.
+
+    torchrun --nproc_per_node N launch/infer.py [star-sp generate flags]
+    deepspeed --num_gpus N launch/infer.py [star-sp generate flags]
+
+Both launchers set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; the command joins that group
+(NCCL on GPUs, gloo on CPUs) and runs ``star-sp generate``. DeepSpeed's own communication layer is not
+used (inference needs only torch.distributed), so none of its extensions is built. The deepspeed
+launcher appends ``--local_rank=N``, which is accepted and ignored (LOCAL_RANK is read instead).
+"""
+
+import sys
+
+from star_sp.cli import main
+
+if __name__ == "__main__":
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    sys.exit(main(["generate", *argv]))

@@ -1,0 +1,265 @@
+"""The ``star-sp`` command line. ``star-sp generate --help`` explains every flag.
+
+Runs in one process, or one process per host under ``torchrun`` / ``deepspeed`` (``launch/infer.py``).
+Rank 0 reads the inputs and sends the token ids to every rank; every error is raised on every rank
+and ends the command with exit code 1 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .errors import StarError, StarInputError
+
+EXAMPLES = """examples:
+  star-sp generate --model ./my-llama --context-file book.txt --query "Who wrote the letter?" \\
+      --block-size 4096 --anchor-size 1024 --max-new-tokens 64
+  torchrun --nproc_per_node 4 launch/infer.py --config configs/llama-3.1-8b.toml \\
+      --context-file book.txt --query "Who wrote the letter?"
+  star-sp generate --model configs/models/tiny-llama --random-weights --random-context 32768 \\
+      --random-query 16 --attention global            # timings only, no tokenizer needed
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="star-sp", description="Star Attention for long-context LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser(
+        "generate", help="answer a query over a long context",
+        description="Encode a long context with Star Attention (phase 1: blocks behind an anchor, one run of "
+                    "blocks per process, no communication), then answer a query (phase 2: attention over every "
+                    "process's KV, merged by all-reduce). Values come from --config, then from flags.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = gen.add_argument_group("model")
+    g.add_argument("--config", help="run config (TOML); flags override its values (see configs/)")
+    g.add_argument("--model", help="model directory in the transformers layout (config, weights, tokenizer)")
+    g.add_argument("--random-weights", action="store_true", default=None,
+                   help="build the model from its config with random weights (for timings)")
+    g.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"),
+                   help="weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--device", help="auto (CUDA if present, one GPU per process), cpu, cuda, cuda:N")
+    g = gen.add_argument_group("inputs (one context source and one query source)")
+    g.add_argument("--context-file", help="text file holding the context")
+    g.add_argument("--context-ids", help="file of whitespace-separated token ids (no tokenizer needed)")
+    g.add_argument("--random-context", type=int, metavar="N", help="N random token ids (timings)")
+    g.add_argument("--query", help="query text, appended after the context")
+    g.add_argument("--query-ids", help="whitespace-separated token ids of the query")
+    g.add_argument("--random-query", type=int, metavar="N", help="N random token ids as the query (timings)")
+    g = gen.add_argument_group("star attention")
+    g.add_argument("--attention", choices=("star", "global"), help="star (default) or the plain model (one process)")
+    g.add_argument("--block-size", type=int, help="context tokens per block (default 4096)")
+    g.add_argument("--anchor-size", type=int, help="anchor tokens (default: the block size)")
+    g.add_argument("--anchor-source", choices=("broadcast", "recompute"),
+                   help="broadcast the anchor's KV from the host of block 0 (default) or recompute it everywhere")
+    g.add_argument("--backend", choices=("auto", "cpu", "flash", "cudnn", "efficient", "math"),
+                   help="attention kernel (auto picks the fastest that fits)")
+    g.add_argument("--collective-timeout-s", type=float, help="seconds a collective may wait (default 600)")
+    g = gen.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (default 64)")
+    g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--seed", type=int, help="seed of sampling and of random inputs/weights")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g = gen.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON record instead of text")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+class _Progress:
+    def __init__(self, enabled: bool, label: str):
+        self.enabled, self.label, self.start = enabled, label, time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] layer {done}/{total} "
+                         f"{time.perf_counter() - self.start:6.1f}s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _everyone(group, step: str, fn):
+    """Run ``fn`` on every rank; if it fails anywhere, raise the same error everywhere."""
+    from .distributed.agreement import agree
+
+    try:
+        result, error = fn(), None
+    except StarInputError as exc:
+        result, error = None, str(exc)
+    if group is None:
+        if error:
+            raise StarInputError(error)
+        return result
+    agree(group, step, {}, error)
+    return result
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _load_model(cfg, device: torch.device):
+    try:
+        import transformers
+    except ImportError:
+        raise StarInputError("transformers is not installed: pip install 'star-sp[transformers]'") from None
+    if not cfg.model:
+        raise StarInputError("no model given: pass --model PATH or set model in --config")
+    dtype = _dtype(cfg.dtype, device)
+    try:
+        if cfg.random_weights:
+            config = transformers.AutoConfig.from_pretrained(cfg.model)
+            torch.manual_seed(cfg.seed)
+            with torch.device(device):
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
+    except (OSError, ValueError, KeyError) as exc:
+        raise StarInputError(f"cannot load a causal LM from {cfg.model!r}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _load_tokenizer(path: str | None):
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - a model directory without tokenizer files is legal
+        return None
+
+
+def _read_ids(text_file, ids_text, random_n, text, tokenizer, what: str, vocab: int, seed: int) -> list[int]:
+    sources = [s for s in (text_file, ids_text, random_n, text) if s is not None]
+    if len(sources) != 1:
+        flags = "--context-file, --context-ids or --random-context" if what == "context" else \
+            "--query, --query-ids or --random-query"
+        raise StarInputError(f"give exactly one {what} source: {flags}")
+    if random_n is not None:
+        if random_n < 1:
+            raise StarInputError(f"--random-{what} must be a positive number of tokens, got {random_n}")
+        gen = torch.Generator().manual_seed(seed + (0 if what == "context" else 1))
+        return torch.randint(0, vocab, (random_n,), generator=gen).tolist()
+    if ids_text is not None:
+        raw = open(ids_text).read() if what == "context" else ids_text
+        try:
+            ids = [int(t) for t in raw.split()]
+        except ValueError:
+            raise StarInputError(f"{what} ids must be whitespace-separated integers") from None
+    else:
+        if tokenizer is None:
+            raise StarInputError(f"the model directory has no tokenizer, so {what} text cannot be read; add "
+                                 "tokenizer files to it or pass token ids (--context-ids / --query-ids)")
+        if text_file is not None:
+            try:
+                text = open(text_file, encoding="utf-8").read()
+            except OSError as exc:
+                raise StarInputError(f"cannot read the context file: {exc}") from None
+        ids = tokenizer(text, add_special_tokens=what == "context")["input_ids"]
+    if not ids:
+        raise StarInputError(f"the {what} is empty: it has no tokens")
+    if max(ids) >= vocab or min(ids) < 0:
+        raise StarInputError(f"{what} token ids must be in [0, {vocab}) for this model")
+    return ids
+
+
+def _inputs(args, cfg, tokenizer, vocab: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0 reads the inputs; every rank gets the same ids (or the same error)."""
+    payload: list = [None]
+    if group is None or dist.get_rank(group) == 0:
+        try:
+            ctx = _read_ids(args.context_file, args.context_ids, args.random_context, None, tokenizer, "context",
+                            vocab, cfg.seed)
+            qry = _read_ids(None, args.query_ids, args.random_query, args.query, tokenizer, "query", vocab, cfg.seed)
+            payload = [(ctx, qry, None)]
+        except StarInputError as exc:
+            payload = [(None, None, str(exc))]
+    if group is not None:
+        dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
+    ctx, qry, error = payload[0]
+    if error:
+        raise StarInputError(error)
+    return torch.tensor([ctx]), torch.tensor([qry])
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def generate(args) -> int:
+    from .distributed.process_group import init_from_env
+    from .integrations.transformers import StarEngine
+    from .runconfig import RunConfig
+
+    overrides = {k: getattr(args, k, None) for k in (
+        "model", "random_weights", "dtype", "device", "attention", "block_size", "anchor_size", "anchor_source",
+        "backend", "collective_timeout_s", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+        "seed", "stop")}
+    cfg = RunConfig.load(args.config, overrides)
+    group, device = init_from_env(cfg.collective_timeout_s, cfg.device)
+    rank = dist.get_rank(group) if group is not None else 0
+    world = dist.get_world_size(group) if group is not None else 1
+    model = _everyone(group, "load model", lambda: _load_model(cfg, device))
+    tokenizer = _load_tokenizer(cfg.model)
+    context_ids, query_ids = _inputs(args, cfg, tokenizer, model.config.vocab_size, group)
+    engine = _everyone(group, "engine", lambda: StarEngine(model, cfg.star_config(), group, attention=cfg.attention))
+    show = rank == 0 and not args.quiet and not args.json
+    context = engine.prefill(context_ids, progress=_Progress(show, f"prefill {context_ids.shape[1]} tokens"))
+    prefill_s = engine.stats["prefill_s"]
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    tokens = engine.generate(context, query_ids, cfg.max_new_tokens, sampling=cfg.sampling(), eos_token_id=eos,
+                             stop_strings=cfg.stop or None, tokenizer=tokenizer if cfg.stop else None)
+    stats = dict(engine.stats, prefill_s=prefill_s, peak_memory_gb=_peak_memory_gb(device), world_size=world,
+                 attention=cfg.attention, block_size=cfg.block_size, anchor_size=cfg.anchor_size or cfg.block_size)
+    if rank == 0:
+        ids = tokens[0].tolist()
+        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
+        if args.json:
+            print(json.dumps({"tokens": ids, "text": text, **stats}))
+        else:
+            print(text if text is not None else " ".join(map(str, ids)))
+            print(f"[star-sp] {cfg.attention} attention, {world} process(es), context {context_ids.shape[1]} tokens, "
+                  f"block {cfg.block_size}, anchor {stats['anchor_size']}: prefill {stats['prefill_s']:.3f} s, "
+                  f"first token {stats['first_token_s']:.3f} s, {stats['decode_tokens_per_s']:.1f} tokens/s, "
+                  f"peak memory {stats['peak_memory_gb']:.2f} GB (rank 0)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .distributed.process_group import shutdown
+
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": generate}[args.command](args)
+    except StarError as exc:
+        rank = os.environ.get("RANK")
+        prefix = f"star-sp (rank {rank})" if rank is not None else "star-sp"
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""One model forward pass under Star Attention, independent of any model framework.
+
+A framework adapter (``integrations/``) hands a ``StarPass`` to the model as its KV cache and as the
+state its attention layers read. For each layer the model calls ``update(k, v, layer)`` (store KV
+by the phase's policy) and then ``attend(layer, q, k, v, scale)``:
+
+- ``PrefillPass`` (phase 1): the rows are this host's blocks (``[anchor ;] own blocks`` in recompute
+  mode). One process holding every block runs them as one block-sparse call; several hosts run
+  ``phase1_attention`` (anchor KV broadcast per layer, or recomputed). Only the own blocks' KV is kept.
+- ``QueryPass`` (phase 2): the rows are query or generated tokens, the same on every host. Each host
+  attends its context KV; the query host also appends to and attends the query KV; results merge by
+  all-reduce (``phase2_attention``), or locally in one process (``phase2_local``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..config import StarConfig
+from ..layout import BlockLayout
+from ..ops.star import local_attention, phase1_parts, phase2_local
+from .kv_cache import ContextKV, QueryKV
+from .phase1 import phase1_attention
+from .phase2 import phase2_attention
+
+
+@dataclass
+class StarContext:
+    """What phase 1 made: this host's context KV and where the context sits. Read-only afterwards."""
+
+    layout: BlockLayout
+    config: StarConfig
+    batch_size: int
+    kv: ContextKV
+    group: "dist.ProcessGroup | None" = None
+    fingerprint: int = 0
+    """A checksum of the context ids, to check that queries come with the context they were made for."""
+
+    @property
+    def context_len(self) -> int:
+        return self.layout.context_len
+
+
+@dataclass
+class _Pass:
+    context: StarContext
+    num_layers: int
+    check: bool = True
+    """Run the ranks' agreement step in the first layer (the engine passes False when it already did)."""
+    progress: Callable[[int, int], None] | None = None
+    is_compileable: bool = field(default=False, init=False)
+
+    @property
+    def group(self):
+        return self.context.group
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+    def _tick(self, layer: int) -> None:
+        if self.progress is not None:
+            self.progress(layer + 1, self.num_layers)
+
+    # transformers asks these of a cache object
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.context.context_len
+
+
+class PrefillPass(_Pass):
+    """Phase 1 over this host's rows."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
+        skip = self.context.layout.anchor_rows(self.context.config.anchor_source == "recompute")
+        self.context.kv.store(layer, k[:, :, skip:], v[:, :, skip:])
+        return k, v
+
+    def attend(self, layer: int, q, k, v, scale: float | None):
+        cfg, layout = self.context.config, self.context.layout
+        if self.distributed:
+            out, _ = phase1_attention(q, k, v, layout, group=self.group, anchor_source=cfg.anchor_source,
+                                      scale=scale, backend=cfg.backend, check=self.check and layer == 0,
+                                      timeout_s=cfg.collective_timeout_s)
+        else:
+            parts = phase1_parts(k, v, layout.block_lengths, has_block0=True, anchor_len=layout.anchor_len)
+            out, _ = local_attention(q, parts, scale=scale, backend=cfg.backend)
+        self._tick(layer)
+        return out
+
+
+class QueryPass(_Pass):
+    """Phase 2 for query or generated rows; ``query_kv`` is None on hosts that hold no query KV."""
+
+    def __init__(self, context: StarContext, num_layers: int, query_kv: QueryKV | None, **kw):
+        super().__init__(context, num_layers, **kw)
+        self.query_kv = query_kv
+        self._current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
+        if self.query_kv is not None:
+            k, v = self.query_kv.append(layer, k, v)
+            self._current[layer] = (k, v)
+        return k, v
+
+    def attend(self, layer: int, q, k, v, scale: float | None):
+        cfg = self.context.config
+        ctx_k, ctx_v = self.context.kv.get(layer)
+        query = self._current.pop(layer, None)
+        if self.distributed:
+            out, _ = phase2_attention(q, ctx_k, ctx_v, group=self.group,
+                                      query_k=None if query is None else query[0],
+                                      query_v=None if query is None else query[1],
+                                      scale=scale, backend=cfg.backend, check=self.check and layer == 0,
+                                      timeout_s=cfg.collective_timeout_s)
+        else:
+            out, _ = phase2_local(q, ctx_k, ctx_v, *query, scale=scale, backend=cfg.backend)
+        self._tick(layer)
+        return out
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        held = 0 if self.query_kv is None else self.query_kv.length[layer_idx]
+        return self.context.context_len + held

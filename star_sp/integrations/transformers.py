@@ -1,0 +1,307 @@
+"""Star Attention for transformers causal LMs, through transformers' public extension points.
+
+The engine registers one attention function under the name ``"star"`` (``AttentionInterface``),
+switches the model to it, and passes a ``StarPass`` (``distributed/passes.py``) both as the model's
+KV cache and as a keyword argument that reaches the attention function. No modeling file is copied
+and no private function is patched; the version differences live in ``star_sp/_compat.py``.
+No mask function is registered: the attention function builds Star's masks itself, and inputs never
+carry padding (every sequence of a batch has the same context and query length).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from .. import _compat
+from ..config import StarConfig
+from ..distributed.agreement import agree
+from ..distributed.collectives import broadcast_tokens
+from ..distributed.guard import guarded_step
+from ..distributed.kv_cache import ContextKV, QueryKV
+from ..distributed.passes import PrefillPass, QueryPass, StarContext
+from ..errors import StarInputError
+from ..layout import BlockLayout
+from ..sampling import SamplingConfig, next_tokens
+
+ATTENTION_NAME = "star"
+
+
+def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: ``query (B, H, S, D)``, ``key, value (B, Hkv, S', D)`` ->
+    ``(out (B, S, H, D), None)``. The ``star`` keyword carries the pass that knows the phase."""
+    state = kwargs.get("star")
+    if state is None:
+        raise StarInputError("attn_implementation 'star' runs only inside star_sp.StarEngine (it needs the "
+                             "engine's per-pass state); use the engine's prefill/score/generate")
+    if dropout:
+        raise StarInputError("attention dropout is not supported under Star Attention; call model.eval()")
+    return state.attend(module.layer_idx, query, key, value, scaling).transpose(1, 2), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention_forward)
+
+
+def check_model(model) -> None:
+    """Raise ``StarInputError`` for a model whose attention Star Attention cannot honour."""
+    cfg = getattr(model, "config", None)
+    name = type(model).__name__
+    if cfg is None or not hasattr(model, "base_model_prefix"):
+        raise StarInputError(f"{name} is not a transformers model; StarEngine takes a *ForCausalLM model")
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise StarInputError(f"{name} is an encoder-decoder model; Star Attention serves decoder-only causal LMs")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise StarInputError(f"{name} computes attention in its own code (e.g. ALiBi or a custom kernel) rather "
+                             "than through transformers' attention interface, so Star Attention cannot replace it")
+    if getattr(cfg, "alibi", False) or "alibi" in str(getattr(cfg, "position_embedding_type", "")):
+        raise StarInputError(f"{name} uses ALiBi position biases, which Star Attention does not support")
+    layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise StarInputError(f"{name} has layers of type {sorted(layer_types - {'full_attention'})}; Star "
+                             "Attention needs every layer to use full causal attention")
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True):
+        raise StarInputError(f"{name} uses sliding-window attention (window {window}); Star Attention needs full "
+                             "attention. If the checkpoint was trained without a window, set "
+                             "config.sliding_window = None")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise StarInputError(f"{name} soft-caps attention logits, which Star Attention does not support")
+    if not hasattr(model, "lm_head") and not hasattr(model, "get_output_embeddings"):
+        raise StarInputError(f"{name} has no language-model head; pass a *ForCausalLM model")
+
+
+def _fingerprint(ids: torch.Tensor) -> int:
+    flat = ids.detach().reshape(-1).long().cpu()
+    weights = torch.arange(flat.numel(), dtype=torch.long) * 7919 + 104729
+    return int(((flat + 1) * weights % 2305843009213693951).sum() % 2305843009213693951) ^ hash(tuple(ids.shape))
+
+
+def _check_ids(name: str, ids) -> str | None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int, torch.int32):
+        return f"{name} must be a LongTensor of token ids, shape (batch, tokens), got {type(ids).__name__}" + (
+            f" of {ids.dtype}" if isinstance(ids, torch.Tensor) else "")
+    if ids.dim() != 2 or ids.shape[0] == 0:
+        return f"{name} must have shape (batch, tokens) with batch >= 1, got {tuple(ids.shape)}"
+    if ids.shape[1] == 0:
+        return f"{name} is empty: pass at least one token"
+    return None
+
+
+class StarEngine:
+    """Run a transformers causal LM with Star Attention (or, for comparison, global attention).
+
+    ``group=None``: one process holds every block (on one device phase 1 is one block-sparse prefill).
+    Otherwise one process per host; every rank calls every method with the same arguments (the full
+    context and query ids on every rank), and every rank gets the same results.
+    """
+
+    def __init__(self, model, config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
+                 attention: str = "star"):
+        if attention not in ("star", "global"):
+            raise StarInputError(f"attention must be 'star' or 'global', got {attention!r}")
+        if not isinstance(config, StarConfig):
+            raise StarInputError(f"config must be a star_sp.StarConfig, got {type(config).__name__}")
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        if attention == "global" and self.world_size > 1:
+            raise StarInputError("attention='global' is the plain model in one process: run it with one process "
+                                 "(group=None, or a launcher with one process per node)")
+        check_model(model)
+        _register()
+        _compat.set_attn_implementation(model, ATTENTION_NAME)
+        self.model, self.config, self.group, self.attention = model, config, group, attention
+        self.base = getattr(model, model.base_model_prefix)
+        self.num_layers = model.config.num_hidden_layers
+        self._cache_kwarg = _compat.cache_kwarg(self.base)
+        self.stats: dict[str, float] = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _agree(self, step: str, meta: dict, error: str | None) -> None:
+        if error is not None and self.group is None:
+            raise StarInputError(error)
+        if self.group is not None:
+            with guarded_step(step, self.group):
+                agree(self.group, step, meta, error)
+
+    def _config_for(self, context_len: int) -> StarConfig:
+        if self.attention == "global":  # one block: phase 1 is plain causal attention
+            return replace(self.config, block_size=context_len, anchor_size=1)
+        return self.config
+
+    def _forward(self, state, ids: torch.Tensor, positions: torch.Tensor, **kw):
+        fn = self.model if kw.get("logits_to_keep") is not None else self.base
+        return fn(input_ids=ids.to(self.device), position_ids=positions.to(self.device).unsqueeze(0),
+                  use_cache=True, star=state, **{self._cache_kwarg: state}, **kw)
+
+    def _scale(self) -> float | None:
+        for module in self.base.modules():
+            if hasattr(module, "layer_idx") and hasattr(module, "scaling"):
+                return module.scaling
+        return None
+
+    # -- phase 1 ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, context_ids: torch.Tensor, *, progress=None) -> StarContext:
+        """Phase 1: encode ``context_ids: LongTensor[B, Lc]`` (the whole context, on every rank).
+
+        ``progress(layer, num_layers)`` is called after each layer's attention."""
+        error = _check_ids("context_ids", context_ids)
+        layout = None
+        if error is None:
+            cfg = self._config_for(context_ids.shape[1])
+            try:
+                layout = BlockLayout.from_config(cfg, context_ids.shape[1], self.world_size, self.rank)
+            except StarInputError as exc:
+                error = str(exc)
+            if layout is not None and self.world_size > 1 and layout.num_blocks < 2:
+                error = (f"the context ({layout.context_len} tokens) fits in one block of {cfg.block_size}: with "
+                         f"{self.world_size} processes every host but one would be idle. Lower --block-size to "
+                         f"at most {max(1, layout.context_len // self.world_size)} or run one process")
+        meta = {"shape": tuple(context_ids.shape) if error is None else None,
+                "ids": _fingerprint(context_ids) if error is None else None, "config": self.config.to_dict(),
+                "attention": self.attention}
+        self._agree("prefill", meta, error)
+        cfg = self._config_for(context_ids.shape[1])
+        recompute = cfg.anchor_source == "recompute"
+        context = StarContext(layout=layout, config=cfg, batch_size=context_ids.shape[0],
+                              kv=ContextKV(self.num_layers), group=self.group,
+                              fingerprint=_fingerprint(context_ids))
+        state = PrefillPass(context, self.num_layers, check=True, progress=progress)
+        self._sync()
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if layout.is_idle:
+            self._idle_prefill(state, context_ids.shape[0])
+        else:
+            ids = layout.shard(context_ids, 1)
+            if layout.anchor_rows(recompute):
+                ids = torch.cat([context_ids[:, : layout.anchor_len], ids], dim=1)
+            self._forward(state, ids, layout.positions(recompute))
+        self._sync()
+        self.stats = {"prefill_s": time.perf_counter() - start, "context_tokens": layout.context_len,
+                      "local_tokens": layout.num_tokens, "context_kv_bytes": context.kv.nbytes()}
+        return context
+
+    def _idle_prefill(self, state: PrefillPass, batch: int) -> None:
+        """An idle host holds no block but takes part in each layer's collectives."""
+        cfg = self.model.config
+        heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        dtype = next(self.model.parameters()).dtype
+        q = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=self.device)
+        kv = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=self.device)
+        scale = self._scale()
+        for layer in range(self.num_layers):
+            state.update(kv, kv, layer)
+            state.attend(layer, q, kv, kv, scale)
+
+    # -- phase 2 ------------------------------------------------------------------------------
+
+    def _holds_query(self, context: StarContext) -> bool:
+        return context.group is None or context.layout.is_query_host
+
+    def _check_query(self, step: str, context, query_ids, extra_error: str | None = None, **extra_meta) -> None:
+        error = extra_error or _check_ids("query_ids", query_ids)
+        if error is None and not isinstance(context, StarContext):
+            error = f"context must be what prefill() returned, got {type(context).__name__}"
+        if error is None and query_ids.shape[0] != context.batch_size:
+            error = (f"query_ids has batch {query_ids.shape[0]} but the context was prefilled with batch "
+                     f"{context.batch_size}; pass one query per context sequence")
+        if error is None and context.group is not self.group:
+            error = "this context was prefilled by an engine with another process group"
+        meta = {"shape": tuple(query_ids.shape) if error is None else None,
+                "ids": _fingerprint(query_ids) if error is None else None,
+                "context": context.fingerprint if error is None else None, **extra_meta}
+        self._agree(step, meta, error)
+
+    @torch.no_grad()
+    def score(self, context: StarContext, query_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``FloatTensor[B, Lq, vocab]`` at the query positions; the context is left unchanged."""
+        self._check_query("score", context, query_ids)
+        lq = query_ids.shape[1]
+        query_kv = QueryKV(self.num_layers, lq) if self._holds_query(context) else None
+        state = QueryPass(context, self.num_layers, query_kv, check=False)
+        positions = torch.arange(context.context_len, context.context_len + lq)
+        return self._forward(state, query_ids, positions, logits_to_keep=0).logits.float()
+
+    @torch.no_grad()
+    def generate(self, context: StarContext, query_ids: torch.Tensor, max_new_tokens: int, *,
+                 sampling: SamplingConfig | None = None, eos_token_id: int | list[int] | None = None,
+                 stop_strings: list[str] | None = None, tokenizer=None, pad_token_id: int | None = None,
+                 ) -> torch.Tensor:
+        """Phase 2 and decoding. Returns the new tokens, ``LongTensor[B, T]`` with ``T <= max_new_tokens``;
+        a sequence that stopped early (EOS or a stop string) is padded with ``pad_token_id`` (default:
+        the first EOS id, else 0). The same tokens come back on every rank."""
+        sampling = sampling or SamplingConfig()
+        error = None
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            error = f"max_new_tokens must be a positive integer, got {max_new_tokens!r}"
+        elif stop_strings and tokenizer is None:
+            error = "stop_strings need a tokenizer to read the generated text: pass tokenizer="
+        self._check_query("generate", context, query_ids, error, max_new_tokens=max_new_tokens,
+                          sampling=repr(sampling))
+        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        batch, lq = query_ids.shape
+        holds = self._holds_query(context)
+        query_kv = QueryKV(self.num_layers, lq + max_new_tokens) if holds else None
+        generator = torch.Generator().manual_seed(sampling.seed) if holds and sampling.do_sample else None
+        finished = torch.zeros(batch, dtype=torch.bool)
+        tokens: list[torch.Tensor] = []
+        ids, pos = query_ids, context.context_len
+        self._sync()
+        start = time.perf_counter()
+        first = None
+        for step in range(max_new_tokens):
+            state = QueryPass(context, self.num_layers, query_kv, check=False)
+            positions = torch.arange(pos, pos + ids.shape[1])
+            logits = self._forward(state, ids, positions, logits_to_keep=1).logits[:, -1]
+            pos += ids.shape[1]
+            chosen = next_tokens(logits, sampling, generator).cpu() if holds else torch.zeros(batch, dtype=torch.long)
+            if context.group is not None:
+                chosen = broadcast_tokens(chosen, src=self.world_size - 1, group=context.group,
+                                          device=logits.device)
+            chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
+            tokens.append(chosen)
+            if first is None:
+                self._sync()
+                first = time.perf_counter()
+            for e in eos:
+                finished |= chosen == e
+            if stop_strings:
+                finished |= self._hit_stop(torch.stack(tokens, 1), stop_strings, tokenizer)
+            if bool(finished.all()):
+                break
+            ids = chosen.unsqueeze(1)
+        self._sync()
+        end = time.perf_counter()
+        n = len(tokens)
+        self.stats.update({"first_token_s": first - start, "new_tokens": n,
+                           "decode_tokens_per_s": (n - 1) / (end - first) if n > 1 and end > first else float("nan"),
+                           "generate_s": end - start})
+        if self.device.type == "cuda":
+            self.stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return torch.stack(tokens, dim=1)
+
+    @staticmethod
+    def _hit_stop(tokens: torch.Tensor, stop_strings: list[str], tokenizer) -> torch.Tensor:
+        window = max(len(s) for s in stop_strings) + 8
+        texts = tokenizer.batch_decode(tokens[:, -window:], skip_special_tokens=False)
+        return torch.tensor([any(s in t for s in stop_strings) for t in texts])

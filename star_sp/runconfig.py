@@ -1,0 +1,75 @@
+"""The run configuration of the command line: a TOML file, then flags on top (``configs/*.toml``)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+
+from .config import StarConfig
+from .errors import StarInputError
+from .sampling import SamplingConfig
+
+DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything ``star-sp generate`` needs besides its inputs."""
+
+    model: str | None = None
+    """Model directory (transformers layout) or hub-style name available offline."""
+    random_weights: bool = False
+    """Build the model from its config with random weights (benchmarks; no weight files needed)."""
+    dtype: str = "auto"
+    """auto: bfloat16 on CUDA, float32 on CPU."""
+    device: str = "auto"
+    attention: str = "star"
+    block_size: int = 4096
+    anchor_size: int | None = None
+    anchor_source: str = "broadcast"
+    backend: str = "auto"
+    collective_timeout_s: float = 600.0
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise StarInputError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention not in ("star", "global"):
+            raise StarInputError(f"attention must be 'star' or 'global', got {self.attention!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise StarInputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        self.star_config()
+        self.sampling()
+
+    def star_config(self) -> StarConfig:
+        return StarConfig(block_size=self.block_size, anchor_size=self.anchor_size, anchor_source=self.anchor_source,
+                          backend=self.backend, collective_timeout_s=self.collective_timeout_s)
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed)
+
+    @classmethod
+    def load(cls, path: str | None, overrides: dict) -> "RunConfig":
+        """Values from the TOML file at ``path`` (if any), then every override that is not None."""
+        values: dict = {}
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    values = tomllib.load(f)
+            except FileNotFoundError:
+                raise StarInputError(f"config file {path} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise StarInputError(f"config file {path} is not valid TOML: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise StarInputError(f"config file {path} has unknown keys {unknown}; known keys: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None and k in known})
+        return cls(**values)

@@ -207,7 +207,6 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 def generate(args) -> int:
     from .distributed.process_group import init_from_env
-    from .integrations.transformers import StarEngine
     from .runconfig import RunConfig
 
     overrides = {k: getattr(args, k, None) for k in (
@@ -215,7 +214,17 @@ def generate(args) -> int:
         "backend", "collective_timeout_s", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
         "seed", "stop")}
     cfg = RunConfig.load(args.config, overrides)
-    group, device = init_from_env(cfg.collective_timeout_s, cfg.device)
+    group, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)
+    try:
+        return _generate(args, cfg, group, device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _generate(args, cfg, group, device) -> int:
+    from .integrations.transformers import StarEngine
+
     rank = dist.get_rank(group) if group is not None else 0
     world = dist.get_world_size(group) if group is not None else 1
     model = _everyone(group, "load model", lambda: _load_model(cfg, device))
@@ -247,18 +256,14 @@ def generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .distributed.process_group import shutdown
-
     args = build_parser().parse_args(argv)
     try:
         return {"generate": generate}[args.command](args)
     except StarError as exc:
-        rank = os.environ.get("RANK")
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK")
         prefix = f"star-sp (rank {rank})" if rank is not None else "star-sp"
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        shutdown()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     if family == "qwen3":
         return transformers.Qwen3Config(**common)
     if family == "mistral":
-        return transformers.MistralConfig(sliding_window=None, **common)
+        return transformers.MistralConfig(**{"sliding_window": None, **common})
     raise ValueError(f"unknown family {family!r}; choose llama, qwen2, qwen3 or mistral")
 
 

@@ -18,6 +18,8 @@ def cluster():
     """``cluster(n)``: a live pool of ``n`` gloo processes, shared by the session's tests."""
 
     def get(n: int) -> Cluster:
+        if n in _clusters and not all(p.is_alive() for p in _clusters[n].procs):
+            _clusters.pop(n).close(force=True)  # killed after a timeout: start a fresh pool
         if n not in _clusters:
             _clusters[n] = Cluster(n)
         return _clusters[n]

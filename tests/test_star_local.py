@@ -88,3 +88,32 @@ def test_phase2_local_matches_oracle_rows(query_len, cached):
     ref_out, ref_lse, _ = oracle(case, q, k, v, torch.zeros_like(q))
     assert torch.allclose(out, ref_out[:, :, total - query_len:], atol=1e-12)
     assert torch.allclose(lse, ref_lse[:, :, total - query_len:], atol=1e-12)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(block_size=4, anchor_size=6), "must not exceed"),
+    (dict(block_size=4, anchor_size=0), "anchor_size must be a positive integer"),
+    (dict(block_size=4, anchor_size=-1), "anchor_size must be a positive integer"),
+    (dict(block_size=0, anchor_size=1), "block_size must be a positive integer"),
+    (dict(block_size=4, anchor_size=2, context_len=0), "context_len must be an integer"),
+])
+def test_star_attention_rejects_bad_sizes(kw, words):
+    from star_sp import StarInputError
+
+    q, k, v, _ = make_qkv(Case(context_len=10, query_len=2, block_size=4, anchor_size=2))
+    args = dict(context_len=10, **kw)
+    with pytest.raises(StarInputError, match=words):
+        star_attention(q, k, v, **args)
+
+
+def test_parts_reject_bad_shapes():
+    from star_sp import StarInputError
+    from star_sp.ops import Part
+
+    k = torch.zeros(1, 1, 6, 4)
+    with pytest.raises(StarInputError, match="must be square"):
+        Part(0, 4, k, k, causal=True)
+    with pytest.raises(StarInputError, match="needs rows and keys"):
+        Part(0, 4, k[:, :, :0], k[:, :, :0])
+    with pytest.raises(StarInputError, match="must divide"):
+        Part(0, 6, k, k, causal=True, fold=4)

@@ -97,3 +97,25 @@ def phase2_empty_query(group, case: Case) -> None:
     last = rank == world - 1
     phase2_attention(q[:, :, :0], k, v, group=group, query_k=k[:, :, :0] if last else None,
                      query_v=v[:, :, :0] if last else None)
+
+
+def engine_inputs(spec: dict, vocab: int):
+    gen = torch.Generator().manual_seed(21)
+    ctx = torch.randint(4, vocab, (spec["batch"], spec["lc"]), generator=gen)
+    return ctx, torch.randint(4, vocab, (spec["batch"], spec["lq"]), generator=gen)
+
+
+def engine_run(group, spec: dict) -> dict:
+    """StarEngine on a tiny float64 model (the same weights on every rank, from the seed)."""
+    from star_sp import SamplingConfig, StarConfig, StarEngine
+    from star_sp.testing import build
+
+    model, _ = build(spec["family"], dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=spec["block"], anchor_size=spec["anchor"],
+                                          anchor_source=spec["anchor_source"], collective_timeout_s=60), group)
+    ctx, q = engine_inputs(spec, model.config.vocab_size)
+    context = engine.prefill(ctx)
+    sampling = SamplingConfig(do_sample=True, temperature=1.3, top_k=30, top_p=0.9, seed=5)
+    return {"logits": engine.score(context, q), "greedy": engine.generate(context, q, spec["steps"]),
+            "sampled": engine.generate(context, q, spec["steps"], sampling=sampling),
+            "local_tokens": context.kv.num_tokens, "query_kv": engine._holds_query(context)}

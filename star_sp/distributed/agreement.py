@@ -20,15 +20,21 @@ def agree(group: "dist.ProcessGroup", step: str, meta: dict, error: str | None) 
     errors = [(rank, err) for rank, (_, err) in enumerate(gathered) if err]
     if errors:
         detail = "; ".join(f"rank {rank}: {err}" for rank, err in errors)
-        raise StarInputError(f"{step}: invalid input on rank(s) {[r for r, _ in errors]}: {detail}")
+        raise _everywhere(f"{step}: invalid input on rank(s) {[r for r, _ in errors]}: {detail}")
     reference = gathered[0][0]
     for rank, (other, _) in enumerate(gathered):
         for key in sorted(set(reference) | set(other)):
             if reference.get(key) != other.get(key):
-                raise StarInputError(
+                raise _everywhere(
                     f"{step}: ranks disagree on {key}: rank 0 has {reference.get(key)!r}, rank {rank} has "
                     f"{other.get(key)!r}; every rank must use the same config, dtype and tensor shapes"
                 )
+
+
+def _everywhere(message: str) -> StarInputError:
+    exc = StarInputError(message)
+    exc.on_every_rank = True  # every rank raises this same error: nothing to tell the others
+    return exc
 
 
 def validated(fn, *args, **kwargs) -> str | None:

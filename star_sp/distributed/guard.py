@@ -1,12 +1,13 @@
 """Group-wide steps that end with a clear error on every rank instead of hanging.
 
 ``guarded_step(name, group)`` wraps one step (local work plus its collectives). If the step raises on
-one rank, that rank records ``(rank, step, message)`` in the default group's key-value store and
-raises ``StarCollectiveError``. The other ranks are then blocked in a collective, which fails when the
+one rank, that rank records ``(step, message)`` under its rank and the group's name in the default
+group's key-value store and raises ``StarCollectiveError`` (an input error keeps its type). The other ranks are then blocked in a collective, which fails when the
 failed process exits (gloo and NCCL notice a closed peer) or, at the latest, when the collective's
 timeout runs out; they read the record and raise ``StarCollectiveError`` naming the failed rank and
-its step. If no rank left a record (a rank was killed, or is stuck outside star-sp), the error says
-so and names the step this rank was in.
+its step (ranks are group ranks). If no rank left a record (a rank was killed, or is stuck outside
+star-sp), the error says so and names the step this rank was in. Records are not cleared: after a
+``StarCollectiveError`` the group is not to be used again.
 """
 
 from __future__ import annotations
@@ -21,23 +22,25 @@ import torch.distributed as dist
 from .._compat import default_store
 from ..errors import StarCollectiveError, StarInputError
 
-_KEY = "star_sp/failure/{}"
+def _key(group, global_rank: int) -> str:
+    return f"star_sp/failure/{getattr(group, 'group_name', 'default')}/{global_rank}"
 
 
-def _record(store, rank: int, step: str, message: str) -> None:
+def _record(store, group, global_rank: int, step: str, message: str) -> None:
     try:
-        store.set(_KEY.format(rank), f"{step}\x00{message}")
+        store.set(_key(group, global_rank), f"{step}\x00{message}")
     except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0
         pass
 
 
-def _read_failure(store, world_size: int, me: int) -> tuple[int, str, str] | None:
+def _read_failure(store, group, me: int) -> tuple[int, str, str] | None:
+    """The first recorded failure of another rank of ``group``: (group rank, step, message)."""
     try:
-        for rank in range(world_size):
-            key = _KEY.format(rank)
-            if rank != me and store.check([key]):
+        for group_rank, global_rank in enumerate(dist.get_process_group_ranks(group)):
+            key = _key(group, global_rank)
+            if global_rank != me and store.check([key]):
                 step, message = store.get(key).decode().split("\x00", 1)
-                return rank, step, message
+                return group_rank, step, message
     except Exception:  # noqa: BLE001
         return None
     return None
@@ -48,14 +51,20 @@ def guarded_step(step: str, group: "dist.ProcessGroup | None"):
     """Run one group-wide step; any failure becomes a ``StarCollectiveError`` on every rank."""
     try:
         yield
-    except (StarInputError, StarCollectiveError):
-        raise  # already raised on every rank, or already translated by an inner step
+    except StarCollectiveError:
+        raise  # already translated by an inner step
+    except StarInputError as exc:
+        if not getattr(exc, "on_every_rank", False) and group is not None and dist.is_initialized():
+            store = default_store()  # raised here alone: tell the others, keep the error's type here
+            if store is not None:
+                _record(store, group, dist.get_rank(), step, f"StarInputError: {exc}".splitlines()[0][:500])
+        raise
     except Exception as exc:  # noqa: BLE001
         if group is None or not dist.is_initialized():
             raise
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, me = dist.get_rank(group), dist.get_rank()
         store = default_store()
-        peer = _read_failure(store, world, rank) if store is not None else None
+        peer = _read_failure(store, group, me) if store is not None else None
         if peer is not None:
             raise StarCollectiveError(
                 f"rank {rank}: step '{step}' stopped because rank {peer[0]} failed in step '{peer[1]}': {peer[2]}",
@@ -69,7 +78,7 @@ def guarded_step(step: str, group: "dist.ProcessGroup | None"):
                 step=step,
             ) from exc
         if store is not None:
-            _record(store, rank, step, message.splitlines()[0][:500])
+            _record(store, group, me, step, message.splitlines()[0][:500])
         raise StarCollectiveError(
             f"rank {rank} failed in step '{step}': {message}\n{''.join(traceback.format_tb(exc.__traceback__)[-3:])}",
             step=step, failed_rank=rank,

@@ -59,6 +59,13 @@ def phase1_attention(
     """
     recompute = anchor_source == "recompute"
     needs_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+    if needs_grad and not recompute and any(layout.for_rank(r).is_idle for r in range(layout.world_size)):
+        # the anchor's gradient comes back by a reduce that every rank must join, and an idle rank's
+        # (empty) output gives its backward pass no reason to reach it: it would hang
+        raise StarInputError(
+            f"gradients through phase 1 with anchor_source='broadcast' need every rank to hold a block, but "
+            f"{layout.num_blocks} blocks leave ranks idle on {layout.world_size}; use anchor_source='recompute', "
+            "a smaller block size, or fewer ranks")
     with guarded_step("phase1", group):
         if check:
             error = validated(_check_inputs, q, k, v, layout, group, recompute)

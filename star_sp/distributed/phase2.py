@@ -60,7 +60,7 @@ def phase2_attention(
         if check:
             error = validated(_check_inputs, q, ctx_k, ctx_v, query_k, query_v, group)
             meta = {"dtype": str(q.dtype), "q_shape": tuple(q.shape), "kv_heads": ctx_k.shape[1] if ctx_k.dim() == 4 else None,
-                    "scale": scale}
+                    "scale": scale, "q_requires_grad": torch.is_grad_enabled() and q.requires_grad}
             agree(group, "phase2", meta, error)
         parts = phase2_parts((0, q.shape[2]), ctx_k, ctx_v, query_k, query_v)
         return local_attention(q, parts, scale=scale, backend=backend,

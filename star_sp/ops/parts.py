@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import StarInputError
 from .backends import Kernel
 from .merge import accumulation_dtype, merge_partials
 
@@ -40,11 +41,14 @@ class Part:
     fold: int = 1
 
     def __post_init__(self) -> None:
-        rows = self.row_end - self.row_start
-        assert rows > 0 and self.k.shape[2] > 0, "empty parts must be dropped by the caller"
-        assert rows % self.fold == 0 and self.k.shape[2] % self.fold == 0
-        if self.causal:
-            assert rows == self.k.shape[2], "causal parts must be square; split longer key ranges"
+        rows, keys = self.row_end - self.row_start, self.k.shape[2]
+        if rows <= 0 or keys <= 0:
+            raise StarInputError(f"a Part needs rows and keys, got {rows} rows and {keys} keys; drop empty parts")
+        if self.fold < 1 or rows % self.fold or keys % self.fold:
+            raise StarInputError(f"fold {self.fold} must divide the part's {rows} rows and {keys} keys")
+        if self.causal and rows != keys:
+            raise StarInputError(f"a causal Part must be square, got {rows} rows and {keys} keys; split longer "
+                                 "key ranges with ops.key_parts")
 
 
 class Reducer(Protocol):

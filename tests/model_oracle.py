@@ -1,0 +1,44 @@
+"""The model-level oracle: the same weights run once over ``[context ; query ; generated]`` in float64
+with the dense ``M_star`` mask (DESIGN.md, "The identity that makes testing easy")."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from star_sp.ops import star_mask
+
+# The models' RMSNorm computes in float32 even for float64 weights, so two float64 runs that differ
+# only in attention rounding (1e-16) can differ by float32 rounding after a norm: this is the floor.
+LOGIT_ATOL = 1e-6
+
+
+def reference_model(model):
+    ref = copy.deepcopy(model).double()
+    ref.set_attn_implementation("sdpa")
+    return ref
+
+
+def _mask(context_len, block, anchor, total, batch):
+    keep = star_mask(context_len, block, anchor, total - context_len)
+    add = torch.zeros(total, total, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    return add[None, None].expand(batch, 1, total, total)
+
+
+@torch.no_grad()
+def oracle_logits(ref, context_ids, query_ids, block, anchor):
+    ids = torch.cat([context_ids, query_ids], dim=1)
+    lc = context_ids.shape[1]
+    out = ref(ids, attention_mask=_mask(lc, block, anchor, ids.shape[1], ids.shape[0]))
+    return out.logits[:, lc:]
+
+
+@torch.no_grad()
+def oracle_greedy(ref, context_ids, query_ids, block, anchor, steps):
+    ids = torch.cat([context_ids, query_ids], dim=1)
+    lc = context_ids.shape[1]
+    for _ in range(steps):
+        logits = ref(ids, attention_mask=_mask(lc, block, anchor, ids.shape[1], ids.shape[0])).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids[:, lc + query_ids.shape[1]:]

@@ -1,0 +1,183 @@
+"""StarEngine on tiny random models of four families against the float64 model-level oracle.
+
+Bugs these localize: the transformers adapter (wrong positions, KV kept or dropped wrongly, phases
+mixed up), the generation loop, and model checks. The attention math itself is covered by
+test_star_local.py and test_distributed.py.
+"""
+
+import pytest
+import torch
+
+import workers
+from model_oracle import LOGIT_ATOL, oracle_greedy, oracle_logits, reference_model
+from star_sp import SamplingConfig, StarConfig, StarEngine, StarInputError
+from star_sp.testing import build
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+def _ids(batch, n, seed, vocab):
+    return torch.randint(4, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("block, anchor, lc, lq, batch", [(7, 7, 23, 3, 2), (6, 2, 31, 1, 1), (5, 3, 20, 4, 3)])
+def test_engine_matches_oracle(family, block, anchor, lc, lq, batch):
+    model, _ = build(family, dtype=torch.float64)
+    ref = reference_model(model)
+    ctx, q = _ids(batch, lc, 1, model.config.vocab_size), _ids(batch, lq, 2, model.config.vocab_size)
+    engine = StarEngine(model, StarConfig(block_size=block, anchor_size=anchor))
+    context = engine.prefill(ctx)
+    logits = engine.score(context, q)
+    expected = oracle_logits(ref, ctx, q, block, anchor)
+    assert logits.shape == (batch, lq, model.config.vocab_size)
+    assert (logits - expected).abs().max() < LOGIT_ATOL
+    tokens = engine.generate(context, q, 5)
+    assert torch.equal(tokens, oracle_greedy(ref, ctx, q, block, anchor, 5))
+    # the oracle's mask is not plain causal here: star must differ from the plain model
+    plain = oracle_logits(ref, ctx, q, lc, lc)
+    assert (expected - plain).abs().max() > 100 * LOGIT_ATOL
+
+
+@pytest.mark.parametrize("block", [20, 21, 64])
+def test_one_block_equals_plain_model_and_global(block):
+    model, _ = build("llama", dtype=torch.float64)
+    ref = reference_model(model)
+    ctx, q = _ids(2, 20, 3, model.config.vocab_size), _ids(2, 3, 4, model.config.vocab_size)
+    with torch.no_grad():
+        plain = ref(torch.cat([ctx, q], 1)).logits[:, 20:]
+    star = StarEngine(model, StarConfig(block_size=block, anchor_size=1))
+    assert (star.score(star.prefill(ctx), q) - plain).abs().max() < LOGIT_ATOL
+    glob = StarEngine(model, StarConfig(block_size=4, anchor_size=2), attention="global")
+    assert (glob.score(glob.prefill(ctx), q) - plain).abs().max() < LOGIT_ATOL
+
+
+def test_context_is_reused_across_queries_unchanged():
+    model, _ = build("qwen2", dtype=torch.float64)
+    vocab = model.config.vocab_size
+    engine = StarEngine(model, StarConfig(block_size=6, anchor_size=3))
+    ctx = _ids(2, 25, 5, vocab)
+    context = engine.prefill(ctx)
+    before = [t.clone() for t in context.kv.k + context.kv.v]
+    queries = [_ids(2, n, 10 + n, vocab) for n in (1, 3, 2)]
+    first = [engine.score(context, q) for q in queries]
+    gen = engine.generate(context, queries[1], 6)
+    again = [engine.score(context, q) for q in queries]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(before, context.kv.k + context.kv.v))
+    assert torch.equal(gen, engine.generate(engine.prefill(ctx), queries[1], 6))
+
+
+def test_generation_stops_on_eos_and_stop_strings():
+    model, tok = build("llama", dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=6, anchor_size=3))
+    ctx, q = _ids(2, 19, 6, model.config.vocab_size), _ids(2, 2, 7, model.config.vocab_size)
+    context = engine.prefill(ctx)
+    free = engine.generate(context, q, 6)
+    eos = int(free[0, 2])
+    stopped = engine.generate(context, q, 6, eos_token_id=eos, pad_token_id=0)
+    assert stopped[0, 2] == eos and (stopped[0, 3:] == 0).all()
+    assert torch.equal(stopped[1][: (free[1] == eos).nonzero()[0, 0] + 1 if (free[1] == eos).any() else 6],
+                       free[1][: (free[1] == eos).nonzero()[0, 0] + 1 if (free[1] == eos).any() else 6])
+    word = tok.decode([int(free[0, 1])])
+    one = engine.prefill(ctx[:1])
+    by_text = engine.generate(one, q[:1], 6, stop_strings=[word], tokenizer=tok)
+    assert by_text.shape[1] == 2 and torch.equal(by_text[0], free[0, :2])
+
+
+def test_sampling_is_seeded_and_differs_from_greedy():
+    model, _ = build("mistral", dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=5, anchor_size=5))
+    ctx, q = _ids(2, 12, 8, model.config.vocab_size), _ids(2, 2, 9, model.config.vocab_size)
+    context = engine.prefill(ctx)
+    cfg = SamplingConfig(do_sample=True, temperature=1.5, top_k=40, top_p=0.95, seed=11)
+    a = engine.generate(context, q, 8, sampling=cfg)
+    assert torch.equal(a, engine.generate(context, q, 8, sampling=cfg))
+    assert not torch.equal(a, engine.generate(context, q, 8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("anchor_source", ["broadcast", "recompute"])
+def test_engine_across_ranks_matches_oracle(cluster, world_size, anchor_source):
+    spec = dict(family="qwen3", block=5, anchor=2, lc=17, lq=3, batch=2, steps=4, anchor_source=anchor_source)
+    results = cluster(world_size).run(workers.engine_run, spec)
+    model, _ = build("qwen3", dtype=torch.float64)
+    ref = reference_model(model)
+    ctx, q = workers.engine_inputs(spec, model.config.vocab_size)
+    expected = oracle_logits(ref, ctx, q, 5, 2)
+    greedy = oracle_greedy(ref, ctx, q, 5, 2, 4)
+    single = workers.engine_run(None, spec)
+    for r in results:
+        assert (r["logits"] - expected).abs().max() < LOGIT_ATOL
+        assert torch.equal(r["greedy"], greedy)
+        assert torch.equal(r["sampled"], results[0]["sampled"])  # one token stream on every rank
+    assert torch.equal(results[0]["sampled"], single["sampled"])
+    assert sum(r["local_tokens"] for r in results) == 17  # each host keeps only its own blocks' KV
+    assert results[-1]["query_kv"] and not any(r["query_kv"] for r in results[:-1])
+
+
+@pytest.mark.slow
+def test_context_shorter_than_a_block_across_ranks_raises_everywhere(cluster):
+    spec = dict(family="llama", block=64, anchor=8, lc=17, lq=3, batch=1, steps=2, anchor_source="broadcast")
+    raw = cluster(2).run_raw(workers.engine_run, spec)
+    for ok, value in raw:
+        assert not ok and value[0] == "StarInputError" and "fits in one block" in value[1], value
+
+
+def _sliding_mistral():
+    return build("mistral", sliding_window=8)[0]
+
+
+def _bloom():
+    import transformers
+
+    return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
+
+
+def _t5():
+    import transformers
+
+    cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def _gemma2():
+    import transformers
+
+    cfg = transformers.Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    return transformers.Gemma2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("make, words", [
+    (_sliding_mistral, "sliding-window"), (_bloom, "ALiBi"), (_t5, "encoder-decoder"), (_gemma2, "sliding_attention"),
+    (lambda: torch.nn.Linear(2, 2), "not a transformers model"),
+])
+def test_unsupported_models_are_refused(make, words):
+    with pytest.raises(StarInputError, match=words):
+        StarEngine(make(), StarConfig(block_size=8))
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, _ = build("llama")
+    engine = StarEngine(model, StarConfig(block_size=8))
+    with pytest.raises(StarInputError, match="context_ids is empty"):
+        engine.prefill(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(StarInputError, match="LongTensor"):
+        engine.prefill(torch.zeros(1, 5))
+    context = engine.prefill(torch.ones(2, 9, dtype=torch.long))
+    with pytest.raises(StarInputError, match="query_ids is empty"):
+        engine.generate(context, torch.zeros(2, 0, dtype=torch.long), 3)
+    with pytest.raises(StarInputError, match="batch 1 but the context was prefilled with batch 2"):
+        engine.score(context, torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(StarInputError, match="max_new_tokens must be a positive integer"):
+        engine.generate(context, torch.ones(2, 2, dtype=torch.long), 0)
+    with pytest.raises(StarInputError, match="need a tokenizer"):
+        engine.generate(context, torch.ones(2, 2, dtype=torch.long), 2, stop_strings=["x"])
+    with pytest.raises(StarInputError, match="block_size must be a positive integer"):
+        StarEngine(model, StarConfig(block_size=0))
+    with pytest.raises(StarInputError, match="attention must be"):
+        StarEngine(model, StarConfig(block_size=8), attention="ring")
+    with pytest.raises(StarInputError, match="only inside star_sp.StarEngine"):
+        model(torch.ones(1, 3, dtype=torch.long))

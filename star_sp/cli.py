@@ -228,9 +228,9 @@ def _generate(args, cfg, group, device) -> int:
     rank = dist.get_rank(group) if group is not None else 0
     world = dist.get_world_size(group) if group is not None else 1
     model = _everyone(group, "load model", lambda: _load_model(cfg, device))
+    engine = _everyone(group, "engine", lambda: StarEngine(model, cfg.star_config(), group, attention=cfg.attention))
     tokenizer = _load_tokenizer(cfg.model)
     context_ids, query_ids = _inputs(args, cfg, tokenizer, model.config.vocab_size, group)
-    engine = _everyone(group, "engine", lambda: StarEngine(model, cfg.star_config(), group, attention=cfg.attention))
     show = rank == 0 and not args.quiet and not args.json
     context = engine.prefill(context_ids, progress=_Progress(show, f"prefill {context_ids.shape[1]} tokens"))
     prefill_s = engine.stats["prefill_s"]

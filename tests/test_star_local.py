@@ -101,7 +101,7 @@ def test_star_attention_rejects_bad_sizes(kw, words):
     from star_sp import StarInputError
 
     q, k, v, _ = make_qkv(Case(context_len=10, query_len=2, block_size=4, anchor_size=2))
-    args = dict(context_len=10, **kw)
+    args = {"context_len": 10, **kw}
     with pytest.raises(StarInputError, match=words):
         star_attention(q, k, v, **args)
 

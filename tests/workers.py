@@ -119,3 +119,16 @@ def engine_run(group, spec: dict) -> dict:
     return {"logits": engine.score(context, q), "greedy": engine.generate(context, q, spec["steps"]),
             "sampled": engine.generate(context, q, spec["steps"], sampling=sampling),
             "local_tokens": context.kv.num_tokens, "query_kv": engine._holds_query(context)}
+
+
+def cli_run(group, argv: list) -> tuple[int, str, str]:
+    """``star-sp generate`` on every rank of the pool; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from star_sp.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["generate", *argv])
+    return code, out.getvalue(), err.getvalue()

@@ -17,10 +17,14 @@ def agree(group: "dist.ProcessGroup", step: str, meta: dict, error: str | None) 
     """Raise ``StarInputError`` on every rank if any rank reported ``error`` or the ``meta`` differ."""
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, (meta, error), group=group)
-    errors = [(rank, err) for rank, (_, err) in enumerate(gathered) if err]
-    if errors:
-        detail = "; ".join(f"rank {rank}: {err}" for rank, err in errors)
-        raise _everywhere(f"{step}: invalid input on rank(s) {[r for r, _ in errors]}: {detail}")
+    by_error: dict[str, list[int]] = {}
+    for rank, (_, err) in enumerate(gathered):
+        if err:
+            by_error.setdefault(err, []).append(rank)
+    if by_error:
+        if len(by_error) == 1 and len(next(iter(by_error.values()))) == len(gathered):
+            raise _everywhere(next(iter(by_error)))  # the same mistake everywhere: say it once
+        raise _everywhere("; ".join(f"{err} (rank(s) {ranks})" for err, ranks in by_error.items()))
     reference = gathered[0][0]
     for rank, (other, _) in enumerate(gathered):
         for key in sorted(set(reference) | set(other)):

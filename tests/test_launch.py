@@ -1,0 +1,117 @@
+"""The command line and the launchers: ``star-sp generate`` in one process, under torchrun and
+under the deepspeed launcher (CPU, gloo), and its errors (exit code 1 and one clear line per rank)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import workers
+from star_sp.cli import main
+from star_sp.testing import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+CONTEXT = ("the secret key of the city is 4 2 7 . the river was long and the people had water . "
+           "then she made a little way over the water , and they could see the city from there .")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("models")
+    model, tokenizer = build("llama", seed=3)
+    model.save_pretrained(base / "tiny")
+    tokenizer.save_pretrained(base / "tiny")
+    shutil.copytree(base / "tiny", base / "no-tokenizer")
+    for name in os.listdir(base / "no-tokenizer"):
+        if name.startswith("tokenizer"):
+            os.remove(base / "no-tokenizer" / name)
+    build("mistral", sliding_window=8)[0].save_pretrained(base / "sliding")
+    (base / "context.txt").write_text(CONTEXT)
+    return base
+
+
+def _args(dirs, *extra, model="tiny"):
+    return ["--model", str(dirs / model), "--context-file", str(dirs / "context.txt"), "--query",
+            "what is the secret key ?", "--block-size", "9", "--anchor-size", "4", "--max-new-tokens", "6",
+            "--dtype", "float64", "--json", *extra]
+
+
+def _single(dirs, capsys, *extra):
+    assert main(["generate", *_args(dirs, *extra)]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _launch(cmd, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _record(proc):
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and len(lines) == 1, proc.stdout + proc.stderr  # rank 0 alone prints
+    return json.loads(lines[0])
+
+
+def test_generate_one_process(dirs, capsys):
+    star = _single(dirs, capsys)
+    assert len(star["tokens"]) == 6 and star["world_size"] == 1 and star["prefill_s"] > 0
+    glob = _single(dirs, capsys, "--attention", "global")
+    assert glob["attention"] == "global" and len(glob["tokens"]) == 6
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--context-file", "--query", "--block-size", "--anchor-size", "--attention",
+                 "--max-new-tokens", "torchrun"):
+        assert flag in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, extra", [(2, ()), (3, ("--anchor-source", "recompute")), (4, ())])
+def test_torchrun_matches_one_process(dirs, capsys, nproc, extra):
+    expected = _single(dirs, capsys, *extra)
+    proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "launch/infer.py",
+                    *_args(dirs, *extra)])
+    record = _record(proc)
+    assert record["tokens"] == expected["tokens"] and record["world_size"] == nproc
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_matches_one_process(dirs, capsys):
+    expected = _single(dirs, capsys)
+    proc = _launch([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "launch/infer.py", *_args(dirs)])
+    assert _record(proc)["tokens"] == expected["tokens"]
+    assert "JIT" not in proc.stdout + proc.stderr  # no DeepSpeed extension was built
+
+
+@pytest.mark.slow
+def test_torchrun_error_exits_1_on_every_rank(dirs):
+    proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "launch/infer.py",
+                    *_args(dirs, model="sliding")])
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"star-sp (rank {rank}): error: MistralForCausalLM uses sliding-window attention" in proc.stderr
+    # torchrun reports the failed children with a traceback of its own; none comes from star-sp
+    assert f'File "{ROOT}/star_sp' not in proc.stderr and "launch/infer.py\", line" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, words", [
+    (dict(model="sliding"), "sliding-window attention"),
+    (dict(model="no-tokenizer"), "has no tokenizer"),
+    (dict(extra=("--query", "")), "the query is empty"),
+    (dict(extra=("--block-size", "0")), "block_size must be a positive integer"),
+    (dict(extra=("--block-size", "500", "--anchor-size", "4")), "fits in one block"),
+    (dict(model="missing"), "cannot load a causal LM"),
+])
+def test_cli_errors_on_every_rank(dirs, cluster, case, words):
+    argv = _args(dirs, *case.get("extra", ()), model=case.get("model", "tiny"))
+    for code, out, err in cluster(2).run(workers.cli_run, argv):
+        assert code == 1 and words in err and "Traceback" not in err, err

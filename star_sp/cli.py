@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = gen.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--warmup", action="store_true",
+                   help="run the whole request once untimed first (kernel plans, allocator), for timings")
     return parser
 
 
@@ -232,6 +234,8 @@ def _generate(args, cfg, group, device) -> int:
     tokenizer = _load_tokenizer(cfg.model)
     context_ids, query_ids = _inputs(args, cfg, tokenizer, model.config.vocab_size, group)
     show = rank == 0 and not args.quiet and not args.json
+    if args.warmup:
+        engine.generate(engine.prefill(context_ids), query_ids, cfg.max_new_tokens, sampling=cfg.sampling())
     context = engine.prefill(context_ids, progress=_Progress(show, f"prefill {context_ids.shape[1]} tokens"))
     prefill_s = engine.stats["prefill_s"]
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None

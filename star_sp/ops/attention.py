@@ -28,7 +28,7 @@ def key_parts(row_start: int, row_end: int, k: torch.Tensor, v: torch.Tensor, ca
     rows, sk = row_end - row_start, k.shape[2]
     if rows == 0 or sk == 0:
         return []
-    if not causal:
+    if not causal or rows == 1:  # one row at the bottom-right sees every key
         return [Part(row_start, row_end, k, v)]
     if sk < rows:
         raise ValueError(f"causal attention needs at least as many keys ({sk}) as query rows ({rows})")

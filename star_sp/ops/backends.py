@@ -13,7 +13,8 @@ be the log-sum-exp of a larger, merged key set) and returns ``(dq, dk, dv)``.
 
 Backends: ``cpu`` (aten's fused CPU flash kernel), ``flash``, ``cudnn``, ``efficient`` (aten's CUDA
 kernels) and ``math`` (plain matrix products, any device and dtype; the honest "plain implementation"
-for tolerances). ``select_kernel("auto", ...)`` picks the fastest that supports the inputs; a named
+for tolerances). ``select_kernel("auto", ...)`` picks the fastest that supports the inputs (on CUDA
+cuDNN for prefill-sized calls, flash for calls with few query rows); a named
 backend that cannot run them raises ``BackendUnavailableError`` instead of falling back.
 """
 
@@ -231,6 +232,9 @@ KERNELS: dict[str, Kernel] = {
     kernel.name: kernel for kernel in (CpuKernel(), CudnnKernel(), FlashKernel(), EfficientKernel(), MathKernel())
 }
 AUTO_ORDER = {"cpu": ("cpu", "math"), "cuda": ("cudnn", "flash", "efficient", "math")}
+# cuDNN builds an execution plan for every new shape; a decode step's keys grow by one every step, so
+# calls with few query rows (decoding, short queries) go to flash, which has no per-shape cost.
+CUDNN_MIN_ROWS = 64
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -261,7 +265,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def select_kernel(backend: str, q: torch.Tensor, k: torch.Tensor) -> Kernel:
     """The kernel for ``backend`` (or the fastest suitable one for ``"auto"``)."""
     if backend == "auto":
-        for name in AUTO_ORDER.get(q.device.type, ("math",)):
+        order = AUTO_ORDER.get(q.device.type, ("math",))
+        if q.device.type == "cuda" and q.shape[2] < CUDNN_MIN_ROWS:
+            order = ("flash", "cudnn", "efficient", "math")
+        for name in order:
             if KERNELS[name].unsupported(q, k) is None:
                 return KERNELS[name]
         raise BackendUnavailableError(f"no attention backend supports {q.dtype} inputs on {q.device}")

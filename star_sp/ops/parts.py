@@ -82,14 +82,18 @@ class _PartsAttention(torch.autograd.Function):
         acc = accumulation_dtype(q.dtype)
         out_acc = q.new_zeros((b, h, s, d), dtype=acc)
         lse_acc = q.new_full((b, h, s), float("-inf"), dtype=acc)
-        auxes = []
+        auxes, covered = [], []
         for i, (r0, r1, causal, fold) in enumerate(metas):
             k, v = kvs[2 * i], kvs[2 * i + 1]
             o, lse, aux = kernel.forward(_fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold), causal, scale)
             auxes.append(aux)
             o, lse = _unfold(o, fold), _unfold(lse, fold)
-            merged = merge_partials([(out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1]), (o.to(acc), lse.to(acc))])
-            out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = merged
+            if all(r1 <= s or r0 >= e for s, e in covered):  # first result for these rows: no merge
+                out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = o, lse
+            else:
+                merged = merge_partials([(out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1]), (o.to(acc), lse.to(acc))])
+                out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = merged
+            covered.append((r0, r1))
         if reducer is not None:
             out_acc, lse_acc = reducer.merge(out_acc, lse_acc)
         out = out_acc.to(q.dtype)

@@ -66,6 +66,7 @@ def test_auto_picks_a_fused_kernel():
     q = torch.randn(1, 8, 64, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
     assert select_kernel("auto", q, k).name in ("cudnn", "flash")
+    assert select_kernel("auto", q[:, :, :1], k).name == "flash"  # decoding: no per-shape plan
     assert select_kernel("auto", q.float(), k.float()).name == "efficient"
     assert select_kernel("auto", q[..., :59], k[..., :59]).name in ("efficient", "math")
 

@@ -17,6 +17,36 @@ import torch
 from star_sp.ops.backends import KERNELS
 
 
+def _time(fn, reps: int = 10) -> float:
+    times = []
+    for i in range(reps + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def decode() -> None:
+    """One decode row against a long context: the phase-2 step of every layer."""
+    for sk in (32768, 131072):
+        q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 8, sk, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, 8, sk, 128, device="cuda", dtype=torch.bfloat16)
+        floor_us = 2 * k.numel() * 2 / 4.3e12 * 1e6
+        cells = []
+        for name in ("cudnn", "flash", "efficient", "math"):
+            try:
+                ms = _time(lambda: KERNELS[name].forward(q, k, v, False, 128 ** -0.5))
+                cells.append(f"{name} {ms * 1000:7.0f} us")
+            except Exception as exc:  # noqa: BLE001
+                cells.append(f"{name} failed ({type(exc).__name__})")
+        print(f"decode Sq=1 Sk={sk} H=32/8 D=128 (KV read floor {floor_us:.0f} us): " + ", ".join(cells))
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
@@ -52,3 +82,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    decode()

@@ -193,22 +193,29 @@ class EfficientKernel(_CudaKernel):
 
 class MathKernel(Kernel):
     """Plain matrix products: scores in the input dtype, softmax statistics in float32 (float64 for
-    float64 input). Memory grows as ``Sq * Sk``: for tests and tolerances, not for long contexts."""
+    float64 input). GQA without copying KV: the query heads of one KV head are stacked as rows. Memory
+    grows as ``H * Sq * Sk``: for tests, tolerances and decode steps (few rows), not long prefills."""
 
     name = "math"
-    native_gqa = False
 
     def unsupported(self, q, k):
         if not q.dtype.is_floating_point:
             return f"attention needs floating-point inputs, got {q.dtype}"
         return None
 
+    @staticmethod
+    def _grouped(q, k):
+        """``(B, H, Sq, D) -> (B, Hkv, g*Sq, D)``: query head ``h`` reads KV head ``h // g``."""
+        b, h, sq, d = q.shape
+        return q.reshape(b, k.shape[1], (h // k.shape[1]) * sq, d)
+
     def _probs(self, q, k, lse, causal, scale):
         acc = accumulation_dtype(q.dtype)
-        s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
+        b, h, sq, _ = q.shape
+        s = torch.matmul(self._grouped(q, k), k.transpose(-1, -2)).to(acc) * scale
+        s = s.view(b, h, sq, k.shape[2])
         if causal:
-            sq, sk = s.shape[-2:]
-            keep = torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril()
+            keep = torch.ones(sq, k.shape[2], dtype=torch.bool, device=s.device).tril()
             s = s.masked_fill(~keep, float("-inf"))
         if lse is None:
             lse = torch.logsumexp(s, dim=-1)
@@ -216,16 +223,25 @@ class MathKernel(Kernel):
 
     def _forward(self, q, k, v, causal, scale):
         p, lse = self._probs(q, k, None, causal, scale)
-        return torch.matmul(p.to(v.dtype), v), lse, None
+        out = torch.matmul(self._grouped(p.to(v.dtype), k), v)
+        return out.view(q.shape[:3] + (v.shape[3],)), lse
 
-    def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+    def forward(self, q, k, v, causal, scale):
+        out, lse = self._forward(q, k, v, causal, scale)
+        return out, lse, None
+
+    def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
+        b, h, sq, d = q.shape
         p, _ = self._probs(q, k, lse, causal, scale)
         acc = p.dtype
-        dv = torch.matmul(p.to(dout.dtype).transpose(-1, -2), dout)
-        dp = torch.matmul(dout, v.transpose(-1, -2)).to(acc)
+        pg = self._grouped(p.to(dout.dtype), k)                     # (B, Hkv, g*Sq, Sk)
+        dv = torch.matmul(pg.transpose(-1, -2), self._grouped(dout, k))
+        dp = torch.matmul(self._grouped(dout, k), v.transpose(-1, -2)).to(acc).view_as(p)
         delta = (dout.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)
-        ds = (p * (dp - delta) * scale).to(q.dtype)
-        return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+        ds = self._grouped((p * (dp - delta) * scale).to(q.dtype), k)
+        dq = torch.matmul(ds, k).view_as(q)
+        dk = torch.matmul(ds.transpose(-1, -2), self._grouped(q, k))
+        return dq, dk, dv
 
 
 KERNELS: dict[str, Kernel] = {

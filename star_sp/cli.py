@@ -75,6 +75,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--warmup", action="store_true",
                    help="run the whole request once untimed first (kernel plans, allocator), for timings")
+
+    ev = sub.add_parser(
+        "eval", help="RULER-style accuracy of star against global attention",
+        description="Generate RULER-style tasks at given lengths in the model's own tokens, answer them with each "
+                    "method, score them as RULER does, and write results.jsonl (resumable), summary.md/json and "
+                    "PNG plots to --out. Runs in one process or one process per host under torchrun/deepspeed.",
+        epilog="example:\n  star-sp eval --model ./model --tasks all --lengths 4k,8k,16k --attention star,global \\\n"
+               "      --block-size 1/4,1/8 --anchor-size block,block/4,0 --samples 8 --out runs/eval",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--model", required=True, help="model directory with tokenizer files")
+    ev.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"), default="auto")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--tasks", default="all", help="comma-separated tasks or families (niah_single, vt, ...) or all")
+    ev.add_argument("--lengths", default="4k", help="comma-separated lengths in tokens (4096 or 4k)")
+    ev.add_argument("--attention", default="star,global", help="comma-separated: star, global")
+    ev.add_argument("--block-size", default="1/4", help="comma-separated block sizes: tokens, or 1/k of the length")
+    ev.add_argument("--anchor-size", default="block",
+                    help="comma-separated anchor sizes: tokens, block, block/k, or 0 (no anchor)")
+    ev.add_argument("--anchor-source", choices=("broadcast", "recompute"), default="broadcast")
+    ev.add_argument("--backend", default="auto")
+    ev.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    ev.add_argument("--max-new-tokens", type=int, help="override the per-task answer budget")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default="runs/eval", help="results folder (a rerun resumes it)")
+    ev.add_argument("--wandb", metavar="PROJECT", help="log to Weights & Biases (offline without an API key)")
+    ev.add_argument("--collective-timeout-s", type=float, default=600.0)
+    ev.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -259,10 +286,76 @@ def _generate(args, cfg, group, device) -> int:
     return 0
 
 
+def evaluate(args) -> int:
+    from .config import StarConfig
+    from .distributed.process_group import init_from_env
+    from .eval import runner
+    from .eval.plots import write_plots
+    from .eval.tasks import resolve_tasks
+    from .integrations.transformers import StarEngine
+    from .runconfig import RunConfig
+    from .tracking import Tracker
+
+    split = lambda text: [x for x in text.split(",") if x.strip()]  # noqa: E731
+    tasks = resolve_tasks(split(args.tasks))
+    lengths = [runner.parse_length(x) for x in split(args.lengths)]
+    methods = runner.parse_methods(split(args.attention), split(args.block_size), split(args.anchor_size))
+    if args.samples < 1:
+        raise StarInputError(f"--samples must be a positive integer, got {args.samples}")
+    cfg = RunConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    group, device, created = init_from_env(args.collective_timeout_s, cfg.device)
+    try:
+        rank = dist.get_rank(group) if group is not None else 0
+        model = _everyone(group, "load model", lambda: _load_model(cfg, device))
+
+        def need_tokenizer():
+            tok = _load_tokenizer(args.model)
+            if tok is None:
+                raise StarInputError(f"{args.model} has no tokenizer files; star-sp eval writes its tasks as text "
+                                     "and needs the model's tokenizer")
+            budget = args.max_new_tokens or max(runner.MAX_NEW_TOKENS.get(t, runner.DEFAULT_NEW_TOKENS) for t in tasks)
+            limit = getattr(model.config, "max_position_embeddings", None)
+            if limit is not None and max(lengths) + budget > limit:
+                raise StarInputError(f"length {max(lengths)} plus {budget} answer tokens exceeds the model's "
+                                     f"{limit} positions; use shorter --lengths")
+            return tok
+
+        tokenizer = _everyone(group, "tokenizer", need_tokenizer)
+
+        def make_engine(method, length):
+            block, anchor = method.sizes(length)
+            star = StarConfig(block_size=block, anchor_size=anchor, anchor_source=args.anchor_source,
+                              backend=args.backend, collective_timeout_s=args.collective_timeout_s)
+            # global attention is the plain model in one process: under a launcher every rank runs it alone
+            return StarEngine(model, star, None if method.attention == "global" else group, attention=method.attention)
+
+        config = {"model": args.model, "tasks": tasks, "lengths": lengths, "methods": [m.name for m in methods],
+                  "samples": args.samples, "seed": args.seed, "anchor_source": args.anchor_source,
+                  "world_size": dist.get_world_size(group) if group is not None else 1}
+        tracker = Tracker(args.wandb, config, args.out, enabled=rank == 0)
+        os.makedirs(args.out, exist_ok=True) if rank == 0 else None
+        summary = runner.run(make_engine=make_engine, tokenizer=tokenizer, tasks=tasks, lengths=lengths,
+                             methods=methods, samples=args.samples, out_dir=args.out, seed=args.seed,
+                             is_writer=rank == 0, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+                             on_row=tracker.log_row)
+        if rank == 0:
+            plots = write_plots(summary, args.out)
+            table = runner.markdown_table(summary)
+            tracker.log_summary(summary, table, plots)
+            tracker.finish()
+            print(table)
+            print(f"\nresults: {os.path.join(args.out, 'results.jsonl')}; plots: {', '.join(plots)}"
+                  + (f"; W&B run: {tracker.directory}" if tracker.directory else ""))
+    finally:
+        if created:
+            dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": generate}[args.command](args)
+        return {"generate": generate, "eval": evaluate}[args.command](args)
     except StarError as exc:
         rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK")
         prefix = f"star-sp (rank {rank})" if rank is not None else "star-sp"

@@ -32,8 +32,9 @@ class StarConfig:
     """Tokens per context block (``b``). The last block may be shorter; it is never padded."""
 
     anchor_size: int | None = None
-    """Tokens of the anchor (``a``), the context's first tokens, ``1 <= a <= block_size``.
-    ``None`` means ``block_size``, as in the paper."""
+    """Tokens of the anchor (``a``), the context's first tokens, ``0 <= a <= block_size``.
+    ``None`` means ``block_size``, as in the paper; ``0`` means no anchor at all (every block encoded
+    alone: the ablation that shows what the anchor is for, outside the paper's ``1 <= a``)."""
 
     anchor_source: AnchorSource = "broadcast"
     """Where a host that does not own block 0 gets the anchor's KV in phase 1: ``"broadcast"`` (the
@@ -51,7 +52,9 @@ class StarConfig:
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
         if self.anchor_size is not None:
-            _positive_int("anchor_size", self.anchor_size)
+            if isinstance(self.anchor_size, bool) or not isinstance(self.anchor_size, int) or self.anchor_size < 0:
+                raise StarInputError(f"anchor_size must be a non-negative integer (0: no anchor, an ablation), "
+                                     f"got {self.anchor_size!r}")
             if self.anchor_size > self.block_size:
                 raise StarInputError(
                     f"anchor_size ({self.anchor_size}) must not exceed block_size ({self.block_size}); "

@@ -34,7 +34,9 @@ class BlockLayout:
     rank: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("context_len", "block_size", "anchor_size", "world_size"):
+        if isinstance(self.anchor_size, bool) or not isinstance(self.anchor_size, int) or self.anchor_size < 0:
+            raise StarInputError(f"anchor_size must be a non-negative integer, got {self.anchor_size!r}")
+        for name in ("context_len", "block_size", "world_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 hint = " (the context is empty: give at least one token)" if name == "context_len" else ""
@@ -131,7 +133,7 @@ class BlockLayout:
     @property
     def needs_anchor(self) -> bool:
         """True when this rank encodes blocks behind an anchor it does not own."""
-        return not self.is_idle and not self.owns_anchor
+        return not self.is_idle and not self.owns_anchor and self.anchor_len > 0
 
     def anchor_rows(self, recompute: bool) -> int:
         """Leading rows of this rank's phase-1 sequence that are anchor tokens (recompute mode only)."""

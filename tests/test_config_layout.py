@@ -11,7 +11,7 @@ from star_sp import BlockLayout, StarConfig, StarInputError
     (dict(block_size=-3), "block_size must be a positive integer"),
     (dict(block_size=2.5), "block_size must be a positive integer"),
     (dict(block_size=True), "block_size must be a positive integer"),
-    (dict(block_size=8, anchor_size=0), "anchor_size must be a positive integer"),
+    (dict(block_size=8, anchor_size=-1), "anchor_size must be a non-negative integer"),
     (dict(block_size=8, anchor_size=9), "must not exceed block_size"),
     (dict(block_size=8, anchor_source="everywhere"), "anchor_source must be one of"),
     (dict(block_size=8, backend="fastest"), "backend must be one of"),

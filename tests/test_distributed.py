@@ -18,6 +18,7 @@ CASES = [
     Case(context_len=29, query_len=2, block_size=6, anchor_size=2, kv_heads=1),   # a < b, MQA
     Case(context_len=13, query_len=1, block_size=8, anchor_size=3),               # 2 blocks: idle hosts at N > 2
     Case(context_len=12, query_len=4, block_size=12, anchor_size=12),              # one block: plain causal
+    Case(context_len=19, query_len=2, block_size=6, anchor_size=0),                # no anchor (ablation)
 ]
 
 

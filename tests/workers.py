@@ -132,3 +132,16 @@ def cli_run(group, argv: list) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["generate", *argv])
     return code, out.getvalue(), err.getvalue()
+
+
+def cli_eval(group, argv: list) -> tuple[int, str, str]:
+    """``star-sp eval`` on every rank of the pool; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from star_sp.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["eval", *argv])
+    return code, out.getvalue(), err.getvalue()

@@ -56,10 +56,11 @@ def phase1_parts(
         row += lengths.pop(0)
     if not lengths:
         return parts
-    if anchor_k is None or anchor_v is None:
+    if anchor_len and (anchor_k is None or anchor_v is None):
         raise ValueError("blocks after block 0 need the anchor's KV: pass anchor_k and anchor_v")
     end = row + sum(lengths)
-    parts.append(Part(row, end, anchor_k, anchor_v))
+    if anchor_len:  # anchor_len 0: no anchor, every block alone (an ablation)
+        parts.append(Part(row, end, anchor_k, anchor_v))
     while lengths:  # runs of equal-length blocks, each run one folded causal call
         run = 1
         while run < len(lengths) and lengths[run] == lengths[0]:
@@ -125,9 +126,9 @@ def star_attention(
     total = q.shape[2]
     if isinstance(context_len, bool) or not isinstance(context_len, int) or not 0 < context_len <= total:
         raise StarInputError(f"context_len must be an integer in [1, {total}] (the tokens of q), got {context_len!r}")
-    for name, value in (("block_size", block_size), ("anchor_size", anchor_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise StarInputError(f"{name} must be a positive integer, got {value!r}")
+    for name, value, least in (("block_size", block_size, 1), ("anchor_size", anchor_size, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise StarInputError(f"{name} must be an integer >= {least}, got {value!r}")
     if anchor_size > block_size:
         raise StarInputError(f"anchor_size ({anchor_size}) must not exceed block_size ({block_size})")
     kernel = select_kernel(backend, q, k)

@@ -1,0 +1,229 @@
+"""The evaluation runner behind ``star-sp eval``: tasks x lengths x methods, resumable.
+
+Every rank runs the same engine calls (one process per host); rank 0 alone writes. Results go to
+``OUT/results.jsonl`` (one row per sample and method, appended as they finish) and, at the end,
+``OUT/summary.md`` and ``OUT/summary.json`` (mean score per task x length x method, the family
+averages, and each star method's ratio to global). A rerun skips the rows already written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import StarInputError
+from .scoring import score
+from .tasks import FAMILIES, generate
+
+# How many new tokens each task needs for its answer (RULER's budgets, shortened for short answers).
+MAX_NEW_TOKENS = {"vt": 30, "cwe": 80, "fwe": 30, "qa": 16, "niah_multivalue": 64, "niah_multiquery": 64}
+DEFAULT_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Method:
+    """``global``, or ``star`` with a block and an anchor given as specs that may depend on the length:
+    block ``2048`` or ``1/4`` (a quarter of the length); anchor ``512``, ``block``, ``block/4`` or ``0``
+    (no anchor at all)."""
+
+    attention: str
+    block: str = ""
+    anchor: str = ""
+
+    @property
+    def name(self) -> str:
+        return "global" if self.attention == "global" else f"star_b{self.block}_a{self.anchor}"
+
+    def sizes(self, length: int) -> tuple[int, int]:
+        """``(block_size, anchor_size)`` in tokens at this length."""
+        if self.attention == "global":
+            return length, length
+        block = length // int(self.block[2:]) if self.block.startswith("1/") else int(self.block)
+        if self.anchor == "block":
+            anchor = block
+        elif self.anchor.startswith("block/"):
+            anchor = block // int(self.anchor[6:])
+        else:
+            anchor = int(self.anchor)
+        return block, anchor
+
+
+def parse_methods(attention: list[str], blocks: list[str], anchors: list[str]) -> list[Method]:
+    """Methods from ``--attention``, ``--block-size`` and ``--anchor-size`` lists (star: every block x
+    anchor pair)."""
+    methods = []
+    for att in attention:
+        if att == "global":
+            methods.append(Method("global"))
+        elif att == "star":
+            if not blocks:
+                raise StarInputError("star attention needs --block-size (tokens, or 1/k of the length)")
+            for b in blocks:
+                for a in anchors or ["block"]:
+                    m = Method("star", b.strip(), a.strip())
+                    try:
+                        blk, anc = m.sizes(1 << 20)
+                    except ValueError:
+                        raise StarInputError(f"block size {b!r} or anchor size {a!r} is not understood: use 2048 or "
+                                             "1/4 for blocks, 512, block, block/4 or 0 for anchors") from None
+                    if blk <= 0 or anc < 0:
+                        raise StarInputError(f"block {b!r} and anchor {a!r} must give positive sizes")
+                    methods.append(m)
+        else:
+            raise StarInputError(f"attention must be star or global, got {att!r}")
+    return methods
+
+
+def parse_length(text: str) -> int:
+    """``4096``, ``4k`` or ``4K`` -> tokens (k = 1024)."""
+    t = text.strip().lower()
+    try:
+        return int(t[:-1]) * 1024 if t.endswith("k") else int(t)
+    except ValueError:
+        raise StarInputError(f"lengths are token counts like 4096 or 4k, got {text!r}") from None
+
+
+def _row_key(row: dict) -> tuple:
+    return row["task"], row["length"], row["index"], row["method"]
+
+
+def load_done(path: str) -> dict[tuple, dict]:
+    done: dict[tuple, dict] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by an interrupted run: that sample runs again
+                    done[_row_key(row)] = row
+    return done
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean scores per (task, length, method), per (family, length, method), and star/global ratios."""
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        cells[(row["task"], row["length"], row["method"])].append(row["score"])
+    by_task = {f"{t}|{n}|{m}": sum(v) / len(v) for (t, n, m), v in cells.items()}
+    family_of = {t: fam for fam, ts in FAMILIES.items() for t in ts}
+    fam_cells: dict[tuple, list[float]] = defaultdict(list)
+    for (t, n, m), v in cells.items():
+        fam_cells[(family_of.get(t, t), n, m)].append(sum(v) / len(v))
+    by_family = {f"{f}|{n}|{m}": sum(v) / len(v) for (f, n, m), v in fam_cells.items()}
+    methods = sorted({m for _, _, m in cells})
+    lengths = sorted({n for _, n, _ in cells})
+    per_setting: dict[tuple, list[float]] = defaultdict(list)  # (length, method) -> family means
+    for (_, n, m), v in fam_cells.items():
+        per_setting[(n, m)].append(sum(v) / len(v))
+    average = {f"{n}|{m}": sum(v) / len(v) for (n, m), v in per_setting.items()}
+    ratios = {}
+    for key, value in average.items():
+        n, m = key.split("|")
+        base = average.get(f"{n}|global")
+        if m != "global" and base:
+            ratios[key] = value / base
+    return {"by_task": by_task, "by_family": by_family, "average": average, "ratio_to_global": ratios,
+            "methods": methods, "lengths": lengths}
+
+
+def markdown_table(summary: dict) -> str:
+    methods, lengths = summary["methods"], summary["lengths"]
+    head = "| family | " + " | ".join(f"{m} @ {n}" for n in lengths for m in methods) + " |"
+    lines = [head, "|" + "---|" * (1 + len(methods) * len(lengths))]
+    families = sorted({k.split("|")[0] for k in summary["by_family"]})
+    for fam in families + ["average"]:
+        cells = []
+        for n in lengths:
+            for m in methods:
+                key = f"{n}|{m}" if fam == "average" else f"{fam}|{n}|{m}"
+                value = (summary["average"] if fam == "average" else summary["by_family"]).get(key)
+                cells.append("" if value is None else f"{value:.1f}")
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    if summary["ratio_to_global"]:
+        lines.append("")
+        lines.append("star / global (average): " + ", ".join(
+            f"{k.split('|')[1]} @ {k.split('|')[0]}: {v:.3f}" for k, v in sorted(summary["ratio_to_global"].items())))
+    return "\n".join(lines)
+
+
+def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[str], lengths: list[int],
+        methods: list[Method], samples: int, out_dir: str, seed: int = 0, is_writer: bool = True,
+        max_new_tokens: int | None = None, progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Evaluate every (task, length, sample, method) not already in ``out_dir/results.jsonl``."""
+    results_path = os.path.join(out_dir, "results.jsonl")
+    done = load_done(results_path)
+    if is_writer:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(results_path) and os.path.getsize(results_path):
+            with open(results_path, "rb+") as f:  # a run cut off mid-line: start the next row on a new line
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    eos = tokenizer.eos_token_id
+    engines: dict[tuple, object] = {}
+    for task in tasks:
+        for length in lengths:
+            label = f"{task} @ {length}"
+            total = samples * len(methods)
+            finished = 0
+            start = time.perf_counter()
+            for index in range(samples):
+                sample = None
+                for method in methods:
+                    key = (task, length, index, method.name)
+                    finished += 1
+                    if key in done:
+                        continue
+                    if sample is None:
+                        sample = generate(task, length, index, count, seed)
+                        ctx = torch.tensor([tokenizer(sample.context, add_special_tokens=True)["input_ids"]])
+                        qry = torch.tensor([tokenizer(sample.query, add_special_tokens=False)["input_ids"]])
+                    sizes = method.sizes(length)
+                    engine = engines.get((method, length)) or engines.setdefault((method, length),
+                                                                                make_engine(method, length))
+                    context = engine.prefill(ctx)
+                    new = max_new_tokens or MAX_NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS)
+                    tokens = engine.generate(context, qry, new, eos_token_id=eos)
+                    prediction = tokenizer.decode(tokens[0], skip_special_tokens=True)
+                    row = {"task": task, "length": length, "index": index, "method": method.name,
+                           "attention": method.attention, "block_size": sizes[0],
+                           "anchor_size": sizes[1], "context_tokens": int(ctx.shape[1]),
+                           "prediction": prediction, "answers": list(sample.answers), "metric": sample.metric,
+                           "score": score(prediction, sample.answers, sample.metric),
+                           "prefill_s": engine.stats.get("prefill_s"), "generate_s": engine.stats.get("generate_s")}
+                    done[key] = row
+                    if is_writer:
+                        with open(results_path, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    if on_row is not None:
+                        on_row(row)
+                    if progress and is_writer:
+                        _bar(label, finished, total, start)
+            if progress and is_writer:
+                sys.stderr.write("\n")
+    rows = [done[k] for k in sorted(done) if k[0] in tasks and k[1] in lengths and k[3] in {m.name for m in methods}]
+    summary = summarize(rows)
+    if is_writer:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        with open(os.path.join(out_dir, "summary.md"), "w") as f:
+            f.write(markdown_table(summary) + "\n")
+    return summary
+
+
+def _bar(label: str, done: int, total: int, start: float) -> None:
+    width = 24
+    filled = width * done // max(1, total)
+    sys.stderr.write(f"\r{label:28s} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                     f"{time.perf_counter() - start:6.1f}s")
+    sys.stderr.flush()

@@ -1,0 +1,122 @@
+"""``star-sp eval`` end to end on a tiny model: rows, summary, plots, resuming, two processes, W&B
+offline, and its errors. (The tiny random model scores 0; the scorer is tested on hand-made cases.)"""
+
+import json
+import os
+import shutil
+
+import pytest
+
+import workers
+from star_sp.cli import main
+from star_sp.eval.runner import Method, parse_methods, summarize
+from star_sp.testing import build
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval-model")
+    model, tokenizer = build("llama", seed=5)
+    model.save_pretrained(base / "tiny")
+    tokenizer.save_pretrained(base / "tiny")
+    shutil.copytree(base / "tiny", base / "bare")
+    for name in os.listdir(base / "bare"):
+        if name.startswith("tokenizer"):
+            os.remove(base / "bare" / name)
+    return base
+
+
+def _argv(model_dir, out, *extra, model="tiny"):
+    return ["--model", str(model_dir / model), "--tasks", "niah_single_1,vt", "--lengths", "200,320",
+            "--attention", "star,global", "--block-size", "1/4", "--anchor-size", "block,0", "--samples", "2",
+            "--out", str(out), "--dtype", "float64", "--quiet", *extra]
+
+
+def _rows(out):
+    with open(out / "results.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_eval_writes_rows_summary_plots_and_resumes(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["eval", *_argv(model_dir, out)]) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(out)
+    assert len(rows) == 2 * 2 * 2 * 3  # tasks x lengths x samples x methods
+    assert {r["method"] for r in rows} == {"global", "star_b1/4_ablock", "star_b1/4_a0"}
+    assert {(r["block_size"], r["anchor_size"]) for r in rows if r["length"] == 320 and r["method"] != "global"} == {
+        (80, 80), (80, 0)}
+    assert all(0 <= r["score"] <= 100 and r["answers"] and r["context_tokens"] > 100 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "| average |" in printed and "star / global" not in printed or summary["ratio_to_global"] == {}
+    for png in ("accuracy_vs_length.png", "accuracy_vs_block_anchor.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # resume: nothing to do, nothing appended
+    assert main(["eval", *_argv(model_dir, out)]) == 0
+    assert len(_rows(out)) == 24
+    # an interrupted run (10 rows kept, the last line cut short) finishes only what is missing
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:10]) + "\n" + lines[10][:30])
+    assert main(["eval", *_argv(model_dir, out)]) == 0
+    again = _rows_tolerant(out)
+    assert len(again) == 24 and again[:10] == [json.loads(x) for x in lines[:10]]
+    key = lambda r: (r["task"], r["length"], r["index"], r["method"])  # noqa: E731
+    assert {key(r): r["prediction"] for r in again} == {key(json.loads(x)): json.loads(x)["prediction"] for x in lines}
+
+
+def _rows_tolerant(out):
+    rows = []
+    for line in (out / "results.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+@pytest.mark.slow
+def test_eval_in_two_processes_matches_one(model_dir, tmp_path, cluster):
+    one, two = tmp_path / "one", tmp_path / "two"
+    argv = ["--tasks", "vt", "--lengths", "256", "--samples", "1"]
+    assert main(["eval", *_argv(model_dir, one), *argv]) == 0
+    results = cluster(2).run(workers.cli_eval, _argv(model_dir, two) + argv)
+    assert all(code == 0 for code, _, _ in results), results
+    key = lambda r: (r["task"], r["length"], r["index"], r["method"])  # noqa: E731
+    assert {key(r): r["prediction"] for r in _rows(one)} == {key(r): r["prediction"] for r in _rows(two)}
+
+
+@pytest.mark.slow
+def test_wandb_offline_writes_a_run(model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = tmp_path / "run"
+    argv = ["--tasks", "vt", "--lengths", "200", "--samples", "1", "--wandb", "star-sp-test"]
+    assert main(["eval", *_argv(model_dir, out), *argv]) == 0
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1 and os.listdir(out / "wandb" / runs[0] / "files")
+
+
+@pytest.mark.parametrize("extra, model, words", [
+    (("--tasks", "needle"), "tiny", "unknown task 'needle'"),
+    (("--lengths", "8k"), "tiny", "exceeds the model's 4096 positions"),
+    ((), "bare", "has no tokenizer files"),
+    (("--block-size", "huge"), "tiny", "is not understood"),
+])
+def test_eval_errors(model_dir, tmp_path, capsys, extra, model, words):
+    assert main(["eval", *_argv(model_dir, tmp_path / "x", model=model), *extra]) == 1
+    assert words in capsys.readouterr().err
+
+
+def test_methods_and_summary():
+    methods = parse_methods(["star", "global"], ["1/4", "512"], ["block", "block/4", "0"])
+    assert [m.name for m in methods][:3] == ["star_b1/4_ablock", "star_b1/4_ablock/4", "star_b1/4_a0"]
+    assert Method("star", "1/8", "block/4").sizes(16384) == (2048, 512)
+    assert Method("global").sizes(4096) == (4096, 4096)
+    rows = [{"task": "niah_single_1", "length": 4096, "method": m, "score": s}
+            for m, s in (("global", 100), ("global", 80), ("star_b1/4_ablock", 90), ("star_b1/4_ablock", 60))]
+    rows += [{"task": "vt", "length": 4096, "method": m, "score": s} for m, s in (("global", 50), ("star_b1/4_ablock", 50))]
+    summary = summarize(rows)
+    assert summary["by_family"]["niah_single|4096|global"] == 90
+    assert summary["average"]["4096|global"] == 70 and summary["average"]["4096|star_b1/4_ablock"] == 62.5
+    assert summary["ratio_to_global"]["4096|star_b1/4_ablock"] == pytest.approx(62.5 / 70)

@@ -59,43 +59,54 @@ def answer_text(answers) -> str:
     return " " + ", ".join(answers) + "."
 
 
-def make_example(tokenizer, rng: random.Random, length: int, prose_share: float, seed: int):
-    """``(ids, loss_mask)``: a task sample with its answer, or plain prose."""
-    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+def chars_per_token(tokenizer, seed: int) -> float:
+    """Characters per token of generated text: sizes training samples without tokenizing them repeatedly."""
+    rng = random.Random(seed)
+    sample = " ".join(prose.paragraph(rng) for _ in range(200))
+    return len(sample) / len(tokenizer(sample, add_special_tokens=False)["input_ids"])
+
+
+def make_example(tokenizer, rng: random.Random, length: int, prose_share: float, seed: int, ratio: float):
+    """``(ids, loss_mask, is_prose)``: a task sample with its answer (loss on the answer), or plain prose
+    (loss on every token). Task samples are sized by an estimate (``ratio`` characters per token): their
+    length is within some percent of ``length``, and each is tokenized once."""
+    count = lambda s: int(len(s) / ratio)  # noqa: E731
     if rng.random() < prose_share:
         paragraphs, ids = [], []
         while len(ids) < length:
             paragraphs.append(prose.paragraph(rng))
             ids = tokenizer("\n".join(paragraphs))["input_ids"]
         ids = ids[:length]
-        return ids, [1.0] * len(ids)
+        return ids, [1.0] * len(ids), True
     task = rng.choice(sorted(TASKS))
-    sample = generate(task, length - 40, rng.randrange(1 << 30), count, seed=seed)
+    sample = generate(task, int(length * 0.9), rng.randrange(1 << 30), count, seed=seed)
     ctx = tokenizer(sample.context)["input_ids"]
     qry = tokenizer(sample.query, add_special_tokens=False)["input_ids"]
     ans = tokenizer(answer_text(sample.answers), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = ctx + qry + ans
-    return ids, [0.0] * (len(ctx) + len(qry)) + [1.0] * len(ans)
+    return ids, [0.0] * (len(ctx) + len(qry)) + [1.0] * len(ans), False
 
 
 class Stream(torch.utils.data.IterableDataset):
     """Batches of one length each: ``(ids, mask)`` padded to the longest example of the batch."""
 
-    def __init__(self, tokenizer, lengths, tokens_per_batch, prose_share, seed):
+    def __init__(self, tokenizer, lengths, tokens_per_batch, prose_share, seed, ratio):
         self.tokenizer, self.lengths, self.tokens, self.prose, self.seed = tokenizer, lengths, tokens_per_batch, prose_share, seed
+        self.ratio = ratio
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = random.Random(f"{self.seed}/{info.id if info else 0}")
         while True:
             length = rng.choice(self.lengths)
-            batch = [make_example(self.tokenizer, rng, length, self.prose, self.seed) for _ in range(max(1, self.tokens // length))]
-            width = max(len(ids) for ids, _ in batch)
+            batch = [make_example(self.tokenizer, rng, length, self.prose, self.seed, self.ratio)
+                     for _ in range(max(1, self.tokens // length))]
+            width = max(len(ids) for ids, _, _ in batch)
             ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width))
-            for i, (x, m) in enumerate(batch):
+            for i, (x, m, _) in enumerate(batch):
                 ids[i, : len(x)], mask[i, : len(m)] = torch.tensor(x), torch.tensor(m)
-            yield ids, mask
+            yield ids, mask, torch.tensor([p for _, _, p in batch])
 
 
 def model_config(tokenizer, args):
@@ -138,6 +149,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(args.vocab, args.seed)
+    ratio = chars_per_token(tokenizer, args.seed)
     model = AutoModelForCausalLM.from_config(model_config(tokenizer, args), dtype=torch.float32,
                                              attn_implementation="sdpa").to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -152,14 +164,15 @@ def main(argv=None) -> int:
     log = open(os.path.join(args.out, "training_log.jsonl"), "w")
     start, step, seen = time.time(), 0, 0
     losses: list[float] = []
+    answer_losses: list[float] = []
     last_row: dict = {}
     for stage, top in enumerate(stages):
         lengths = sorted({max(args.min_length, top // 4), max(args.min_length, top // 2), top})
         data = torch.utils.data.DataLoader(Stream(tokenizer, lengths, args.tokens_per_batch, args.prose_share,
-                                                  args.seed * 1000 + stage),
+                                                  args.seed * 1000 + stage, ratio),
                                            batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
         stage_end = start + budget * (stage + 1) / len(stages)
-        for ids, mask in data:
+        for ids, mask, is_prose in data:
             if time.time() >= stage_end or (args.smoke and step >= 6 * (stage + 1)):
                 break
             ids, mask = ids.to(device), mask.to(device)
@@ -172,6 +185,9 @@ def main(argv=None) -> int:
                                                     reduction="none").view_as(mask[:, 1:])
             weights = mask[:, 1:]
             loss = (nll * weights).sum() / weights.sum().clamp_min(1)
+            task_rows = ~is_prose.to(device)
+            if task_rows.any():
+                answer_losses.append(((nll * weights)[task_rows].sum() / weights[task_rows].sum().clamp_min(1)).item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,13 +197,14 @@ def main(argv=None) -> int:
             losses.append(loss.item())
             if step % args.log_every == 0 or args.smoke:
                 row = {"step": step, "stage_max_length": top, "length": ids.shape[1], "loss": sum(losses) / len(losses),
+                       "answer_loss": sum(answer_losses) / len(answer_losses) if answer_losses else None,
                        "lr": opt.param_groups[0]["lr"], "tokens": seen, "elapsed_s": time.time() - start,
                        "tokens_per_s": seen / (time.time() - start)}
                 last_row = row
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 print(json.dumps(row), flush=True)
-                losses = []
+                losses, answer_losses = [], []
     model.to(torch.bfloat16).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:

@@ -59,18 +59,23 @@ def answer_text(answers) -> str:
     return " " + ", ".join(answers) + "."
 
 
-def chars_per_token(tokenizer, seed: int) -> float:
-    """Characters per token of generated text: sizes training samples without tokenizing them repeatedly."""
-    rng = random.Random(seed)
-    sample = " ".join(prose.paragraph(rng) for _ in range(200))
-    return len(sample) / len(tokenizer(sample, add_special_tokens=False)["input_ids"])
+def chars_per_token(tokenizer, seed: int) -> dict[str, float]:
+    """Characters per token of each task's text (digits and UUIDs take far more tokens per character
+    than prose): sizes training samples without tokenizing them repeatedly."""
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    ratios = {}
+    for task in TASKS:
+        sample = generate(task, 2048, 0, count, seed=seed + 2)
+        body = sample.context + sample.query
+        ratios[task] = len(body) / count(body)
+    return ratios
 
 
-def make_example(tokenizer, rng: random.Random, length: int, prose_share: float, seed: int, ratio: float):
+def make_example(tokenizer, rng: random.Random, length: int, prose_share: float, seed: int,
+                 ratios: dict[str, float]):
     """``(ids, loss_mask, is_prose)``: a task sample with its answer (loss on the answer), or plain prose
-    (loss on every token). Task samples are sized by an estimate (``ratio`` characters per token): their
-    length is within some percent of ``length``, and each is tokenized once."""
-    count = lambda s: int(len(s) / ratio)  # noqa: E731
+    (loss on every token). Task samples are sized by an estimate (``ratios``: characters per token of
+    each task): their length is within some percent of ``length``, and each is tokenized once."""
     if rng.random() < prose_share:
         paragraphs, ids = [], []
         while len(ids) < length:
@@ -79,7 +84,8 @@ def make_example(tokenizer, rng: random.Random, length: int, prose_share: float,
         ids = ids[:length]
         return ids, [1.0] * len(ids), True
     task = rng.choice(sorted(TASKS))
-    sample = generate(task, int(length * 0.9), rng.randrange(1 << 30), count, seed=seed)
+    count = lambda s: int(len(s) / ratios[task])  # noqa: E731
+    sample = generate(task, int(length * 0.95), rng.randrange(1 << 30), count, seed=seed)
     ctx = tokenizer(sample.context)["input_ids"]
     qry = tokenizer(sample.query, add_special_tokens=False)["input_ids"]
     ans = tokenizer(answer_text(sample.answers), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -90,16 +96,16 @@ def make_example(tokenizer, rng: random.Random, length: int, prose_share: float,
 class Stream(torch.utils.data.IterableDataset):
     """Batches of one length each: ``(ids, mask)`` padded to the longest example of the batch."""
 
-    def __init__(self, tokenizer, lengths, tokens_per_batch, prose_share, seed, ratio):
+    def __init__(self, tokenizer, lengths, tokens_per_batch, prose_share, seed, ratios):
         self.tokenizer, self.lengths, self.tokens, self.prose, self.seed = tokenizer, lengths, tokens_per_batch, prose_share, seed
-        self.ratio = ratio
+        self.ratios = ratios
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = random.Random(f"{self.seed}/{info.id if info else 0}")
         while True:
             length = rng.choice(self.lengths)
-            batch = [make_example(self.tokenizer, rng, length, self.prose, self.seed, self.ratio)
+            batch = [make_example(self.tokenizer, rng, length, self.prose, self.seed, self.ratios)
                      for _ in range(max(1, self.tokens // length))]
             width = max(len(ids) for ids, _, _ in batch)
             ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(args.vocab, args.seed)
-    ratio = chars_per_token(tokenizer, args.seed)
+    ratios = chars_per_token(tokenizer, args.seed)
     model = AutoModelForCausalLM.from_config(model_config(tokenizer, args), dtype=torch.float32,
                                              attn_implementation="sdpa").to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -169,7 +175,7 @@ def main(argv=None) -> int:
     for stage, top in enumerate(stages):
         lengths = sorted({max(args.min_length, top // 4), max(args.min_length, top // 2), top})
         data = torch.utils.data.DataLoader(Stream(tokenizer, lengths, args.tokens_per_batch, args.prose_share,
-                                                  args.seed * 1000 + stage, ratio),
+                                                  args.seed * 1000 + stage, ratios),
                                            batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
         stage_end = start + budget * (stage + 1) / len(stages)
         for ids, mask, is_prose in data:

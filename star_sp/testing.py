@@ -53,3 +53,13 @@ def build(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), **overrides), dtype=dtype)
     return model.eval(), tokenizer
+
+
+def save(path, family: str = "llama", seed: int = 0, *, tokenizer: bool = True, dtype: torch.dtype = torch.float32,
+         **overrides) -> str:
+    """Write a tiny model (and, unless ``tokenizer=False``, its tokenizer) to ``path``."""
+    model, tok = build(family, seed, dtype, **overrides)
+    model.save_pretrained(path)
+    if tokenizer:
+        tok.save_pretrained(path)
+    return str(path)

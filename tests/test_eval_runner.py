@@ -3,26 +3,20 @@ offline, and its errors. (The tiny random model scores 0; the scorer is tested o
 
 import json
 import os
-import shutil
 
 import pytest
 
 import workers
 from star_sp.cli import main
 from star_sp.eval.runner import Method, parse_methods, summarize
-from star_sp.testing import build
+from star_sp.testing import save
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval-model")
-    model, tokenizer = build("llama", seed=5)
-    model.save_pretrained(base / "tiny")
-    tokenizer.save_pretrained(base / "tiny")
-    shutil.copytree(base / "tiny", base / "bare")
-    for name in os.listdir(base / "bare"):
-        if name.startswith("tokenizer"):
-            os.remove(base / "bare" / name)
+    save(base / "tiny", "llama", seed=5)
+    save(base / "bare", "llama", seed=5, tokenizer=False)
     return base
 
 
@@ -79,7 +73,7 @@ def test_eval_in_two_processes_matches_one(model_dir, tmp_path, cluster):
     one, two = tmp_path / "one", tmp_path / "two"
     argv = ["--tasks", "vt", "--lengths", "256", "--samples", "1"]
     assert main(["eval", *_argv(model_dir, one), *argv]) == 0
-    results = cluster(2).run(workers.cli_eval, _argv(model_dir, two) + argv)
+    results = cluster(2).run(workers.cli, "eval", _argv(model_dir, two) + argv)
     assert all(code == 0 for code, _, _ in results), results
     key = lambda r: (r["task"], r["length"], r["index"], r["method"])  # noqa: E731
     assert {key(r): r["prediction"] for r in _rows(one)} == {key(r): r["prediction"] for r in _rows(two)}

@@ -3,16 +3,14 @@ under the deepspeed launcher (CPU, gloo), and its errors (exit code 1 and one cl
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 
 import workers
 from star_sp.cli import main
-from star_sp.testing import build
+from star_sp.testing import save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -23,14 +21,9 @@ CONTEXT = ("the secret key of the city is 4 2 7 . the river was long and the peo
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("models")
-    model, tokenizer = build("llama", seed=3)
-    model.save_pretrained(base / "tiny")
-    tokenizer.save_pretrained(base / "tiny")
-    shutil.copytree(base / "tiny", base / "no-tokenizer")
-    for name in os.listdir(base / "no-tokenizer"):
-        if name.startswith("tokenizer"):
-            os.remove(base / "no-tokenizer" / name)
-    build("mistral", sliding_window=8)[0].save_pretrained(base / "sliding")
+    save(base / "tiny", "llama", seed=3)
+    save(base / "no-tokenizer", "llama", seed=3, tokenizer=False)
+    save(base / "sliding", "mistral", tokenizer=False, sliding_window=8)
     (base / "context.txt").write_text(CONTEXT)
     return base
 
@@ -113,5 +106,5 @@ def test_torchrun_error_exits_1_on_every_rank(dirs):
 ])
 def test_cli_errors_on_every_rank(dirs, cluster, case, words):
     argv = _args(dirs, *case.get("extra", ()), model=case.get("model", "tiny"))
-    for code, out, err in cluster(2).run(workers.cli_run, argv):
+    for code, out, err in cluster(2).run(workers.cli, "generate", argv):
         assert code == 1 and words in err and "Traceback" not in err, err

@@ -121,8 +121,8 @@ def engine_run(group, spec: dict) -> dict:
             "local_tokens": context.kv.num_tokens, "query_kv": engine._holds_query(context)}
 
 
-def cli_run(group, argv: list) -> tuple[int, str, str]:
-    """``star-sp generate`` on every rank of the pool; returns (exit code, stdout, stderr)."""
+def cli(group, command: str, argv: list) -> tuple[int, str, str]:
+    """``star-sp COMMAND`` on every rank of the pool; returns (exit code, stdout, stderr)."""
     import contextlib
     import io
 
@@ -130,18 +130,5 @@ def cli_run(group, argv: list) -> tuple[int, str, str]:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["generate", *argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def cli_eval(group, argv: list) -> tuple[int, str, str]:
-    """``star-sp eval`` on every rank of the pool; returns (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from star_sp.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["eval", *argv])
+        code = main([command, *argv])
     return code, out.getvalue(), err.getvalue()

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from star_sp.testing import build
+from star_sp.testing import save
 
 
 def main() -> None:
@@ -23,10 +23,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    model, tokenizer = build(args.family, args.seed, getattr(torch, args.dtype))
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(args.out)
+    print(save(args.out, args.family, args.seed, dtype=getattr(torch, args.dtype)))
 
 
 if __name__ == "__main__":

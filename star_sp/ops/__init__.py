@@ -1,6 +1,6 @@
 """Pure tensor math of Star Attention: kernels with log-sum-exp, the merge, phases, the oracle.
 
-Nothing here imports ``torch.distributed``.
+Nothing here communicates: no collective, no process group (DESIGN.md, section 2).
 """
 
 from .attention import attention_with_lse, default_scale, key_parts

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from star_sp.eval import TASKS, generate  # noqa: E402
+from star_sp.eval import TASKS, generate, resolve_tasks  # noqa: E402
 from star_sp.eval import text as prose  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -72,7 +72,7 @@ def chars_per_token(tokenizer, seed: int) -> dict[str, float]:
 
 
 def make_example(tokenizer, rng: random.Random, length: int, prose_share: float, seed: int,
-                 ratios: dict[str, float]):
+                 ratios: dict[str, float], tasks: list[str]):
     """``(ids, loss_mask, is_prose)``: a task sample with its answer (loss on the answer), or plain prose
     (loss on every token). Task samples are sized by an estimate (``ratios``: characters per token of
     each task): their length is within some percent of ``length``, and each is tokenized once."""
@@ -83,7 +83,7 @@ def make_example(tokenizer, rng: random.Random, length: int, prose_share: float,
             ids = tokenizer("\n".join(paragraphs))["input_ids"]
         ids = ids[:length]
         return ids, [1.0] * len(ids), True
-    task = rng.choice(sorted(TASKS))
+    task = rng.choice(tasks)
     count = lambda s: int(len(s) / ratios[task])  # noqa: E731
     sample = generate(task, int(length * 0.95), rng.randrange(1 << 30), count, seed=seed)
     ctx = tokenizer(sample.context)["input_ids"]
@@ -96,16 +96,16 @@ def make_example(tokenizer, rng: random.Random, length: int, prose_share: float,
 class Stream(torch.utils.data.IterableDataset):
     """Batches of one length each: ``(ids, mask)`` padded to the longest example of the batch."""
 
-    def __init__(self, tokenizer, lengths, tokens_per_batch, prose_share, seed, ratios):
+    def __init__(self, tokenizer, lengths, tokens_per_batch, prose_share, seed, ratios, tasks):
         self.tokenizer, self.lengths, self.tokens, self.prose, self.seed = tokenizer, lengths, tokens_per_batch, prose_share, seed
-        self.ratios = ratios
+        self.ratios, self.tasks = ratios, tasks
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = random.Random(f"{self.seed}/{info.id if info else 0}")
         while True:
             length = rng.choice(self.lengths)
-            batch = [make_example(self.tokenizer, rng, length, self.prose, self.seed, self.ratios)
+            batch = [make_example(self.tokenizer, rng, length, self.prose, self.seed, self.ratios, self.tasks)
                      for _ in range(max(1, self.tokens // length))]
             width = max(len(ids) for ids, _, _ in batch)
             ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=60.0, help="training time budget")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--tasks", default="all", help="comma-separated tasks or families in the mixture")
     p.add_argument("--smoke", action="store_true", help="tiny model, short lengths, a few steps")
     args = p.parse_args(argv)
     if args.smoke:
@@ -154,6 +155,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tasks = resolve_tasks(args.tasks.split(","))
     tokenizer = build_tokenizer(args.vocab, args.seed)
     ratios = chars_per_token(tokenizer, args.seed)
     model = AutoModelForCausalLM.from_config(model_config(tokenizer, args), dtype=torch.float32,
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
     for stage, top in enumerate(stages):
         lengths = sorted({max(args.min_length, top // 4), max(args.min_length, top // 2), top})
         data = torch.utils.data.DataLoader(Stream(tokenizer, lengths, args.tokens_per_batch, args.prose_share,
-                                                  args.seed * 1000 + stage, ratios),
+                                                  args.seed * 1000 + stage, ratios, tasks),
                                            batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
         stage_end = start + budget * (stage + 1) / len(stages)
         for ids, mask, is_prose in data:
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
     tokenizer.save_pretrained(args.out)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
         json.dump({"args": vars(args), "parameters": params, "steps": step, "tokens": seen, "stages": stages,
-                   "tasks": sorted(TASKS), "answer_format": "' ' + ', '.join(answers) + '.' + eos",
+                   "tasks": tasks, "answer_format": "' ' + ', '.join(answers) + '.' + eos",
                    "final_log": last_row}, f, indent=1)
     print(f"saved {params / 1e6:.1f}M parameters after {step} steps to {args.out}")
     return 0

@@ -187,7 +187,10 @@ def _read_ids(text_file, ids_text, random_n, text, tokenizer, what: str, vocab: 
         gen = torch.Generator().manual_seed(seed + (0 if what == "context" else 1))
         return torch.randint(0, vocab, (random_n,), generator=gen).tolist()
     if ids_text is not None:
-        raw = open(ids_text).read() if what == "context" else ids_text
+        try:
+            raw = open(ids_text).read() if what == "context" else ids_text
+        except OSError as exc:
+            raise StarInputError(f"cannot read the context ids file: {exc}") from None
         try:
             ids = [int(t) for t in raw.split()]
         except ValueError:
@@ -313,7 +316,7 @@ def evaluate(args) -> int:
             if tok is None:
                 raise StarInputError(f"{args.model} has no tokenizer files; star-sp eval writes its tasks as text "
                                      "and needs the model's tokenizer")
-            budget = args.max_new_tokens or max(runner.MAX_NEW_TOKENS.get(t, runner.DEFAULT_NEW_TOKENS) for t in tasks)
+            budget = max(runner.answer_budget(t, args.max_new_tokens) for t in tasks)
             limit = getattr(model.config, "max_position_embeddings", None)
             if limit is not None and max(lengths) + budget > limit:
                 raise StarInputError(f"length {max(lengths)} plus {budget} answer tokens exceeds the model's "
@@ -332,12 +335,26 @@ def evaluate(args) -> int:
         config = {"model": args.model, "tasks": tasks, "lengths": lengths, "methods": [m.name for m in methods],
                   "samples": args.samples, "seed": args.seed, "anchor_source": args.anchor_source,
                   "world_size": dist.get_world_size(group) if group is not None else 1}
+        if args.wandb:
+            _everyone(group, "wandb", Tracker.require)
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
         tracker = Tracker(args.wandb, config, args.out, enabled=rank == 0)
-        os.makedirs(args.out, exist_ok=True) if rank == 0 else None
+
+        def share(obj):
+            if group is None:
+                return obj
+            box = [obj]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+            return box[0]
+
+        settings = {"model": os.path.abspath(args.model), "dtype": args.dtype, "seed": args.seed,
+                    "anchor_source": args.anchor_source, "backend": args.backend,
+                    "max_new_tokens": args.max_new_tokens}
         summary = runner.run(make_engine=make_engine, tokenizer=tokenizer, tasks=tasks, lengths=lengths,
                              methods=methods, samples=args.samples, out_dir=args.out, seed=args.seed,
                              is_writer=rank == 0, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
-                             on_row=tracker.log_row)
+                             on_row=tracker.log_row, settings=settings, share=share)
         if rank == 0:
             plots = write_plots(summary, args.out)
             table = runner.markdown_table(summary)

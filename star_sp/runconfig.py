@@ -44,6 +44,8 @@ class RunConfig:
             raise StarInputError(f"attention must be 'star' or 'global', got {self.attention!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise StarInputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise StarInputError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         self.star_config()
         self.sampling()
 

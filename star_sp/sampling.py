@@ -37,7 +37,7 @@ class SamplingConfig:
 
 
 def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """``logits: (B, V)`` -> token ids ``(B,)``."""
+    """``logits: (B, V)`` -> token ids ``(B,)``; ``generator`` must be on the logits' device."""
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
     logits = logits.float() / cfg.temperature
@@ -51,6 +51,4 @@ def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs,
-                             1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

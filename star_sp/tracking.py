@@ -8,18 +8,33 @@ import os
 from .errors import StarInputError
 
 
+def _netrc_has_wandb() -> bool:
+    """A W&B login: an ``api.wandb.ai`` entry in ~/.netrc (any other netrc entry is no key)."""
+    path = os.path.expanduser("~/.netrc")
+    try:
+        with open(path) as f:
+            return "api.wandb.ai" in f.read()
+    except OSError:
+        return False
+
+
 class Tracker:
     def __init__(self, project: str | None, config: dict, out_dir: str, enabled: bool = True):
         self.run = None
         if not project or not enabled:
             return
+        wandb = self.require()
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
+        mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+        self.run = wandb.init(project=project, config=config, dir=out_dir, mode=mode, reinit=True)
+
+    @staticmethod
+    def require():
         try:
             import wandb
         except ImportError:
             raise StarInputError("--wandb needs the wandb package: pip install 'star-sp[wandb]'") from None
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
-        mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
-        self.run = wandb.init(project=project, config=config, dir=out_dir, mode=mode, reinit=True)
+        return wandb
 
     @property
     def directory(self) -> str | None:

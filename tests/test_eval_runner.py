@@ -56,6 +56,9 @@ def test_eval_writes_rows_summary_plots_and_resumes(model_dir, tmp_path, capsys)
     assert len(again) == 24 and again[:10] == [json.loads(x) for x in lines[:10]]
     key = lambda r: (r["task"], r["length"], r["index"], r["method"])  # noqa: E731
     assert {key(r): r["prediction"] for r in again} == {key(json.loads(x)): json.loads(x)["prediction"] for x in lines}
+    # a folder made with other settings is not resumed with these
+    assert main(["eval", *_argv(model_dir, out), "--seed", "1"]) == 1
+    assert "holds results made with other settings" in capsys.readouterr().err
 
 
 def _rows_tolerant(out):

@@ -119,9 +119,14 @@ def tie(out: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
     return _Tie.apply(out, *others)
 
 
-def broadcast_tokens(tokens: torch.Tensor, *, src: int, group: "dist.ProcessGroup",
-                     device: torch.device, timeout_s: float | None = None) -> torch.Tensor:
-    """Send the chosen token ids ``(B,)`` from group rank ``src`` to every rank; returns them on CPU."""
-    buf = tokens.to(device=device, dtype=torch.long).contiguous()
-    wait(dist.broadcast(buf, src=global_rank(group, src), group=group, async_op=True), timeout_s, buf)
-    return buf.cpu()
+def broadcast_tokens(tokens: torch.Tensor, done: torch.Tensor, *, src: int, group: "dist.ProcessGroup",
+                     device: torch.device, timeout_s: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send the chosen token ids ``(B,)`` and the sequences' stop flags ``(B,)`` from group rank ``src``
+    to every rank, in one broadcast; returns both on CPU."""
+    from .guard import guarded_step
+
+    with guarded_step("decode", group):
+        buf = torch.stack([tokens.long(), done.long()]).to(device).contiguous()
+        wait(dist.broadcast(buf, src=global_rank(group, src), group=group, async_op=True), timeout_s, buf)
+        buf = buf.cpu()
+    return buf[0], buf[1].bool()

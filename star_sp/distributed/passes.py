@@ -50,7 +50,7 @@ class _Pass:
     context: StarContext
     num_layers: int
     check: bool = True
-    """Run the ranks' agreement step in the first layer (the engine passes False when it already did)."""
+    """Run phase 1's or phase 2's agreement step (tensor shapes, dtypes) in the first layer."""
     progress: Callable[[int, int], None] | None = None
     is_compileable: bool = field(default=False, init=False)
 

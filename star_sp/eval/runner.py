@@ -27,6 +27,11 @@ MAX_NEW_TOKENS = {"vt": 30, "cwe": 80, "fwe": 30, "qa": 16, "niah_multivalue": 6
 DEFAULT_NEW_TOKENS = 32
 
 
+def answer_budget(task: str, override: int | None = None) -> int:
+    """New tokens allowed for one answer of ``task``."""
+    return override or MAX_NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS)
+
+
 @dataclass(frozen=True)
 class Method:
     """``global``, or ``star`` with a block and an anchor given as specs that may depend on the length:
@@ -70,7 +75,7 @@ def parse_methods(attention: list[str], blocks: list[str], anchors: list[str]) -
                     m = Method("star", b.strip(), a.strip())
                     try:
                         blk, anc = m.sizes(1 << 20)
-                    except ValueError:
+                    except (ValueError, ZeroDivisionError):
                         raise StarInputError(f"block size {b!r} or anchor size {a!r} is not understood: use 2048 or "
                                              "1/4 for blocks, 512, block, block/4 or 0 for anchors") from None
                     if blk <= 0 or anc < 0:
@@ -157,12 +162,36 @@ def markdown_table(summary: dict) -> str:
 
 def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[str], lengths: list[int],
         methods: list[Method], samples: int, out_dir: str, seed: int = 0, is_writer: bool = True,
-        max_new_tokens: int | None = None, progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
-    """Evaluate every (task, length, sample, method) not already in ``out_dir/results.jsonl``."""
+        max_new_tokens: int | None = None, progress: bool = True, on_row: Callable[[dict], None] | None = None,
+        settings: dict | None = None, share: Callable[[object], object] | None = None) -> dict:
+    """Evaluate every (task, length, sample, method) not already in ``out_dir/results.jsonl``.
+
+    ``settings`` (model, seed, anchor source, ...) are kept in ``out_dir/settings.json``: resuming a
+    folder made with other settings is refused. ``share(obj)`` returns the writer's ``obj`` on every
+    rank (one process per host): the writer alone reads the folder, so every rank skips the same rows.
+    """
     results_path = os.path.join(out_dir, "results.jsonl")
-    done = load_done(results_path)
+    settings_path = os.path.join(out_dir, "settings.json")
+    state = None
+    if is_writer:
+        done, error = load_done(results_path), None
+        if os.path.exists(settings_path) and settings is not None:
+            with open(settings_path) as f:
+                old = json.load(f)
+            if old != json.loads(json.dumps(settings)):
+                error = (f"{out_dir} holds results made with other settings ({old}); use another --out, or the "
+                         f"same settings to resume")
+        state = (done, error)
+    if share is not None:
+        state = share(state)
+    done, error = state
+    if error:
+        raise StarInputError(error)
     if is_writer:
         os.makedirs(out_dir, exist_ok=True)
+        if settings is not None:
+            with open(settings_path, "w") as f:
+                json.dump(settings, f, indent=1)
         if os.path.exists(results_path) and os.path.getsize(results_path):
             with open(results_path, "rb+") as f:  # a run cut off mid-line: start the next row on a new line
                 f.seek(-1, os.SEEK_END)
@@ -192,7 +221,7 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
                     engine = engines.get((method, length)) or engines.setdefault((method, length),
                                                                                 make_engine(method, length))
                     context = engine.prefill(ctx)
-                    new = max_new_tokens or MAX_NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS)
+                    new = answer_budget(task, max_new_tokens)
                     tokens = engine.generate(context, qry, new, eos_token_id=eos)
                     prediction = tokenizer.decode(tokens[0], skip_special_tokens=True)
                     row = {"task": task, "length": length, "index": index, "method": method.name,
@@ -211,7 +240,8 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
                         _bar(label, finished, total, start)
             if progress and is_writer:
                 sys.stderr.write("\n")
-    rows = [done[k] for k in sorted(done) if k[0] in tasks and k[1] in lengths and k[3] in {m.name for m in methods}]
+    names = {m.name for m in methods}
+    rows = [done[k] for k in sorted(done) if k[0] in tasks and k[1] in lengths and k[2] < samples and k[3] in names]
     summary = summarize(rows)
     if is_writer:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:

@@ -256,15 +256,17 @@ class StarEngine:
         elif stop_strings and tokenizer is None:
             error = "stop_strings need a tokenizer to read the generated text: pass tokenizer="
         self._check_query("generate", context, query_ids, error, max_new_tokens=max_new_tokens,
-                          sampling=repr(sampling))
+                          sampling=repr(sampling), eos=repr(eos_token_id), stop=repr(stop_strings), pad=pad_token_id)
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         batch, lq = query_ids.shape
         holds = self._holds_query(context)
         query_kv = QueryKV(self.num_layers, lq + max_new_tokens) if holds else None
-        generator = torch.Generator().manual_seed(sampling.seed) if holds and sampling.do_sample else None
+        generator = (torch.Generator(device=self.device).manual_seed(sampling.seed)
+                     if holds and sampling.do_sample else None)
         finished = torch.zeros(batch, dtype=torch.bool)
         tokens: list[torch.Tensor] = []
+        window = max((len(s) for s in stop_strings or ()), default=0) + 8
         ids, pos = query_ids, context.context_len
         self._sync()
         start = time.perf_counter()
@@ -272,21 +274,26 @@ class StarEngine:
         for step in range(max_new_tokens):
             state = QueryPass(context, self.num_layers, query_kv, check=False)
             positions = torch.arange(pos, pos + ids.shape[1])
-            logits = self._forward(state, ids, positions, logits_to_keep=1).logits[:, -1]
             pos += ids.shape[1]
-            chosen = next_tokens(logits, sampling, generator).cpu() if holds else torch.zeros(batch, dtype=torch.long)
+            if holds:  # the query host (or the one process) chooses the token and decides who stops
+                logits = self._forward(state, ids, positions, logits_to_keep=1).logits[:, -1]
+                chosen = torch.where(finished, pad, next_tokens(logits, sampling, generator).cpu())
+                done = finished.clone()
+                for e in eos:
+                    done |= chosen == e
+                if stop_strings:
+                    done |= self._hit_stop(torch.stack(tokens[-window:] + [chosen], 1), stop_strings, tokenizer)
+            else:  # the other hosts only lend their context KV: no language-model head
+                self._forward(state, ids, positions)
+                chosen, done = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.bool)
             if context.group is not None:
-                chosen = broadcast_tokens(chosen, src=self.world_size - 1, group=context.group,
-                                          device=logits.device)
-            chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
+                chosen, done = broadcast_tokens(chosen, done, src=self.world_size - 1, group=context.group,
+                                                device=self.device, timeout_s=context.config.collective_timeout_s)
+            finished = done
             tokens.append(chosen)
             if first is None:
                 self._sync()
                 first = time.perf_counter()
-            for e in eos:
-                finished |= chosen == e
-            if stop_strings:
-                finished |= self._hit_stop(torch.stack(tokens, 1), stop_strings, tokenizer)
             if bool(finished.all()):
                 break
             ids = chosen.unsqueeze(1)

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--anchor-size", type=int, help="anchor tokens (default: the block size)")
     g.add_argument("--anchor-source", choices=("broadcast", "recompute"),
                    help="broadcast the anchor's KV from the host of block 0 (default) or recompute it everywhere")
+    g.add_argument("--phase2-merge", choices=("allreduce", "allgather"),
+                   help="merge hosts' query results by all-reduce (default) or all-gather (the paper's form)")
     g.add_argument("--backend", choices=("auto", "cpu", "flash", "cudnn", "efficient", "math"),
                    help="attention kernel (auto picks the fastest that fits)")
     g.add_argument("--collective-timeout-s", type=float, help="seconds a collective may wait (default 600)")
@@ -243,7 +245,7 @@ def generate(args) -> int:
 
     overrides = {k: getattr(args, k, None) for k in (
         "model", "random_weights", "dtype", "device", "attention", "block_size", "anchor_size", "anchor_source",
-        "backend", "collective_timeout_s", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+        "phase2_merge", "backend", "collective_timeout_s", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
         "seed", "stop")}
     cfg = RunConfig.load(args.config, overrides)
     group, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)

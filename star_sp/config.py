@@ -41,6 +41,11 @@ class StarConfig:
     owner of block 0 sends it layer by layer; the anchor never runs through the other hosts' linear
     layers) or ``"recompute"`` (every host encodes ``[anchor; block]`` itself, the paper's form)."""
 
+    phase2_merge: Literal["allreduce", "allgather"] = "allreduce"
+    """How hosts merge phase-2 results: one max and one sum all-reduce of numerators and denominators
+    (default), or ``"allgather"``, the paper's reference form (every output and LSE to every host).
+    With ``anchor_source="recompute"`` it makes the paper's form of Star Attention, for comparison."""
+
     backend: Backend = "auto"
     """Attention kernel: ``"auto"`` picks the fastest that supports the inputs (cuDNN, then flash,
     then memory-efficient on CUDA; the fused CPU kernel on CPU); any other name is used or refused,
@@ -62,6 +67,8 @@ class StarConfig:
                 )
         if self.anchor_source not in ANCHOR_SOURCES:
             raise StarInputError(f"anchor_source must be one of {ANCHOR_SOURCES}, got {self.anchor_source!r}")
+        if self.phase2_merge not in ("allreduce", "allgather"):
+            raise StarInputError(f"phase2_merge must be 'allreduce' or 'allgather', got {self.phase2_merge!r}")
         if self.backend not in BACKENDS:
             raise StarInputError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         timeout = self.collective_timeout_s

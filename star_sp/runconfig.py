@@ -27,6 +27,7 @@ class RunConfig:
     block_size: int = 4096
     anchor_size: int | None = None
     anchor_source: str = "broadcast"
+    phase2_merge: str = "allreduce"
     backend: str = "auto"
     collective_timeout_s: float = 600.0
     max_new_tokens: int = 64
@@ -51,7 +52,7 @@ class RunConfig:
 
     def star_config(self) -> StarConfig:
         return StarConfig(block_size=self.block_size, anchor_size=self.anchor_size, anchor_source=self.anchor_source,
-                          backend=self.backend, collective_timeout_s=self.collective_timeout_s)
+                          phase2_merge=self.phase2_merge, backend=self.backend, collective_timeout_s=self.collective_timeout_s)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,

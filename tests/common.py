@@ -23,6 +23,7 @@ class Case:
     head_dim: int = 59
     dtype: torch.dtype = torch.float64
     anchor_source: str = "broadcast"
+    merge: str = "allreduce"
     backend: str = "auto"
     seed: int = 0
 

@@ -76,6 +76,22 @@ def test_two_phases_match_oracle(cluster, world_size, anchor_source, case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_paper_form_allgather_merge_matches_oracle(cluster, world_size):
+    """The paper's form (anchor recomputed, outputs and LSE all-gathered) is the same function."""
+    case = Case(context_len=23, query_len=3, block_size=5, anchor_size=2, anchor_source="recompute", merge="allgather")
+    results = cluster(world_size).run(workers.star_layer, case)
+    q, k, v, g = make_qkv(case)
+    ref_out, ref_lse, ref_grads = oracle(case, q, k, v, g)
+    out, grads = _assemble(case, results)
+    assert_close_to_oracle("out", out, ref_out, None, torch.float64)
+    for r in results:
+        assert_close_to_oracle("lse2", r["lse2"], ref_lse[:, :, case.context_len:], None, torch.float64)
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_close_to_oracle(f"d{name}", a, b, None, torch.float64)
+
+
+@pytest.mark.slow
 def test_gradients_with_idle_ranks_in_broadcast_mode_are_refused_everywhere(cluster):
     case = Case(context_len=13, query_len=1, block_size=8, anchor_size=3)
     raw = cluster(3).run_raw(workers.star_layer, case)

@@ -98,7 +98,7 @@ def test_sampling_is_seeded_and_differs_from_greedy():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-@pytest.mark.parametrize("anchor_source", ["broadcast", "recompute"])
+@pytest.mark.parametrize("anchor_source", ["broadcast", "recompute", "paper"])
 def test_engine_across_ranks_matches_oracle(cluster, world_size, anchor_source):
     spec = dict(family="qwen3", block=5, anchor=2, lc=17, lq=3, batch=2, steps=4, anchor_source=anchor_source)
     results = cluster(world_size).run(workers.engine_run, spec)

@@ -36,7 +36,7 @@ def star_layer(group, case: Case, with_grad: bool = True) -> dict:
     if layout.is_query_host:
         qk, qv = leaf(k[:, :, lc:]), leaf(v[:, :, lc:])
     out2, lse2 = phase2_attention(q2, k1[:, :, len(rows) - (end - start):], v1[:, :, len(rows) - (end - start):],
-                                  group=group, query_k=qk, query_v=qv, backend=case.backend)
+                                  group=group, query_k=qk, query_v=qv, backend=case.backend, merge=case.merge)
     result = {"rows": rows, "anchor_rows": layout.anchor_rows(recompute), "out1": out1.detach(), "lse1": lse1.detach(), "out2": out2.detach(),
               "lse2": lse2.detach(), "query_host": layout.is_query_host}
     if with_grad:
@@ -111,8 +111,11 @@ def engine_run(group, spec: dict) -> dict:
     from star_sp.testing import build
 
     model, _ = build(spec["family"], dtype=torch.float64)
+    paper = spec["anchor_source"] == "paper"  # the paper's form: anchor recomputed, outputs all-gathered
     engine = StarEngine(model, StarConfig(block_size=spec["block"], anchor_size=spec["anchor"],
-                                          anchor_source=spec["anchor_source"], collective_timeout_s=60), group)
+                                          anchor_source="recompute" if paper else spec["anchor_source"],
+                                          phase2_merge="allgather" if paper else "allreduce",
+                                          collective_timeout_s=60), group)
     ctx, q = engine_inputs(spec, model.config.vocab_size)
     context = engine.prefill(ctx)
     sampling = SamplingConfig(do_sample=True, temperature=1.3, top_k=30, top_p=0.9, seed=5)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .._compat import global_rank
-from ..ops.merge import accumulation_dtype
+from ..ops.merge import accumulation_dtype, merge_partials
 from .guard import wait
 
 
@@ -50,6 +50,19 @@ class AllReduceMerge:
 
     def sum_grad(self, grad: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(grad.contiguous(), dist.ReduceOp.SUM)
+
+
+class AllGatherMerge(AllReduceMerge):
+    """The paper's reference form of the phase-2 merge: every rank gathers every rank's ``(out, lse)``
+    (``N`` times the data of the all-reduce form) and merges them locally with ``merge_partials``.
+    Kept to measure against; same result within rounding."""
+
+    def merge(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acc = accumulation_dtype(out.dtype)
+        packed = torch.cat([out.to(acc), lse.to(acc).unsqueeze(-1)], dim=-1).contiguous()
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(self.group))]
+        wait(dist.all_gather(gathered, packed, group=self.group, async_op=True), self.timeout_s, packed)
+        return merge_partials([(g[..., :-1], g[..., -1]) for g in gathered])
 
 
 class _BroadcastAnchor(torch.autograd.Function):

@@ -115,7 +115,7 @@ class QueryPass(_Pass):
                                       query_k=None if query is None else query[0],
                                       query_v=None if query is None else query[1],
                                       scale=scale, backend=cfg.backend, check=self.check and layer == 0,
-                                      timeout_s=cfg.collective_timeout_s)
+                                      timeout_s=cfg.collective_timeout_s, merge=cfg.phase2_merge)
         else:
             out, _ = phase2_local(q, ctx_k, ctx_v, *query, scale=scale, backend=cfg.backend)
         self._tick(layer)

@@ -9,9 +9,11 @@ from ..errors import StarInputError
 from ..ops.backends import check_qkv
 from ..ops.star import local_attention, phase2_parts
 from .agreement import agree, validated
-from .collectives import AllReduceMerge
+from .collectives import AllGatherMerge, AllReduceMerge
 from .guard import guarded_step
 
+
+MERGES = {"allreduce": AllReduceMerge, "allgather": AllGatherMerge}
 
 def _check_inputs(q, ctx_k, ctx_v, query_k, query_v, group) -> None:
     if q.dim() == 4 and q.shape[2] == 0:
@@ -42,6 +44,7 @@ def phase2_attention(
     backend: str = "auto",
     check: bool = True,
     timeout_s: float | None = None,
+    merge: str = "allreduce",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's phase-2 attention; returns the merged ``(out, lse)``, the same on every rank.
 
@@ -54,14 +57,17 @@ def phase2_attention(
         x x x x x x x x                x x x .        row Lq-2
         x x x x x x x x                x x x x        row Lq-1
 
-    Gradients: the query gradient is summed over ranks; the loss must be the same on every rank.
+    ``merge="allgather"`` uses the paper's reference form (gather every rank's output and LSE, merge
+    locally) instead of one max and one sum all-reduce. Gradients: the query gradient is summed over
+    ranks; the loss must be the same on every rank.
     """
+    if merge not in MERGES:
+        raise StarInputError(f"merge must be one of {tuple(MERGES)}, got {merge!r}")
     with guarded_step("phase2", group):
         if check:
             error = validated(_check_inputs, q, ctx_k, ctx_v, query_k, query_v, group)
-            meta = {"dtype": str(q.dtype), "q_shape": tuple(q.shape), "kv_heads": ctx_k.shape[1] if ctx_k.dim() == 4 else None,
+            meta = {"merge": merge, "dtype": str(q.dtype), "q_shape": tuple(q.shape), "kv_heads": ctx_k.shape[1] if ctx_k.dim() == 4 else None,
                     "scale": scale, "q_requires_grad": torch.is_grad_enabled() and q.requires_grad}
             agree(group, "phase2", meta, error)
         parts = phase2_parts((0, q.shape[2]), ctx_k, ctx_v, query_k, query_v)
-        return local_attention(q, parts, scale=scale, backend=backend,
-                               reducer=AllReduceMerge(group, timeout_s))
+        return local_attention(q, parts, scale=scale, backend=backend, reducer=MERGES[merge](group, timeout_s))

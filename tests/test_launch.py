@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import workers
+from cluster import free_port
 from star_sp.cli import main
 from star_sp.testing import save
 
@@ -46,7 +47,7 @@ def _launch(cmd, timeout=240):
 
 def _record(proc):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and len(lines) == 1, proc.stdout + proc.stderr  # rank 0 alone prints
+    assert proc.returncode == 0 and len(lines) == 1, proc.stdout + proc.stderr[-3000:]  # rank 0 alone prints
     return json.loads(lines[0])
 
 
@@ -70,7 +71,7 @@ def test_help_reads_well(capsys):
 @pytest.mark.parametrize("nproc, extra", [(2, ()), (3, ("--anchor-source", "recompute")), (4, ())])
 def test_torchrun_matches_one_process(dirs, capsys, nproc, extra):
     expected = _single(dirs, capsys, *extra)
-    proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "launch/infer.py",
+    proc = _launch([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "launch/infer.py",
                     *_args(dirs, *extra)])
     record = _record(proc)
     assert record["tokens"] == expected["tokens"] and record["world_size"] == nproc
@@ -79,14 +80,15 @@ def test_torchrun_matches_one_process(dirs, capsys, nproc, extra):
 @pytest.mark.slow
 def test_deepspeed_launcher_matches_one_process(dirs, capsys):
     expected = _single(dirs, capsys)
-    proc = _launch([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "launch/infer.py", *_args(dirs)])
+    proc = _launch([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                    "launch/infer.py", *_args(dirs)])
     assert _record(proc)["tokens"] == expected["tokens"]
     assert "JIT" not in proc.stdout + proc.stderr  # no DeepSpeed extension was built
 
 
 @pytest.mark.slow
 def test_torchrun_error_exits_1_on_every_rank(dirs):
-    proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "launch/infer.py",
+    proc = _launch([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", "launch/infer.py",
                     *_args(dirs, model="sliding")])
     assert proc.returncode != 0
     for rank in (0, 1):

@@ -162,6 +162,7 @@ class StarEngine:
 
         ``progress(layer, num_layers)`` is called after each layer's attention."""
         error = _check_ids("context_ids", context_ids)
+        fingerprint = _fingerprint(context_ids) if error is None else None
         layout = None
         if error is None:
             cfg = self._config_for(context_ids.shape[1])
@@ -174,14 +175,14 @@ class StarEngine:
                          f"{self.world_size} processes every host but one would be idle. Lower --block-size to "
                          f"at most {max(1, layout.context_len // self.world_size)} or run one process")
         meta = {"shape": tuple(context_ids.shape) if error is None else None,
-                "ids": _fingerprint(context_ids) if error is None else None, "config": self.config.to_dict(),
+                "ids": fingerprint, "config": self.config.to_dict(),
                 "attention": self.attention}
         self._agree("prefill", meta, error)
         cfg = self._config_for(context_ids.shape[1])
         recompute = cfg.anchor_source == "recompute"
         context = StarContext(layout=layout, config=cfg, batch_size=context_ids.shape[0],
                               kv=ContextKV(self.num_layers), group=self.group,
-                              fingerprint=_fingerprint(context_ids))
+                              fingerprint=fingerprint)
         state = PrefillPass(context, self.num_layers, check=True, progress=progress)
         self._sync()
         start = time.perf_counter()

@@ -25,94 +25,35 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from star_sp.eval import TASKS, generate, resolve_tasks  # noqa: E402
-from star_sp.eval import text as prose  # noqa: E402
+from reference_data import Encoder, Sizer, build_tokenizer, make_example  # noqa: E402
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-def build_tokenizer(vocab_size: int, seed: int):
-    """Byte-level BPE trained on generated task text and prose; digits always split one by one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = random.Random(seed)
-    words = lambda s: len(s.split())  # noqa: E731 - a cheap length for the tokenizer's corpus
-    corpus = [prose.paragraph(rng) for _ in range(3000)]
-    for task in TASKS:
-        for i in range(40):
-            sample = generate(task, 400, i, words, seed=seed + 1)
-            corpus += [sample.context, sample.query + " " + ", ".join(sample.answers)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-
-
-def answer_text(answers) -> str:
-    return " " + ", ".join(answers) + "."
-
-
-def chars_per_token(tokenizer, seed: int) -> dict[str, float]:
-    """Characters per token of each task's text (digits and UUIDs take far more tokens per character
-    than prose): sizes training samples without tokenizing them repeatedly."""
-    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    ratios = {}
-    for task in TASKS:
-        sample = generate(task, 2048, 0, count, seed=seed + 2)
-        body = sample.context + sample.query
-        ratios[task] = len(body) / count(body)
-    return ratios
-
-
-def make_example(tokenizer, rng: random.Random, length: int, prose_share: float, seed: int,
-                 ratios: dict[str, float], tasks: list[str]):
-    """``(ids, loss_mask, is_prose)``: a task sample with its answer (loss on the answer), or plain prose
-    (loss on every token). Task samples are sized by an estimate (``ratios``: characters per token of
-    each task): their length is within some percent of ``length``, and each is tokenized once."""
-    if rng.random() < prose_share:
-        paragraphs, ids = [], []
-        while len(ids) < length:
-            paragraphs.append(prose.paragraph(rng))
-            ids = tokenizer("\n".join(paragraphs))["input_ids"]
-        ids = ids[:length]
-        return ids, [1.0] * len(ids), True
-    task = rng.choice(tasks)
-    count = lambda s: int(len(s) / ratios[task])  # noqa: E731
-    sample = generate(task, int(length * 0.95), rng.randrange(1 << 30), count, seed=seed)
-    ctx = tokenizer(sample.context)["input_ids"]
-    qry = tokenizer(sample.query, add_special_tokens=False)["input_ids"]
-    ans = tokenizer(answer_text(sample.answers), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = ctx + qry + ans
-    return ids, [0.0] * (len(ctx) + len(qry)) + [1.0] * len(ans), False
+from star_sp.eval import resolve_tasks  # noqa: E402
 
 
 class Stream(torch.utils.data.IterableDataset):
-    """Batches of one length each: ``(ids, mask)`` padded to the longest example of the batch."""
+    """Batches of one length each: ``(ids, roles, spans)``, ids padded to the longest example."""
 
-    def __init__(self, tokenizer, lengths, tokens_per_batch, prose_share, seed, ratios, tasks):
-        self.tokenizer, self.lengths, self.tokens, self.prose, self.seed = tokenizer, lengths, tokens_per_batch, prose_share, seed
-        self.ratios, self.tasks = ratios, tasks
+    def __init__(self, tokenizer, lengths, args, seed, tasks):
+        self.tokenizer, self.lengths, self.args, self.seed, self.tasks = tokenizer, lengths, args, seed, tasks
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = random.Random(f"{self.seed}/{info.id if info else 0}")
+        encode = Encoder(self.tokenizer)
+        sizer = Sizer(encode, self.args.seed)
         while True:
             length = rng.choice(self.lengths)
-            batch = [make_example(self.tokenizer, rng, length, self.prose, self.seed, self.ratios, self.tasks)
-                     for _ in range(max(1, self.tokens // length))]
+            batch = [make_example(encode, sizer, rng, length, self.tasks, self.args.prose_share,
+                                  self.args.drill_share, self.args.questions)
+                     for _ in range(max(1, self.args.tokens_per_batch // length))]
             width = max(len(ids) for ids, _, _ in batch)
             ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width))
-            for i, (x, m, _) in enumerate(batch):
-                ids[i, : len(x)], mask[i, : len(m)] = torch.tensor(x), torch.tensor(m)
-            yield ids, mask, torch.tensor([p for _, _, p in batch])
+            roles = torch.full((len(batch), width), -1, dtype=torch.long)  # -1: padding, no loss
+            for i, (x, r, _) in enumerate(batch):
+                ids[i, : len(x)], roles[i, : len(r)] = torch.tensor(x), torch.tensor(r)
+            yield ids, roles, [[(i, *span) for span in spans] for i, (_, _, spans) in enumerate(batch)]
 
 
 def model_config(tokenizer, args):
@@ -139,7 +80,13 @@ def main(argv=None) -> int:
     p.add_argument("--min-length", type=int, default=512)
     p.add_argument("--max-length", type=int, default=16384)
     p.add_argument("--tokens-per-batch", type=int, default=65536)
-    p.add_argument("--prose-share", type=float, default=0.15)
+    p.add_argument("--prose-share", type=float, default=0.1)
+    p.add_argument("--drill-share", type=float, default=0.5, help="share of task samples asked several questions")
+    p.add_argument("--questions", type=int, default=6, help="most questions in a drill")
+    p.add_argument("--context-weight", type=float, default=0.1,
+                   help="weight of the mean loss on context tokens beside the mean loss on answers")
+    p.add_argument("--stage-shares", default="", help="comma-separated time shares of the curriculum's stages")
+    p.add_argument("--init", help="a model directory to continue from (its tokenizer is kept)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--minutes", type=float, default=60.0, help="training time budget")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
@@ -149,17 +96,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.vocab, args.hidden, args.layers, args.heads, args.kv_heads = 600, 64, 2, 4, 2
-        args.min_length, args.max_length, args.tokens_per_batch, args.workers = 512, 1024, 2048, 0
+        args.min_length, args.max_length, args.tokens_per_batch, args.workers = 256, 512, 2048, 0
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tasks = resolve_tasks(args.tasks.split(","))
-    tokenizer = build_tokenizer(args.vocab, args.seed)
-    ratios = chars_per_token(tokenizer, args.seed)
-    model = AutoModelForCausalLM.from_config(model_config(tokenizer, args), dtype=torch.float32,
-                                             attn_implementation="sdpa").to(device)
+    if args.init:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.init)
+        model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        tokenizer = build_tokenizer(args.vocab, args.seed)
+        model = AutoModelForCausalLM.from_config(model_config(tokenizer, args), dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    Encoder(tokenizer).check(args.seed)
+    model.to(device)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     budget = args.minutes * 60
@@ -169,58 +123,94 @@ def main(argv=None) -> int:
         stages.append(length)
         length *= 2
     stages.append(args.max_length)
+    shares = [float(x) for x in args.stage_shares.split(",")] if args.stage_shares else [1.0] * len(stages)
+    if len(shares) != len(stages):
+        raise SystemExit(f"--stage-shares needs {len(stages)} values for the stages {stages}")
+    ends = [sum(shares[: i + 1]) / sum(shares) for i in range(len(stages))]
     log = open(os.path.join(args.out, "training_log.jsonl"), "w")
     start, step, seen = time.time(), 0, 0
-    losses: list[float] = []
-    answer_losses: list[float] = []
+    window = Window()
     last_row: dict = {}
     for stage, top in enumerate(stages):
         lengths = sorted({max(args.min_length, top // 4), max(args.min_length, top // 2), top})
-        data = torch.utils.data.DataLoader(Stream(tokenizer, lengths, args.tokens_per_batch, args.prose_share,
-                                                  args.seed * 1000 + stage, ratios, tasks),
-                                           batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None)
-        stage_end = start + budget * (stage + 1) / len(stages)
-        for ids, mask, is_prose in data:
+        data = torch.utils.data.DataLoader(Stream(tokenizer, lengths, args, args.seed * 1000 + stage, tasks),
+                                           batch_size=None, num_workers=args.workers,
+                                           prefetch_factor=4 if args.workers else None)
+        stage_end = start + budget * ends[stage]
+        for ids, roles, spans in data:
             if time.time() >= stage_end or (args.smoke and step >= 6 * (stage + 1)):
                 break
-            ids, mask = ids.to(device), mask.to(device)
+            ids, roles = ids.to(device), roles.to(device)
             frac = min(1.0, (time.time() - start) / budget)
             for group in opt.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(ids).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                    reduction="none").view_as(mask[:, 1:])
-            weights = mask[:, 1:]
-            loss = (nll * weights).sum() / weights.sum().clamp_min(1)
-            task_rows = ~is_prose.to(device)
-            if task_rows.any():
-                answer_losses.append(((nll * weights)[task_rows].sum() / weights[task_rows].sum().clamp_min(1)).item())
+            target, role = ids[:, 1:], roles[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                    reduction="none").view_as(target)
+            answer, context = (role == 1).float(), (role == 0).float()
+            answer_loss = (nll * answer).sum() / answer.sum().clamp_min(1)
+            context_loss = (nll * context).sum() / context.sum().clamp_min(1)
+            loss = answer_loss + args.context_weight * context_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
             seen += ids.numel()
-            losses.append(loss.item())
+            window.add(loss, answer_loss if answer.sum() > 0 else None, context_loss,
+                       (logits.argmax(-1) == target).cpu(), spans)
             if step % args.log_every == 0 or args.smoke:
-                row = {"step": step, "stage_max_length": top, "length": ids.shape[1], "loss": sum(losses) / len(losses),
-                       "answer_loss": sum(answer_losses) / len(answer_losses) if answer_losses else None,
-                       "lr": opt.param_groups[0]["lr"], "tokens": seen, "elapsed_s": time.time() - start,
-                       "tokens_per_s": seen / (time.time() - start)}
+                row = {"step": step, "stage_max_length": top, "length": ids.shape[1], **window.flush(),
+                       "lr": opt.param_groups[0]["lr"], "tokens": seen, "elapsed_s": round(time.time() - start, 1),
+                       "tokens_per_s": round(seen / (time.time() - start))}
                 last_row = row
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 print(json.dumps(row), flush=True)
-                losses, answer_losses = [], []
-    model.to(torch.bfloat16).save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+        save(model, tokenizer, args.out)  # a usable model after every stage
+    save(model, tokenizer, args.out)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
         json.dump({"args": vars(args), "parameters": params, "steps": step, "tokens": seen, "stages": stages,
-                   "tasks": tasks, "answer_format": "' ' + ', '.join(answers) + '.' + eos",
-                   "final_log": last_row}, f, indent=1)
+                   "stage_shares": shares, "tasks": tasks,
+                   "answer_format": "query + ' ' + ', '.join(answers) + '.' + eos", "final_log": last_row}, f, indent=1)
     print(f"saved {params / 1e6:.1f}M parameters after {step} steps to {args.out}")
     return 0
+
+
+def save(model, tokenizer, out: str) -> None:
+    dtype = next(model.parameters()).dtype
+    model.to(torch.bfloat16).save_pretrained(out)
+    model.to(dtype)
+    tokenizer.save_pretrained(out)
+
+
+class Window:
+    """Running means between log lines, and each task's answer accuracy on the batches it saw (an
+    answer counts when every one of its tokens is the argmax: unseen data, so an honest estimate)."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+        self.hits: dict[str, list[int]] = {}
+
+    def add(self, loss, answer_loss, context_loss, correct, spans) -> None:
+        self.rows.append((loss.item(), None if answer_loss is None else answer_loss.item(), context_loss.item()))
+        for row in spans:
+            for i, begin, end, task in row:
+                ok = bool(correct[i, begin - 1:end - 1].all())
+                self.hits.setdefault(task, [0, 0])
+                self.hits[task][0] += ok
+                self.hits[task][1] += 1
+
+    def flush(self) -> dict:
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        out = {"loss": mean([r[0] for r in self.rows]),
+               "answer_loss": mean([r[1] for r in self.rows if r[1] is not None]),
+               "context_loss": mean([r[2] for r in self.rows]),
+               "answer_accuracy": {t: round(100 * h / n, 1) for t, (h, n) in sorted(self.hits.items())}}
+        self.rows, self.hits = [], {}
+        return out
 
 
 if __name__ == "__main__":

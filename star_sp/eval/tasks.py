@@ -110,43 +110,70 @@ def _question(keys: list[str], what: str) -> str:
             f"The special magic {what} for {listed} mentioned in the provided text are")
 
 
-def _niah(haystack: str, value_kind: str, *, distractors: int = 0, values: int = 1, queries: int = 1,
-          key_kind: str = "word"):
+def niah_parts(rng: random.Random, n: int, haystack: str, value_kind: str, *, distractors: int = 0,
+               values: int = 1, queries: int = 1, key_kind: str = "word"):
+    """A needle-in-a-haystack context with ``queries`` asked keys: ``(context, what, [(key, values)])``.
+    The building block of the ``niah_*`` tasks (and of the reference model's training drills)."""
+    make_key = _uuid if key_kind == "uuid" else _key
+    make_value = _uuid if value_kind == "uuid" else _number
+    what = "uuids" if value_kind == "uuid" else "numbers"
+    keys = _distinct(rng, make_key, queries + distractors)
+    asked, needles = [], []
+    for key in keys[:queries]:
+        vals = _distinct(rng, make_value, values)
+        asked.append((key, vals))
+        needles += [_needle(key, v, what) for v in vals]
+    needles += [_needle(k, make_value(rng), what) for k in keys[queries:]]
+    rng.shuffle(needles)
+    if haystack == "needles":  # the haystack itself is made of needles for other keys
+        others = _distinct(rng, make_key, n, avoid=keys)
+        filler = [_needle(k, make_value(rng), what) for k in others]
+    else:
+        filler = _haystack(haystack, rng, n)
+    context = NUMBER_INTRO.format(what=what) + _join(_insert(filler, needles, rng)) + "\n"
+    return context, what, asked
+
+
+def niah_question(keys: list[str], what: str) -> str:
+    return _question(keys, what)
+
+
+def _niah(haystack: str, value_kind: str, **options):
     def make(rng: random.Random, n: int):
-        make_key = _uuid if key_kind == "uuid" else _key
-        make_value = _uuid if value_kind == "uuid" else _number
-        what = "uuids" if value_kind == "uuid" else "numbers"
-        keys = _distinct(rng, make_key, queries + distractors)
-        asked = keys[:queries]
-        needles, answers = [], []
-        for key in asked:
-            vals = _distinct(rng, make_value, values)
-            answers += vals
-            needles += [_needle(key, v, what) for v in vals]
-        needles += [_needle(k, make_value(rng), what) for k in keys[queries:]]
-        rng.shuffle(needles)
-        if haystack == "needles":  # the haystack itself is made of needles for other keys
-            others = _distinct(rng, make_key, n, avoid=keys)
-            filler = [_needle(k, make_value(rng), what) for k in others]
-        else:
-            filler = _haystack(haystack, rng, n)
-        context = NUMBER_INTRO.format(what=what) + _join(_insert(filler, needles, rng)) + "\n"
-        return context, _question(asked, what), answers
+        context, what, asked = niah_parts(rng, n, haystack, value_kind, **options)
+        return context, _question([k for k, _ in asked], what), [v for _, vals in asked for v in vals]
+    make.options = dict(haystack=haystack, value_kind=value_kind, **options)
     return make
 
 
-def _vt(rng: random.Random, n: int):
-    chains, hops = 1, 4
+def vt_parts(rng: random.Random, n: int, chains: int = 1, hops: int = 4):
+    """Variable-tracking context with ``chains`` chains of ``hops`` assignments: ``(context, [(value, names)])``."""
     names = _distinct(rng, lambda r: "".join(r.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)), chains * (hops + 1))
-    value = str(rng.randint(10000, 99999))
-    chain = names[: hops + 1]
-    lines = [f"VAR {chain[0]} = {value}."] + [f"VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, hops + 1)]
+    pending, asked = [], []
+    for c in range(chains):
+        value = str(rng.randint(10000, 99999))
+        chain = names[c * (hops + 1): (c + 1) * (hops + 1)]
+        pending.append([f"VAR {chain[0]} = {value}."] + [f"VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, hops + 1)])
+        asked.append((value, chain))
+    lines = []  # the chains interleaved at random, each in its own order
+    while pending:
+        chain_lines = pending[rng.randrange(len(pending))] if len(pending) > 1 else pending[0]
+        lines.append(chain_lines.pop(0))
+        pending = [p for p in pending if p]
     body = _join(_insert(_haystack("noise", rng, n), lines, rng))
     context = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n" + body + "\n"
-    query = (f"Question: Find all variables that are assigned the value {value} in the text above. Answer: "
-             f"According to the chain(s) of variable assignment in the text above, {hops + 1} variables are "
-             f"assigned the value {value}, they are:")
-    return context, query, chain
+    return context, asked
+
+
+def vt_question(value: str, count: int) -> str:
+    return (f"Question: Find all variables that are assigned the value {value} in the text above. Answer: "
+            f"According to the chain(s) of variable assignment in the text above, {count} variables are "
+            f"assigned the value {value}, they are:")
+
+
+def _vt(rng: random.Random, n: int):
+    context, [(value, chain)] = vt_parts(rng, n)
+    return context, vt_question(value, len(chain)), chain
 
 
 def _cwe(rng: random.Random, n: int):
@@ -180,17 +207,25 @@ def _fwe(rng: random.Random, n: int):
     return context, query, top
 
 
-def _qa(rng: random.Random, n: int):
+def qa_parts(rng: random.Random, n: int):
+    """Documents of generated facts: ``(context, [(town, builder, thing)])``, one fact per document."""
     towns = _distinct(rng, lambda r: _pseudo_word(r, 2).capitalize() + r.choice(("ville", "burg", "ford", "port")),
                       max(2, n // 5 + 1))
     facts = [(t, rng.choice(text.NAMES), rng.choice(("bridge", "library", "harbor", "school", "market", "church")))
              for t in towns]
     docs = [f"Document {i + 1}: {text.paragraph(rng)} The {thing} of {town} was built by {who}. {text.sentence(rng)}"
             for i, (town, who, thing) in enumerate(facts)]
+    return "Answer the question based on the given documents.\n\n" + "\n".join(docs) + "\n", facts
+
+
+def qa_question(town: str, thing: str) -> str:
+    return f"Question: Who built the {thing} of {town}? Answer: The {thing} of {town} was built by"
+
+
+def _qa(rng: random.Random, n: int):
+    context, facts = qa_parts(rng, n)
     town, who, thing = facts[rng.randrange(len(facts))]
-    context = "Answer the question based on the given documents.\n\n" + "\n".join(docs) + "\n"
-    query = f"Question: Who built the {thing} of {town}? Answer: The {thing} of {town} was built by"
-    return context, query, [who]
+    return context, qa_question(town, thing), [who]
 
 
 TASKS: dict[str, tuple[Callable, str]] = {

@@ -4,7 +4,21 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test setup gpu-test clean
+.PHONY: test setup demo gpu-test clean
+
+# The main job: a small evaluation of the shipped reference model, global attention against Star
+# Attention on two hosts (two gloo processes), in under 10 minutes on a 2-core CPU. A rerun resumes.
+DEMO_OUT ?= runs/demo
+demo: $(VENV)/.demo
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 launch/eval.py --model reference \
+	    --tasks niah_single_2,niah_multikey_1,niah_multivalue,vt,qa --lengths 2k,4k --samples 3 \
+	    --attention global,star --block-size 1/2 --anchor-size block,0 --dtype float32 --out $(DEMO_OUT)
+
+$(VENV)/.demo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[eval]'
+	touch $@
 
 setup: $(VENV)/.installed
 

@@ -3,6 +3,7 @@
 from .config import StarConfig
 from .errors import BackendUnavailableError, StarCollectiveError, StarError, StarInputError
 from .layout import BlockLayout
+from .models import reference_model_path
 from .sampling import SamplingConfig
 
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError", "BlockLayout", "SamplingConfig", "StarCollectiveError", "StarConfig",
-    "StarContext", "StarEngine", "StarError", "StarInputError", "__version__",
+    "StarContext", "StarEngine", "StarError", "StarInputError", "__version__", "reference_model_path",
 ]

@@ -8,6 +8,7 @@ and ends the command with exit code 1 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import StarError, StarInputError
+from .models import resolve_model
 
 EXAMPLES = """examples:
   star-sp generate --model ./my-llama --context-file book.txt --query "Who wrote the letter?" \\
@@ -40,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = gen.add_argument_group("model")
     g.add_argument("--config", help="run config (TOML); flags override its values (see configs/)")
-    g.add_argument("--model", help="model directory in the transformers layout (config, weights, tokenizer)")
+    g.add_argument("--model", help="model directory in the transformers layout (config, weights, tokenizer), "
+                   "or 'reference' for the model shipped with star-sp")
     g.add_argument("--random-weights", action="store_true", default=None,
                    help="build the model from its config with random weights (for timings)")
     g.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"),
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  star-sp eval --model ./model --tasks all --lengths 4k,8k,16k --attention star,global \\\n"
                "      --block-size 1/4,1/8 --anchor-size block,block/4,0 --samples 8 --out runs/eval",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--model", required=True, help="model directory with tokenizer files")
+    ev.add_argument("--model", required=True,
+                    help="model directory with tokenizer files, or 'reference' for the model shipped with star-sp")
     ev.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"), default="auto")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--tasks", default="all", help="comma-separated tasks or families (niah_single, vt, ...) or all")
@@ -152,6 +156,7 @@ def _load_model(cfg, device: torch.device):
         raise StarInputError("transformers is not installed: pip install 'star-sp[transformers]'") from None
     if not cfg.model:
         raise StarInputError("no model given: pass --model PATH or set model in --config")
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
     dtype = _dtype(cfg.dtype, device)
     try:
         if cfg.random_weights:
@@ -169,6 +174,7 @@ def _load_model(cfg, device: torch.device):
 def _load_tokenizer(path: str | None):
     if not path:
         return None
+    path = resolve_model(path)
     try:
         from transformers import AutoTokenizer
 
@@ -307,6 +313,7 @@ def evaluate(args) -> int:
     methods = runner.parse_methods(split(args.attention), split(args.block_size), split(args.anchor_size))
     if args.samples < 1:
         raise StarInputError(f"--samples must be a positive integer, got {args.samples}")
+    args.model = resolve_model(args.model)
     cfg = RunConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed)
     group, device, created = init_from_env(args.collective_timeout_s, cfg.device)
     try:

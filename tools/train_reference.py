@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--context-weight", type=float, default=0.1,
                    help="weight of the mean loss on context tokens beside the mean loss on answers")
     p.add_argument("--stage-shares", default="", help="comma-separated time shares of the curriculum's stages")
+    p.add_argument("--weights", default="", help="extra sampling weight of some tasks, e.g. qa=3,vt=2")
     p.add_argument("--init", help="a model directory to continue from (its tokenizer is kept)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--minutes", type=float, default=60.0, help="training time budget")
@@ -103,6 +104,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tasks = resolve_tasks(args.tasks.split(","))
+    mixture = list(tasks)  # tasks drawn uniformly from this list
+    for item in filter(None, args.weights.split(",")):
+        name, weight = item.split("=")
+        mixture += [t for t in resolve_tasks([name]) if t in tasks] * (int(weight) - 1)
     if args.init:
         from transformers import AutoTokenizer
 
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
     last_row: dict = {}
     for stage, top in enumerate(stages):
         lengths = sorted({max(args.min_length, top // 4), max(args.min_length, top // 2), top})
-        data = torch.utils.data.DataLoader(Stream(tokenizer, lengths, args, args.seed * 1000 + stage, tasks),
+        data = torch.utils.data.DataLoader(Stream(tokenizer, lengths, args, args.seed * 1000 + stage, mixture),
                                            batch_size=None, num_workers=args.workers,
                                            prefetch_factor=4 if args.workers else None)
         stage_end = start + budget * ends[stage]
@@ -173,7 +178,7 @@ def main(argv=None) -> int:
     save(model, tokenizer, args.out)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
         json.dump({"args": vars(args), "parameters": params, "steps": step, "tokens": seen, "stages": stages,
-                   "stage_shares": shares, "tasks": tasks,
+                   "stage_shares": shares, "tasks": tasks, "mixture": mixture,
                    "answer_format": "query + ' ' + ', '.join(answers) + '.' + eos", "final_log": last_row}, f, indent=1)
     print(f"saved {params / 1e6:.1f}M parameters after {step} steps to {args.out}")
     return 0

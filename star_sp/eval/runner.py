@@ -22,14 +22,19 @@ from ..errors import StarInputError
 from .scoring import score
 from .tasks import FAMILIES, generate
 
-# How many new tokens each task needs for its answer (RULER's budgets, shortened for short answers).
-MAX_NEW_TOKENS = {"vt": 30, "cwe": 80, "fwe": 30, "qa": 16, "niah_multivalue": 64, "niah_multiquery": 64}
+# How many new tokens each task needs for its answer (RULER's budgets, shortened for short answers); a
+# sample whose reference answer takes more of the model's tokens gets that many plus a margin.
+MAX_NEW_TOKENS = {"vt": 30, "cwe": 80, "fwe": 30, "qa": 16, "niah_multivalue": 64, "niah_multiquery": 64,
+                  "niah_single_3": 64, "niah_multikey_3": 64}
 DEFAULT_NEW_TOKENS = 32
+MARGIN_TOKENS = 8
 
 
-def answer_budget(task: str, override: int | None = None) -> int:
-    """New tokens allowed for one answer of ``task``."""
-    return override or MAX_NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS)
+def answer_budget(task: str, override: int | None = None, answer_tokens: int = 0) -> int:
+    """New tokens allowed for one answer of ``task``: ``override`` if given, else the task's budget,
+    raised to ``answer_tokens`` (the reference answer in the model's tokens) plus a margin so that a
+    correct answer is never cut short (generation stops at EOS anyway)."""
+    return override or max(MAX_NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS), answer_tokens + MARGIN_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -221,7 +226,7 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
                     engine = engines.get((method, length)) or engines.setdefault((method, length),
                                                                                 make_engine(method, length))
                     context = engine.prefill(ctx)
-                    new = answer_budget(task, max_new_tokens)
+                    new = answer_budget(task, max_new_tokens, count(" " + ", ".join(sample.answers) + "."))
                     tokens = engine.generate(context, qry, new, eos_token_id=eos)
                     prediction = tokenizer.decode(tokens[0], skip_special_tokens=True)
                     row = {"task": task, "length": length, "index": index, "method": method.name,
@@ -242,12 +247,16 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
                 sys.stderr.write("\n")
     names = {m.name for m in methods}
     rows = [done[k] for k in sorted(done) if k[0] in tasks and k[1] in lengths and k[2] < samples and k[3] in names]
+    return write_summary(rows, out_dir) if is_writer else summarize(rows)
+
+
+def write_summary(rows: list[dict], out_dir: str) -> dict:
+    """Summarize ``rows`` into ``out_dir/summary.json`` and ``summary.md``; returns the summary."""
     summary = summarize(rows)
-    if is_writer:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        with open(os.path.join(out_dir, "summary.md"), "w") as f:
-            f.write(markdown_table(summary) + "\n")
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(markdown_table(summary) + "\n")
     return summary
 
 

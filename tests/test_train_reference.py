@@ -32,3 +32,41 @@ def test_smoke_training_writes_a_loadable_model(tmp_path):
     ids = torch.tensor([tok("The sky is blue. " * 10)["input_ids"]])
     tokens = engine.generate(engine.prefill(ids), torch.tensor([tok(" The", add_special_tokens=False)["input_ids"]]), 3)
     assert tokens.shape == (1, 3)
+
+
+def _data():
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import reference_data
+
+    return reference_data
+
+
+def test_training_examples_hold_their_answers_within_length():
+    import random
+
+    data = _data()
+    tok = data.build_tokenizer(600, 0)
+    encode = data.Encoder(tok)
+    encode.check(0)  # chunked tokenization equals the tokenizer's on every task
+    sizer = data.Sizer(encode, 0)
+    rng = random.Random(1)
+    from star_sp.eval import TASKS
+
+    for task in TASKS:
+        for length in (700, 1500):
+            for drill in (0.0, 1.0):
+                ids, roles, spans = data.make_example(encode, sizer, rng, length, [task], 0.0, drill, 4)
+                assert len(ids) == len(roles) <= length and ids[0] == tok.bos_token_id
+                assert spans and all(end <= len(ids) for _, end, _ in spans), (task, length, drill)
+                for begin, end, name in spans:
+                    assert name == task and all(roles[begin:end]) and ids[end - 1] == tok.eos_token_id
+                    text = tok.decode(ids[begin:end - 1])
+                    assert text.startswith(" ") and text.endswith(".")
+                assert sum(roles) == sum(end - begin for begin, end, _ in spans)
+                if drill and task in data.DRILLS and length == 1500:
+                    assert len(spans) >= 2  # a drill asks several questions of one context
+    # prose: no answers, every token a context token
+    ids, roles, spans = data.make_example(encode, sizer, rng, 300, ["vt"], 1.0, 0.0, 4)
+    assert len(ids) == 300 and not any(roles) and spans == []

@@ -138,7 +138,7 @@ def make_example(encode: Encoder, sizer: Sizer, rng: random.Random, length: int,
     drill = roll < prose_share + drill_share and task in DRILLS
     count = rng.randint(2, questions) if drill else 1
     target = length - count * 50
-    for _ in range(4):  # the fit is an estimate: shrink the filler until every answer fits
+    for _ in range(8):  # the fit is an estimate: shrink the filler, then ask fewer, until every answer fits
         n = sizer.units(task, max(64, target))
         if drill:
             context, asked = _drill_parts(task, rng, n, count)
@@ -157,7 +157,12 @@ def make_example(encode: Encoder, sizer: Sizer, rng: random.Random, length: int,
             ids += q + a
             roles += [0] * len(q) + [1] * len(a)
             spans.append((begin, begin + len(a), task))
-        if len(ids) <= length or n == 1:
+        if len(ids) <= length:
             break
-        target -= int((len(ids) - length) * 1.1) + 8
+        if n > 1:
+            target -= int((len(ids) - length) * 1.1) + 8
+        elif count > 1:
+            count -= 1
+        else:
+            break  # even the least filler and one question do not fit: the example is cut at length
     return ids[:length], roles[:length], [s for s in spans if s[1] <= length]

@@ -146,3 +146,66 @@ class BlockLayout:
         if self.anchor_rows(recompute):
             return torch.cat([torch.arange(self.anchor_len, device=device), own])
         return own
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """The load-balanced (zigzag) split of one sequence for exact ring attention, seen from one rank.
+
+    ``L`` tokens are cut into ``2N`` chunks, chunk ``j`` holding ``[j*L//(2N), (j+1)*L//(2N))``; rank
+    ``r`` holds chunks ``r`` and ``2N-1-r``, in that order, so that under the causal mask every rank
+    does the same work. Example, ``N = 2``::
+
+        chunks:  c0  c1  c2  c3        rank 0: [c0 ; c3]     rank 1: [c1 ; c2]
+
+    A rank's rows (and keys) are its two chunks concatenated; chunks may differ in length by one and
+    are empty when ``L < 2N``.
+    """
+
+    context_len: int
+    world_size: int = 1
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("context_len", "world_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StarInputError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise StarInputError(f"rank {self.rank} is outside a group of {self.world_size}")
+
+    def for_rank(self, rank: int) -> "RingLayout":
+        return RingLayout(self.context_len, self.world_size, rank)
+
+    def chunk_range(self, j: int) -> tuple[int, int]:
+        n = 2 * self.world_size
+        return j * self.context_len // n, (j + 1) * self.context_len // n
+
+    def chunks_of(self, rank: int) -> tuple[int, int]:
+        return rank, 2 * self.world_size - 1 - rank
+
+    def rows_of(self, rank: int) -> list[tuple[int, int, int]]:
+        """``(chunk, first row, row count)`` of each of ``rank``'s chunks in its concatenated rows."""
+        out, row = [], 0
+        for j in self.chunks_of(rank):
+            start, end = self.chunk_range(j)
+            out.append((j, row, end - start))
+            row += end - start
+        return out
+
+    def num_tokens_of(self, rank: int) -> int:
+        return sum(n for _, _, n in self.rows_of(rank))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_tokens_of(self.rank)
+
+    def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Position ids of this rank's rows."""
+        return torch.cat([torch.arange(*self.chunk_range(j), device=device) for j in self.chunks_of(self.rank)])
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's rows of a tensor that spans the whole sequence along ``dim`` (a copy)."""
+        if x.shape[dim] != self.context_len:
+            raise StarInputError(f"expected {self.context_len} tokens along dim {dim}, got {x.shape[dim]}")
+        return torch.cat([x.narrow(dim, s, e - s) for s, e in map(self.chunk_range, self.chunks_of(self.rank))], dim)

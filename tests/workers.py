@@ -135,3 +135,25 @@ def cli(group, command: str, argv: list) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([command, *argv])
     return code, out.getvalue(), err.getvalue()
+
+
+def ring_layer(group, length: int, dtype: torch.dtype, lse_grad: bool, seed: int = 0) -> dict:
+    """Exact ring attention of one layer on this rank's zigzag rows; returns them with their global
+    row indices, the output, log-sum-exp and gradients of ``sum(out * g) [+ sum(lse * gl)]``."""
+    from star_sp.distributed.ring import ring_attention
+    from star_sp.layout import RingLayout
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    case = Case(context_len=length, query_len=0, block_size=length, anchor_size=0, seed=seed)
+    q, k, v, g = _from_rank0(group, list(make_qkv(case)))
+    gl = _from_rank0(group, [torch.randn(q.shape[:3], generator=torch.Generator().manual_seed(seed + 1),
+                                         dtype=torch.float64)])[0]
+    layout = RingLayout(length, world, rank)
+    rows = layout.positions().tolist()
+    q1, k1, v1 = (layout.shard(t, 2).to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = ring_attention(q1, k1, v1, layout, group=group)
+    loss = (out * layout.shard(g, 2).to(dtype)).sum()
+    if lse_grad:
+        loss = loss + (lse * layout.shard(gl, 2)).sum()
+    loss.backward()
+    return {"rows": rows, "out": out.detach(), "lse": lse.detach(), "dq": q1.grad, "dk": k1.grad, "dv": v1.grad}

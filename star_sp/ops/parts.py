@@ -75,6 +75,49 @@ def _unfold(x: torch.Tensor, fold: int) -> torch.Tensor:
     return x.unflatten(0, (bf // fold, fold)).transpose(1, 2).reshape(bf // fold, h, fold * s, *x.shape[3:])
 
 
+def forward_into(q, metas, kvs, kernel: Kernel, scale, out_acc, lse_acc, covered: list) -> list:
+    """Run the parts ``metas`` (``(row_start, row_end, causal, fold)``, keys ``kvs[2i], kvs[2i+1]``) and
+    merge each result into ``out_acc, lse_acc`` (in place; ``covered`` lists the row ranges already
+    written, so a range's first result is stored without a merge). Returns each part's kernel aux."""
+    acc = out_acc.dtype
+    auxes = []
+    for i, (r0, r1, causal, fold) in enumerate(metas):
+        k, v = kvs[2 * i], kvs[2 * i + 1]
+        o, lse, aux = kernel.forward(_fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold), causal, scale)
+        auxes.append(aux)
+        o, lse = _unfold(o, fold), _unfold(lse, fold)
+        if all(r1 <= s or r0 >= e for s, e in covered):  # first result for these rows: no merge
+            out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = o, lse
+        else:
+            merged = merge_partials([(out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1]), (o.to(acc), lse.to(acc))])
+            out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = merged
+        covered.append((r0, r1))
+    return auxes
+
+
+def backward_into(dout, dlse, q, out, lse, metas, kvs, auxes, kernel: Kernel, scale, dq) -> list:
+    """The backward of ``forward_into`` with the *merged* ``out, lse``: adds each part's query gradient
+    into ``dq`` (in place) and returns the parts' key and value gradients ``[dk_0, dv_0, dk_1, ...]``."""
+    kv_grads = []
+    for i, (r0, r1, causal, fold) in enumerate(metas):
+        k, v = kvs[2 * i], kvs[2 * i + 1]
+        qp, kp, vp = _fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold)
+        op, lp = _fold(out[:, :, r0:r1], fold), _fold(lse[:, :, r0:r1], fold)
+        dqp, dkp, dvp = kernel.backward(_fold(dout[:, :, r0:r1], fold), qp, kp, vp, op, lp, auxes[i], causal, scale)
+        if dlse is not None:
+            # dS += P * dlse: a kernel backward with v = 0, out = e_0 and dout = -dlse * e_0 yields
+            # exactly that term (its dP is 0 and its rowsum(dout * out) is -dlse).
+            e0 = torch.zeros_like(op)
+            e0[..., 0] = 1
+            dout2 = torch.zeros_like(op)
+            dout2[..., 0] = -_fold(dlse[:, :, r0:r1], fold).to(op.dtype)
+            dq2, dk2, _ = kernel.backward(dout2, qp, kp, torch.zeros_like(vp), e0, lp, auxes[i], causal, scale)
+            dqp, dkp = dqp + dq2, dkp + dk2
+        dq[:, :, r0:r1] += _unfold(dqp, fold)
+        kv_grads += [_unfold(dkp, fold), _unfold(dvp, fold)]
+    return kv_grads
+
+
 class _PartsAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, metas, kernel: Kernel, scale, reducer, *kvs):
@@ -82,18 +125,7 @@ class _PartsAttention(torch.autograd.Function):
         acc = accumulation_dtype(q.dtype)
         out_acc = q.new_zeros((b, h, s, d), dtype=acc)
         lse_acc = q.new_full((b, h, s), float("-inf"), dtype=acc)
-        auxes, covered = [], []
-        for i, (r0, r1, causal, fold) in enumerate(metas):
-            k, v = kvs[2 * i], kvs[2 * i + 1]
-            o, lse, aux = kernel.forward(_fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold), causal, scale)
-            auxes.append(aux)
-            o, lse = _unfold(o, fold), _unfold(lse, fold)
-            if all(r1 <= s or r0 >= e for s, e in covered):  # first result for these rows: no merge
-                out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = o, lse
-            else:
-                merged = merge_partials([(out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1]), (o.to(acc), lse.to(acc))])
-                out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = merged
-            covered.append((r0, r1))
+        auxes = forward_into(q, metas, kvs, kernel, scale, out_acc, lse_acc, [])
         if reducer is not None:
             out_acc, lse_acc = reducer.merge(out_acc, lse_acc)
         out = out_acc.to(q.dtype)
@@ -105,27 +137,10 @@ class _PartsAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, out, lse, *kvs = ctx.saved_tensors
-        kernel, scale = ctx.kernel, ctx.scale
         if dout is None:
             dout = torch.zeros_like(out)
         dq = torch.zeros_like(q, dtype=accumulation_dtype(q.dtype))
-        kv_grads = []
-        for i, (r0, r1, causal, fold) in enumerate(ctx.metas):
-            k, v = kvs[2 * i], kvs[2 * i + 1]
-            qp, kp, vp = _fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold)
-            op, lp = _fold(out[:, :, r0:r1], fold), _fold(lse[:, :, r0:r1], fold)
-            dqp, dkp, dvp = kernel.backward(_fold(dout[:, :, r0:r1], fold), qp, kp, vp, op, lp, ctx.auxes[i], causal, scale)
-            if dlse is not None:
-                # dS += P * dlse: a kernel backward with v = 0, out = e_0 and dout = -dlse * e_0 yields
-                # exactly that term (its dP is 0 and its rowsum(dout * out) is -dlse).
-                e0 = torch.zeros_like(op)
-                e0[..., 0] = 1
-                dout2 = torch.zeros_like(op)
-                dout2[..., 0] = -_fold(dlse[:, :, r0:r1], fold).to(op.dtype)
-                dq2, dk2, _ = kernel.backward(dout2, qp, kp, torch.zeros_like(vp), e0, lp, ctx.auxes[i], causal, scale)
-                dqp, dkp = dqp + dq2, dkp + dk2
-            dq[:, :, r0:r1] += _unfold(dqp, fold)
-            kv_grads += [_unfold(dkp, fold), _unfold(dvp, fold)]
+        kv_grads = backward_into(dout, dlse, q, out, lse, ctx.metas, kvs, ctx.auxes, ctx.kernel, ctx.scale, dq)
         if ctx.reducer is not None:
             dq = ctx.reducer.sum_grad(dq)
         return (dq.to(q.dtype), None, None, None, None, *kv_grads)

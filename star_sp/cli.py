@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query-ids", help="whitespace-separated token ids of the query")
     g.add_argument("--random-query", type=int, metavar="N", help="N random token ids as the query (timings)")
     g = gen.add_argument_group("star attention")
-    g.add_argument("--attention", choices=("star", "global"), help="star (default) or the plain model (one process)")
+    g.add_argument("--attention", choices=("star", "global", "ring"),
+                   help="star (default), the plain model (one process), or exact ring attention across the processes")
     g.add_argument("--block-size", type=int, help="context tokens per block (default 4096)")
     g.add_argument("--anchor-size", type=int, help="anchor tokens (default: the block size)")
     g.add_argument("--anchor-source", choices=("broadcast", "recompute"),
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--tasks", default="all", help="comma-separated tasks or families (niah_single, vt, ...) or all")
     ev.add_argument("--lengths", default="4k", help="comma-separated lengths in tokens (4096 or 4k)")
-    ev.add_argument("--attention", default="star,global", help="comma-separated: star, global")
+    ev.add_argument("--attention", default="star,global", help="comma-separated: star, global, ring")
     ev.add_argument("--block-size", default="1/4", help="comma-separated block sizes: tokens, or 1/k of the length")
     ev.add_argument("--anchor-size", default="block",
                     help="comma-separated anchor sizes: tokens, block, block/k, or 0 (no anchor)")

@@ -200,6 +200,15 @@ class RingLayout:
     def num_tokens(self) -> int:
         return self.num_tokens_of(self.rank)
 
+    @property
+    def is_idle(self) -> bool:
+        return self.num_tokens == 0
+
+    @property
+    def is_query_host(self) -> bool:
+        """The last rank: in the engine it holds the query and generated tokens' KV, as under Star."""
+        return self.rank == self.world_size - 1
+
     def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Position ids of this rank's rows."""
         return torch.cat([torch.arange(*self.chunk_range(j), device=device) for j in self.chunks_of(self.rank)])

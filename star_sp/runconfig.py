@@ -41,8 +41,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise StarInputError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.attention not in ("star", "global"):
-            raise StarInputError(f"attention must be 'star' or 'global', got {self.attention!r}")
+        if self.attention not in ("star", "global", "ring"):
+            raise StarInputError(f"attention must be 'star', 'global' or 'ring', got {self.attention!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise StarInputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):

@@ -118,6 +118,34 @@ def test_engine_across_ranks_matches_oracle(cluster, world_size, anchor_source):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 3])  # 2 and 4 ranks: tests/test_ring.py, test_launch.py
+def test_ring_attention_engine_is_exact_across_ranks(cluster, world_size):
+    """attention='ring': exact causal prefill across hosts (zigzag shares), queries merged like phase 2."""
+    spec = dict(family="llama", block=5, anchor=2, lc=19, lq=3, batch=2, steps=4, anchor_source="broadcast",
+                attention="ring")
+    results = [workers.engine_run(None, spec)] if world_size == 1 else cluster(world_size).run(workers.engine_run, spec)
+    model, _ = build("llama", dtype=torch.float64)
+    ref = reference_model(model)
+    ctx, q = workers.engine_inputs(spec, model.config.vocab_size)
+    expected = oracle_logits(ref, ctx, q, 19, 1)  # one block: plain causal attention
+    greedy = oracle_greedy(ref, ctx, q, 19, 1, 4)
+    for r in results:
+        assert (r["logits"] - expected).abs().max() < LOGIT_ATOL
+        assert torch.equal(r["greedy"], greedy)
+        assert torch.equal(r["sampled"], results[0]["sampled"])
+    assert sum(r["local_tokens"] for r in results) == 19  # each host keeps its zigzag share of the KV
+    assert results[-1]["query_kv"] and not any(r["query_kv"] for r in results[:-1])
+
+
+@pytest.mark.slow
+def test_ring_attention_needs_two_tokens_per_rank(cluster):
+    spec = dict(family="llama", block=5, anchor=2, lc=5, lq=2, batch=1, steps=1, anchor_source="broadcast",
+                attention="ring")
+    for ok, value in cluster(3).run_raw(workers.engine_run, spec):
+        assert not ok and value[0] == "StarInputError" and "at least 6 tokens" in value[1], value
+
+
+@pytest.mark.slow
 def test_context_shorter_than_a_block_across_ranks_raises_everywhere(cluster):
     spec = dict(family="llama", block=64, anchor=8, lc=17, lq=3, batch=1, steps=2, anchor_source="broadcast")
     raw = cluster(2).run_raw(workers.engine_run, spec)
@@ -178,6 +206,6 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(StarInputError, match="block_size must be a positive integer"):
         StarEngine(model, StarConfig(block_size=0))
     with pytest.raises(StarInputError, match="attention must be"):
-        StarEngine(model, StarConfig(block_size=8), attention="ring")
+        StarEngine(model, StarConfig(block_size=8), attention="sparse")
     with pytest.raises(StarInputError, match="only inside star_sp.StarEngine"):
         model(torch.ones(1, 3, dtype=torch.long))

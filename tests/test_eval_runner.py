@@ -110,6 +110,8 @@ def test_methods_and_summary():
     assert [m.name for m in methods][:3] == ["star_b1/4_ablock", "star_b1/4_ablock/4", "star_b1/4_a0"]
     assert Method("star", "1/8", "block/4").sizes(16384) == (2048, 512)
     assert Method("global").sizes(4096) == (4096, 4096)
+    assert [m.name for m in parse_methods(["ring", "global"], [], [])] == ["ring", "global"]
+    assert Method("ring").sizes(4096) == (4096, 4096)
     rows = [{"task": "niah_single_1", "length": 4096, "method": m, "score": s}
             for m, s in (("global", 100), ("global", 80), ("star_b1/4_ablock", 90), ("star_b1/4_ablock", 60))]
     rows += [{"task": "vt", "length": 4096, "method": m, "score": s} for m, s in (("global", 50), ("star_b1/4_ablock", 50))]

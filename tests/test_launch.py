@@ -68,7 +68,7 @@ def test_help_reads_well(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, extra", [(2, ()), (3, ("--anchor-source", "recompute")), (4, ())])
+@pytest.mark.parametrize("nproc, extra", [(2, ()), (3, ("--anchor-source", "recompute")), (4, ("--attention", "ring"))])
 def test_torchrun_matches_one_process(dirs, capsys, nproc, extra):
     expected = _single(dirs, capsys, *extra)
     proc = _launch([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "launch/infer.py",

@@ -7,6 +7,8 @@ by the phase's policy) and then ``attend(layer, q, k, v, scale)``:
 - ``PrefillPass`` (phase 1): the rows are this host's blocks (``[anchor ;] own blocks`` in recompute
   mode). One process holding every block runs them as one block-sparse call; several hosts run
   ``phase1_attention`` (anchor KV broadcast per layer, or recomputed). Only the own blocks' KV is kept.
+- ``RingPrefillPass`` (the exact baseline): the rows are this host's zigzag share of the context
+  (``RingLayout``); each layer runs ``ring_attention`` over the whole context and keeps the own KV.
 - ``QueryPass`` (phase 2): the rows are query or generated tokens, the same on every host. Each host
   attends its context KV; the query host also appends to and attends the query KV; results merge by
   all-reduce (``phase2_attention``), or locally in one process (``phase2_local``).
@@ -21,18 +23,19 @@ import torch
 import torch.distributed as dist
 
 from ..config import StarConfig
-from ..layout import BlockLayout
+from ..layout import BlockLayout, RingLayout
 from ..ops.star import local_attention, phase1_parts, phase2_local
 from .kv_cache import ContextKV, QueryKV
 from .phase1 import phase1_attention
 from .phase2 import phase2_attention
+from .ring import ring_attention
 
 
 @dataclass
 class StarContext:
     """What phase 1 made: this host's context KV and where the context sits. Read-only afterwards."""
 
-    layout: BlockLayout
+    layout: BlockLayout | RingLayout
     config: StarConfig
     batch_size: int
     kv: ContextKV
@@ -88,6 +91,21 @@ class PrefillPass(_Pass):
         else:
             parts = phase1_parts(k, v, layout.block_lengths, has_block0=True, anchor_len=layout.anchor_len)
             out, _ = local_attention(q, parts, scale=scale, backend=cfg.backend)
+        self._tick(layer)
+        return out
+
+
+class RingPrefillPass(_Pass):
+    """Exact causal prefill by ring attention over this host's zigzag rows; keeps all of their KV."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
+        self.context.kv.store(layer, k, v)
+        return k, v
+
+    def attend(self, layer: int, q, k, v, scale: float | None):
+        cfg = self.context.config
+        out, _ = ring_attention(q, k, v, self.context.layout, group=self.group, scale=scale, backend=cfg.backend,
+                                check=self.check and layer == 0, timeout_s=cfg.collective_timeout_s)
         self._tick(layer)
         return out
 

@@ -37,9 +37,12 @@ def answer_budget(task: str, override: int | None = None, answer_tokens: int = 0
     return override or max(MAX_NEW_TOKENS.get(task, DEFAULT_NEW_TOKENS), answer_tokens + MARGIN_TOKENS)
 
 
+EXACT = ("global", "ring")  # methods that compute full causal attention (no block, no anchor)
+
+
 @dataclass(frozen=True)
 class Method:
-    """``global``, or ``star`` with a block and an anchor given as specs that may depend on the length:
+    """``global`` or ``ring`` (exact), or ``star`` with a block and an anchor given as specs that may depend on the length:
     block ``2048`` or ``1/4`` (a quarter of the length); anchor ``512``, ``block``, ``block/4`` or ``0``
     (no anchor at all)."""
 
@@ -49,11 +52,11 @@ class Method:
 
     @property
     def name(self) -> str:
-        return "global" if self.attention == "global" else f"star_b{self.block}_a{self.anchor}"
+        return self.attention if self.attention in EXACT else f"star_b{self.block}_a{self.anchor}"
 
     def sizes(self, length: int) -> tuple[int, int]:
         """``(block_size, anchor_size)`` in tokens at this length."""
-        if self.attention == "global":
+        if self.attention in EXACT:
             return length, length
         block = length // int(self.block[2:]) if self.block.startswith("1/") else int(self.block)
         if self.anchor == "block":
@@ -70,8 +73,8 @@ def parse_methods(attention: list[str], blocks: list[str], anchors: list[str]) -
     anchor pair)."""
     methods = []
     for att in attention:
-        if att == "global":
-            methods.append(Method("global"))
+        if att in EXACT:
+            methods.append(Method(att))
         elif att == "star":
             if not blocks:
                 raise StarInputError("star attention needs --block-size (tokens, or 1/k of the length)")
@@ -87,7 +90,7 @@ def parse_methods(attention: list[str], blocks: list[str], anchors: list[str]) -
                         raise StarInputError(f"block {b!r} and anchor {a!r} must give positive sizes")
                     methods.append(m)
         else:
-            raise StarInputError(f"attention must be star or global, got {att!r}")
+            raise StarInputError(f"attention must be star, global or ring, got {att!r}")
     return methods
 
 

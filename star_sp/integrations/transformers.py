@@ -22,9 +22,9 @@ from ..distributed.agreement import agree
 from ..distributed.collectives import broadcast_tokens
 from ..distributed.guard import guarded_step
 from ..distributed.kv_cache import ContextKV, QueryKV
-from ..distributed.passes import PrefillPass, QueryPass, StarContext
+from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ..errors import StarInputError
-from ..layout import BlockLayout
+from ..layout import BlockLayout, RingLayout
 from ..sampling import SamplingConfig, next_tokens
 
 ATTENTION_NAME = "star"
@@ -99,12 +99,17 @@ class StarEngine:
     ``group=None``: one process holds every block (on one device phase 1 is one block-sparse prefill).
     Otherwise one process per host; every rank calls every method with the same arguments (the full
     context and query ids on every rank), and every rank gets the same results.
+
+    ``attention="global"`` is the plain model (one process); ``attention="ring"`` is exact causal
+    attention across the hosts (the baseline): the prefill runs ring attention over zigzag shares of
+    the context, and queries are answered like Star's phase 2 (each host attends its KV, one merge).
+    ``block_size`` and ``anchor_size`` are unused by both.
     """
 
     def __init__(self, model, config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
                  attention: str = "star"):
-        if attention not in ("star", "global"):
-            raise StarInputError(f"attention must be 'star' or 'global', got {attention!r}")
+        if attention not in ("star", "global", "ring"):
+            raise StarInputError(f"attention must be 'star', 'global' or 'ring', got {attention!r}")
         if not isinstance(config, StarConfig):
             raise StarInputError(f"config must be a star_sp.StarConfig, got {type(config).__name__}")
         self.world_size = dist.get_world_size(group) if group is not None else 1
@@ -138,8 +143,13 @@ class StarEngine:
             with guarded_step(step, self.group):
                 agree(self.group, step, meta, error)
 
+    @property
+    def _ring(self) -> bool:
+        return self.attention == "ring" and self.group is not None
+
     def _config_for(self, context_len: int) -> StarConfig:
-        if self.attention == "global":  # one block: phase 1 is plain causal attention
+        if self.attention == "global" or (self.attention == "ring" and self.group is None):
+            # one block: phase 1 is plain causal attention (ring attention in one process is just that)
             return replace(self.config, block_size=context_len, anchor_size=1)
         return self.config
 
@@ -167,10 +177,16 @@ class StarEngine:
         if error is None:
             cfg = self._config_for(context_ids.shape[1])
             try:
-                layout = BlockLayout.from_config(cfg, context_ids.shape[1], self.world_size, self.rank)
+                if self._ring:
+                    layout = RingLayout(context_ids.shape[1], self.world_size, self.rank)
+                    if layout.context_len < 2 * self.world_size:
+                        error = (f"ring attention over {self.world_size} processes needs a context of at least "
+                                 f"{2 * self.world_size} tokens, got {layout.context_len}")
+                else:
+                    layout = BlockLayout.from_config(cfg, context_ids.shape[1], self.world_size, self.rank)
             except StarInputError as exc:
                 error = str(exc)
-            if layout is not None and self.world_size > 1 and layout.num_blocks < 2:
+            if isinstance(layout, BlockLayout) and self.world_size > 1 and layout.num_blocks < 2:
                 error = (f"the context ({layout.context_len} tokens) fits in one block of {cfg.block_size}: with "
                          f"{self.world_size} processes every host but one would be idle. Lower --block-size to "
                          f"at most {max(1, layout.context_len // self.world_size)} or run one process")
@@ -183,13 +199,15 @@ class StarEngine:
         context = StarContext(layout=layout, config=cfg, batch_size=context_ids.shape[0],
                               kv=ContextKV(self.num_layers), group=self.group,
                               fingerprint=fingerprint)
-        state = PrefillPass(context, self.num_layers, check=True, progress=progress)
+        state = (RingPrefillPass if self._ring else PrefillPass)(context, self.num_layers, check=True, progress=progress)
         self._sync()
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if layout.is_idle:
             self._idle_prefill(state, context_ids.shape[0])
+        elif self._ring:
+            self._forward(state, layout.shard(context_ids, 1), layout.positions())
         else:
             ids = layout.shard(context_ids, 1)
             if layout.anchor_rows(recompute):

@@ -1,0 +1,55 @@
+"""tools/bench.py in its smallest form on CPU: every method runs (torch-cp is recorded as needing
+CUDA), in one process and in two under torchrun, and the JSON and Markdown carry their provenance."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from star_sp.testing import save
+from test_launch import BIN, ROOT, _launch, free_port
+
+ARGS = ["--contexts", "64,101", "--decode", "3", "--query", "3", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "tiny"
+    save(path, "llama", tokenizer=False)
+    return path
+
+
+def _check(out, hosts):
+    record = json.loads((out / "bench.json").read_text())
+    rows = record["rows"]
+    assert record["world_size"] == hosts and record["provenance"]["command"].startswith("tools/bench.py")
+    assert {r["method"] for r in rows} == {"global", "star", "star-paper", "ring", "torch-cp"}
+    for r in rows:
+        if r["method"] == "torch-cp":
+            assert "needs CUDA" in r["error"]
+            continue
+        assert "error" not in r, r
+        assert r["ttft_s"] > r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
+        assert r["hosts"] == (1 if r["method"] == "global" else hosts)
+    star = [(r["context"], r["block"], r["anchor"]) for r in rows if r["method"] == "star"]
+    assert star == [(64, -(-64 // hosts), -(-64 // hosts) // 4), (64, -(-64 // hosts), -(-64 // hosts)),
+                    (101, -(-101 // hosts), -(-101 // hosts) // 4), (101, -(-101 // hosts), -(-101 // hosts))]
+    md = (out / "bench.md").read_text()
+    assert "| context | method |" in md and "torch" in md and "tools/bench.py" in md
+
+
+def test_bench_one_process(tiny, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "tools", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(tiny), *ARGS, "--out", str(tmp_path / "one")]) == 0
+    _check(tmp_path / "one", 1)
+
+
+@pytest.mark.slow
+def test_bench_two_processes(tiny, tmp_path):
+    proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    "tools/bench.py", "--model", str(tiny), *ARGS, "--out", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check(tmp_path / "two", 2)

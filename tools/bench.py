@@ -1,0 +1,239 @@
+"""Star Attention against its baselines, same model, same inputs, one process per GPU.
+
+    torchrun --nproc_per_node 2 tools/bench.py --contexts 16k,32k,64k,128k --out runs/bench
+    python tools/bench.py --contexts 32k,128k                      # one GPU: global and star (block-sparse)
+
+Model: a Llama-3.1-8B-shaped model (``configs/models/llama-3.1-8b``) with random bf16 weights (timings
+need no checkpoint). Methods (``--methods``):
+
+- ``global``: the plain model on one GPU (every rank runs it alone; rank 0 reports);
+- ``star``: ours, anchor KV broadcast once per layer, outputs merged by all-reduce, for each
+  ``--blocks`` x ``--anchors`` setting (block ``1/N`` = the context split evenly over the hosts);
+- ``star-paper``: the paper's form, anchor recomputed on every host and outputs and LSEs all-gathered;
+- ``ring``: exact ring attention of this project (zigzag load balance, the same LSE merge);
+- ``torch-cp``: PyTorch's context-parallel ring attention (``torch.distributed.tensor.experimental.
+  context_parallel`` over SDPA; prefill only, as it has no decode path; CUDA only).
+
+For each context length and method: one warm-up at a short context, then time to first token (prefill
+plus the first generated token), decode milliseconds per token at that context, and peak memory per
+GPU. Results: ``OUT/bench.json`` (one record per row, with hardware, versions, date and command) and
+``OUT/bench.md`` (a table). Rows that do not fit in memory are recorded as such and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from star_sp import StarConfig, StarEngine, StarError  # noqa: E402
+from star_sp.distributed.process_group import init_from_env  # noqa: E402
+from star_sp.eval.runner import parse_length  # noqa: E402
+
+METHODS = ("global", "star", "star-paper", "ring", "torch-cp")
+
+
+def _size(spec: str, length: int, world: int, block: int | None = None) -> int:
+    """``1/N`` (the hosts), ``1/k``, ``block``, ``block/k`` or tokens."""
+    if spec == "1/N":
+        return -(-length // world)
+    if spec.startswith("1/"):
+        return length // int(spec[2:])
+    if spec == "block":
+        return block
+    if spec.startswith("block/"):
+        return block // int(spec[6:])
+    return parse_length(spec)
+
+
+def _model(path: str, device, dtype, seed: int):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def _ids(length: int, vocab: int, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (1, length), generator=gen).to(device)
+
+
+def _reset(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def run_engine(model, method: str, block: int, anchor: int, context, query, decode: int, group, backend: str):
+    """TTFT, decode and memory of one engine method on this rank."""
+    attention = {"global": "global", "star": "star", "star-paper": "star", "ring": "ring"}[method]
+    paper = method == "star-paper"
+    cfg = StarConfig(block_size=block, anchor_size=anchor, backend=backend,
+                     anchor_source="recompute" if paper else "broadcast",
+                     phase2_merge="allgather" if paper else "allreduce")
+    engine = StarEngine(model, cfg, None if method == "global" else group, attention=attention)
+    warm = context[:, : min(context.shape[1], 4096)]  # kernels, plans and allocator, at a short context
+    engine.generate(engine.prefill(warm), query, 2)
+    device = engine.device
+    _reset(device)
+    ctx = engine.prefill(context)
+    prefill = engine.stats["prefill_s"]
+    engine.generate(ctx, query, decode + 1)
+    stats = engine.stats
+    ms = 1000 / stats["decode_tokens_per_s"] if decode else None
+    return {"prefill_s": prefill, "first_token_s": stats["first_token_s"], "ttft_s": prefill + stats["first_token_s"],
+            "decode_ms_per_token": ms, "peak_gb": _peak(device), "kv_tokens_here": ctx.kv.num_tokens}
+
+
+def run_torch_cp(model, context, group, device):
+    """PyTorch's context parallelism: prefill of the whole context, sequence sharded over the mesh."""
+    if device.type != "cuda":
+        raise RuntimeError("torch-cp needs CUDA (PyTorch's context parallelism runs over CUDA SDPA kernels)")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    world = dist.get_world_size(group) if group is not None else 1
+    mesh = init_device_mesh("cuda", (world,))
+    base = getattr(model, model.base_model_prefix)
+
+    def once(ids):
+        ids = ids.clone()
+        pos = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]), torch.no_grad():
+            with context_parallel(mesh, buffers=[ids, pos], buffer_seq_dims=[1, 1]):
+                hidden = base(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+                model.lm_head(hidden[:, -1:])
+        torch.cuda.synchronize(device)
+
+    once(context[:, : min(context.shape[1], 4096)])
+    _reset(device)
+    dist.barrier(group)
+    start = time.perf_counter()
+    once(context)
+    elapsed = time.perf_counter() - start
+    return {"prefill_s": elapsed, "first_token_s": None, "ttft_s": elapsed, "decode_ms_per_token": None,
+            "peak_gb": _peak(device), "kv_tokens_here": None}
+
+
+def _provenance(device, argv) -> dict:
+    import transformers
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(),
+            "command": " ".join(["tools/bench.py", *argv])}
+
+
+def table(rows: list[dict]) -> str:
+    head = "| context | method | hosts | block | anchor | TTFT s | prefill s | decode ms/token | peak GB/GPU |"
+    lines = [head, "|" + "---|" * 9]
+    fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['context']} | {r['method']} | {r['hosts']} | {r.get('block', '-')} | "
+                         f"{r.get('anchor', '-')} | {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['context']} | {r['method']} | {r['hosts']} | {r.get('block', '-')} | {r.get('anchor', '-')} | "
+                     f"{fmt(r['ttft_s'])} | {fmt(r['prefill_s'])} | {fmt(r['decode_ms_per_token'], 1)} | "
+                     f"{fmt(r['peak_gb'], 1)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="configs/models/llama-3.1-8b", help="a model config directory")
+    p.add_argument("--contexts", default="16k,32k,64k,128k")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--blocks", default="1/N", help="star block sizes: 1/N (one block per host), 1/k, or tokens")
+    p.add_argument("--anchors", default="block/4,block", help="star anchor sizes: block, block/k, or tokens")
+    p.add_argument("--query", type=int, default=16, help="query tokens")
+    p.add_argument("--decode", type=int, default=32, help="tokens generated to time decoding")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    group, device, created = init_from_env(600.0)
+    world = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    model = _model(args.model, device, getattr(torch, args.dtype), args.seed)
+    rows: list[dict] = []
+    for length in map(parse_length, args.contexts.split(",")):
+        context = _ids(length, model.config.vocab_size, args.seed, device)
+        query = _ids(args.query, model.config.vocab_size, args.seed + 1, device)
+        for method in methods:
+            settings = [(length, length)]
+            if method.startswith("star"):
+                settings = [(b, _size(a, length, world, b)) for b in (_size(x, length, world) for x in args.blocks.split(","))
+                            for a in args.anchors.split(",")]
+            for block, anchor in settings:
+                row = {"context": length, "method": method, "hosts": 1 if method == "global" else world}
+                if method.startswith("star"):
+                    row.update(block=block, anchor=anchor)
+                try:
+                    if method == "torch-cp":
+                        row.update(run_torch_cp(model, context, group, device))
+                    else:
+                        row.update(run_engine(model, method, block, anchor, context, query, args.decode, group,
+                                              args.backend))
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                except (RuntimeError, StarError) as exc:
+                    row["error"] = str(exc).splitlines()[0][:120]
+                _reset(device)
+                if group is not None:  # the slowest rank's times, every rank's peak memory, any rank's error
+                    gathered = [None] * world
+                    dist.all_gather_object(gathered, row, group=group)
+                    errors = [g["error"] for g in gathered if "error" in g]
+                    if errors:
+                        row = {k: v for k, v in row.items() if k in ("context", "method", "hosts", "block", "anchor")}
+                        row["error"] = errors[0]
+                    else:
+                        for key in ("prefill_s", "first_token_s", "ttft_s", "decode_ms_per_token", "peak_gb"):
+                            values = [g[key] for g in gathered if g[key] is not None]
+                            row[key] = max(values) if values else None
+                        row["peak_gb_per_rank"] = [g["peak_gb"] for g in gathered]
+                rows.append(row)
+                if rank == 0:
+                    print(json.dumps(row), flush=True)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        record = {"provenance": _provenance(device, argv), "world_size": world, "rows": rows}
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(record, f, indent=1)
+        prov = record["provenance"]
+        with open(os.path.join(args.out, "bench.md"), "w") as f:
+            f.write(f"{table(rows)}\n\n{world} process(es) on {prov['device']}; torch {prov['torch']}, transformers "
+                    f"{prov['transformers']}, CUDA {prov['cuda']}; {prov['date']}; `{prov['command']}`\n")
+        print(table(rows))
+    if created:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -101,15 +101,18 @@ def run_engine(model, method: str, block: int, anchor: int, context, query, deco
             "decode_ms_per_token": ms, "peak_gb": _peak(device), "kv_tokens_here": ctx.kv.num_tokens}
 
 
-def run_torch_cp(model, context, group, device):
-    """PyTorch's context parallelism: prefill of the whole context, sequence sharded over the mesh."""
+def run_torch_cp(model, context, group, device, rotate: str):
+    """PyTorch's context parallelism: prefill of the whole context, sequence sharded over the mesh
+    (its load-balanced layout), the KV rotated by ``rotate`` ("alltoall": the ring; or "allgather")."""
     if device.type != "cuda":
         raise RuntimeError("torch-cp needs CUDA (PyTorch's context parallelism runs over CUDA SDPA kernels)")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import set_rotate_method
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     world = dist.get_world_size(group) if group is not None else 1
+    set_rotate_method(rotate)
     mesh = init_device_mesh("cuda", (world,))
     base = getattr(model, model.base_model_prefix)
 
@@ -129,7 +132,7 @@ def run_torch_cp(model, context, group, device):
     once(context)
     elapsed = time.perf_counter() - start
     return {"prefill_s": elapsed, "first_token_s": None, "ttft_s": elapsed, "decode_ms_per_token": None,
-            "peak_gb": _peak(device), "kv_tokens_here": None}
+            "peak_gb": _peak(device), "kv_tokens_here": None, "rotate": rotate}
 
 
 def _provenance(device, argv) -> dict:
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cp-rotate", default="alltoall", choices=("alltoall", "allgather"),
+                   help="how torch-cp passes the KV (alltoall: around the ring)")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
                     row.update(block=block, anchor=anchor)
                 try:
                     if method == "torch-cp":
-                        row.update(run_torch_cp(model, context, group, device))
+                        row.update(run_torch_cp(model, context, group, device, args.cp_rotate))
                     else:
                         row.update(run_engine(model, method, block, anchor, context, query, args.decode, group,
                                               args.backend))

@@ -158,8 +158,8 @@ class RingLayout:
 
         chunks:  c0  c1  c2  c3        rank 0: [c0 ; c3]     rank 1: [c1 ; c2]
 
-    A rank's rows (and keys) are its two chunks concatenated; chunks may differ in length by one and
-    are empty when ``L < 2N``.
+    A rank's rows (and keys) are its two chunks concatenated; chunks may differ in length by one. Every
+    chunk holds a token: ``L >= 2N`` is required.
     """
 
     context_len: int
@@ -173,6 +173,9 @@ class RingLayout:
                 raise StarInputError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= self.rank < self.world_size:
             raise StarInputError(f"rank {self.rank} is outside a group of {self.world_size}")
+        if self.context_len < 2 * self.world_size:
+            raise StarInputError(f"ring attention over {self.world_size} ranks needs at least {2 * self.world_size} "
+                                 f"tokens (two chunks per rank), got {self.context_len}")
 
     def for_rank(self, rank: int) -> "RingLayout":
         return RingLayout(self.context_len, self.world_size, rank)

@@ -23,7 +23,7 @@ def ring_parts(layout: RingLayout, src: int, k: torch.Tensor, v: torch.Tensor) -
     parts, offsets = [], []
     for a, row, rows in layout.rows_of(layout.rank):
         for b, key_row, keys in layout.rows_of(src):
-            if rows == 0 or keys == 0 or b > a:
+            if b > a:
                 continue
             kb, vb = k[:, :, key_row:key_row + keys], v[:, :, key_row:key_row + keys]
             parts.append(Part(row, row + rows, kb, vb, causal=b == a))

@@ -1,15 +1,19 @@
 """Train the reference long-context model that ships with star-sp (a small Llama, global attention).
 
     python tools/train_reference.py --out runs/reference --max-length 16384 --minutes 60
+    bash tools/train_reference.sh 1 OUT && bash tools/train_reference.sh 2 OUT   # the shipped model
 
-Reproducible from its arguments and seed: it builds a byte-level BPE tokenizer on generated text,
-then trains a Llama-architecture model on a mixture of the RULER-style task families
-(``star_sp.eval.tasks``, answers appended, loss on the answer) and plain generated prose (loss on every
-token), with a curriculum that raises the context length from ``--min-length`` to ``--max-length``.
-Writes, in the transformers layout, ``config.json``, ``model.safetensors`` (bf16), the tokenizer files,
-``training_log.jsonl`` (loss, answer loss, lengths, tokens/s per logging step) and ``recipe.json``
-(every argument, the data mixture, the final losses). Needs a GPU for the real run; ``--smoke`` runs a
-few steps of a tiny model on any device.
+Reproducible from its arguments and seed (the budgets are wall-clock minutes, so step counts vary a
+little with the hardware): it builds a byte-level BPE tokenizer on generated text (or keeps the one of
+``--init``), then trains a Llama-architecture model on a mixture of the RULER-style task families
+(``star_sp.eval.tasks``, each sample with its answer appended, or a *drill*: one context asked several
+questions) and plain generated prose (``tools/reference_data.py``); the loss is the mean loss on answer
+tokens plus ``--context-weight`` times the mean loss on the other tokens; a curriculum raises the
+context length from ``--min-length`` to ``--max-length`` (``--stage-shares`` splits the time).
+Writes, in the transformers layout, ``config.json``, ``model.safetensors`` (bf16, after every stage),
+the tokenizer files, ``training_log.jsonl`` (losses, each task's answer accuracy, lengths, tokens/s per
+logging step) and ``recipe.json`` (every argument, the mixture, the final log line). Needs a GPU for the
+real run; ``--smoke`` runs a few steps of a tiny model on any device.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import pytest
 from star_sp.testing import save
 from test_launch import BIN, ROOT, _launch, free_port
 
-ARGS = ["--contexts", "64,101", "--decode", "3", "--query", "3", "--dtype", "float32"]
+ARGS = ["--contexts", "64,101", "--decode", "3", "--query", "3", "--dtype", "float32", "--project", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,15 @@ def _check(out, hosts):
                     (101, -(-101 // hosts), -(-101 // hosts) // 4), (101, -(-101 // hosts), -(-101 // hosts))]
     md = (out / "bench.md").read_text()
     assert "| context | method |" in md and "torch" in md and "tools/bench.py" in md
+    # phase 1 projected for 4 hosts, ours and the paper's form, for each length and anchor, labelled so
+    projected = record["projection"]
+    assert len(projected) == 2 * 2 * 2 and all(r["projected"] and r["hosts"] == 4 for r in projected)
+    for r in projected:
+        assert r["block"] == -(-r["context"] // 4) and r["phase1_compute_s"] > 0
+        measured_bcast = r["method"] == "star (projected)" and hosts > 1
+        assert (r["anchor_broadcast_s"] is not None) == measured_bcast
+        assert r["phase1_s"] == pytest.approx(r["phase1_compute_s"] + (r["anchor_broadcast_s"] or 0))
+    assert "PROJECTION" in md
 
 
 def test_bench_one_process(tiny, tmp_path):

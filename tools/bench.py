@@ -16,7 +16,9 @@ need no checkpoint). Methods (``--methods``):
 
 For each context length and method: one warm-up at a short context, then time to first token (prefill
 plus the first generated token), decode milliseconds per token at that context, and peak memory per
-GPU. Results: ``OUT/bench.json`` (one record per row, with hardware, versions, date and command) and
+GPU. ``--project 4,8`` adds a PROJECTION of phase 1 on that many hosts (ours and the paper's form):
+the busiest host's work measured alone on this GPU plus the anchor broadcast measured across this
+run's GPUs; it is labelled as a projection everywhere it is written. Results: ``OUT/bench.json`` (one record per row, with hardware, versions, date and command) and
 ``OUT/bench.md`` (a table). Rows that do not fit in memory are recorded as such and the run goes on.
 """
 
@@ -35,7 +37,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from star_sp import StarConfig, StarEngine, StarError  # noqa: E402
+from star_sp import BlockLayout, StarConfig, StarEngine, StarError  # noqa: E402
+from star_sp.distributed.kv_cache import ContextKV  # noqa: E402
+from star_sp.distributed.passes import PrefillPass, StarContext  # noqa: E402
+from star_sp.ops import local_attention, phase1_parts  # noqa: E402
 from star_sp.distributed.process_group import init_from_env  # noqa: E402
 from star_sp.eval.runner import parse_length  # noqa: E402
 
@@ -135,6 +140,79 @@ def run_torch_cp(model, context, group, device, rotate: str):
             "peak_gb": _peak(device), "kv_tokens_here": None, "rotate": rotate}
 
 
+class _HostPass(PrefillPass):
+    """One host's phase-1 work, run alone for the projection: its rows are ``[anchor ;] block`` (the
+    anchor rows only in the paper's recompute form); in our form the anchor's KV arrives ready (here
+    random tensors of its shape: the time does not depend on the values)."""
+
+    def __init__(self, context, num_layers, anchor_rows: int, anchor_kv, backend: str):
+        super().__init__(context, num_layers, check=False)
+        self.anchor_rows, self.anchor_kv, self.backend = anchor_rows, anchor_kv, backend
+
+    def update(self, k, v, layer, *args, **kwargs):
+        return k, v
+
+    def attend(self, layer, q, k, v, scale):
+        block = [q.shape[2] - self.anchor_rows]
+        if self.anchor_rows:
+            parts = phase1_parts(k, v, block, has_block0=False, anchor_len=self.anchor_rows, anchor_rows=self.anchor_rows)
+        else:
+            ak, av = self.anchor_kv
+            parts = phase1_parts(k, v, block, has_block0=False, anchor_len=ak.shape[2], anchor_k=ak, anchor_v=av)
+        return local_attention(q, parts, scale=scale, backend=self.backend)[0]
+
+
+def _timed(fn, device, repeats: int = 2) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def project_phase1(model, length: int, hosts: int, anchor_spec: str, backend: str, group, device) -> list[dict]:
+    """PROJECTION of phase 1 on ``hosts`` hosts: the busiest host's work measured alone on this GPU
+    (block ``ceil(L/hosts)`` behind the anchor; ours: the anchor's KV received, paper: recomputed) plus,
+    for ours, the anchor broadcast (one per layer) timed across this run's GPUs when there are two or
+    more (assumed to cost the same on more hosts: NCCL pipelines a broadcast)."""
+    cfg = model.config
+    block = -(-length // hosts)
+    anchor = _size(anchor_spec, length, hosts, block)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    engine = StarEngine(model, StarConfig(block_size=block, anchor_size=anchor, backend=backend), attention="star")
+    layout = BlockLayout(length, block, anchor, hosts, hosts - 1)
+    context = StarContext(layout=layout, config=engine.config, batch_size=1, kv=ContextKV(engine.num_layers))
+    ids = _ids(length, cfg.vocab_size, 0, device)
+    own, own_pos = ids[:, length - block:], torch.arange(length - block, length)
+    akv = (torch.randn(1, kv_heads, anchor, head_dim, dtype=dtype, device=device),) * 2
+    with torch.no_grad():
+        ours = _timed(lambda: engine._forward(_HostPass(context, engine.num_layers, 0, akv, backend), own, own_pos),
+                      device)
+        rows = torch.cat([ids[:, :anchor], own], dim=1)
+        pos = torch.cat([torch.arange(anchor), own_pos])
+        paper = _timed(lambda: engine._forward(_HostPass(context, engine.num_layers, anchor, None, backend), rows, pos),
+                       device)
+    bcast = None
+    if group is not None and dist.get_world_size(group) > 1:
+        buf = torch.zeros(2, 1, kv_heads, anchor, head_dim, dtype=dtype, device=device)
+        src = dist.get_global_rank(group, 0)
+        bcast = engine.num_layers * _timed(lambda: dist.broadcast(buf, src=src, group=group), device, repeats=5)
+    common = {"context": length, "hosts": hosts, "block": block, "anchor": anchor, "projected": True}
+    return [{**common, "method": "star (projected)", "phase1_compute_s": ours, "anchor_broadcast_s": bcast,
+             "phase1_s": ours + (bcast or 0.0)},
+            {**common, "method": "star-paper (projected)", "phase1_compute_s": paper, "anchor_broadcast_s": None,
+             "phase1_s": paper}]
+
+
 def _provenance(device, argv) -> dict:
     import transformers
 
@@ -143,6 +221,17 @@ def _provenance(device, argv) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "command": " ".join(["tools/bench.py", *argv])}
+
+
+def projection_table(rows: list[dict]) -> str:
+    head = ("| context | method | hosts | block | anchor | phase-1 compute s (one host, measured) | "
+            "anchor broadcast s (measured) | phase 1 s (PROJECTED) |")
+    lines = [head, "|" + "---|" * 8]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['method']} | {r['hosts']} | {r['block']} | {r['anchor']} | "
+                     f"{fmt(r['phase1_compute_s'])} | {fmt(r['anchor_broadcast_s'])} | {fmt(r['phase1_s'])} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -174,6 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--project", default="", help="comma-separated host counts to project phase 1 for (e.g. 4,8)")
     p.add_argument("--cp-rotate", default="alltoall", choices=("alltoall", "allgather"),
                    help="how torch-cp passes the KV (alltoall: around the ring)")
     p.add_argument("--out", default="runs/bench")
@@ -187,6 +277,7 @@ def main(argv=None) -> int:
     rank = dist.get_rank(group) if group is not None else 0
     model = _model(args.model, device, getattr(torch, args.dtype), args.seed)
     rows: list[dict] = []
+    projected: list[dict] = []
     for length in map(parse_length, args.contexts.split(",")):
         context = _ids(length, model.config.vocab_size, args.seed, device)
         query = _ids(args.query, model.config.vocab_size, args.seed + 1, device)
@@ -225,16 +316,30 @@ def main(argv=None) -> int:
                 rows.append(row)
                 if rank == 0:
                     print(json.dumps(row), flush=True)
+        for hosts in [int(x) for x in args.project.split(",") if x]:
+            for anchor_spec in args.anchors.split(","):
+                try:
+                    projected += project_phase1(model, length, hosts, anchor_spec, args.backend, group, device)
+                except torch.cuda.OutOfMemoryError:
+                    projected.append({"context": length, "hosts": hosts, "method": "projection", "error": "out of memory"})
+                _reset(device)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        record = {"provenance": _provenance(device, argv), "world_size": world, "rows": rows}
+        record = {"provenance": _provenance(device, argv), "world_size": world, "rows": rows,
+                  "projection": projected}
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(record, f, indent=1)
         prov = record["provenance"]
         with open(os.path.join(args.out, "bench.md"), "w") as f:
             f.write(f"{table(rows)}\n\n{world} process(es) on {prov['device']}; torch {prov['torch']}, transformers "
                     f"{prov['transformers']}, CUDA {prov['cuda']}; {prov['date']}; `{prov['command']}`\n")
+            if projected:
+                f.write("\nPROJECTION (not a measurement of that many hosts): the busiest host's phase-1 work "
+                        "measured alone on one GPU, plus the anchor broadcast measured across this run's GPUs.\n\n"
+                        + projection_table([r for r in projected if "error" not in r]) + "\n")
         print(table(rows))
+        if projected:
+            print(projection_table([r for r in projected if "error" not in r]))
     if created:
         dist.destroy_process_group()
     return 0

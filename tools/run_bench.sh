@@ -9,7 +9,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS
 mkdir -p "$out"
 if [ "$nproc" -gt 1 ]; then
   python3 -m torch.distributed.run --nproc_per_node "$nproc" tools/bench.py --contexts "$contexts" \
-    --out "$out/x$nproc" 2>&1 | tail -40
+    --project 4,8 --out "$out/x$nproc" 2>&1 | tail -40
 else
   python3 tools/bench.py --contexts "$contexts" --methods global,star --blocks 32k,16k --anchors block \
     --out "$out/x1" 2>&1 | tail -20

@@ -10,7 +10,8 @@ import pytest
 from star_sp.testing import save
 from test_launch import BIN, ROOT, _launch, free_port
 
-ARGS = ["--contexts", "64,101", "--decode", "3", "--query", "3", "--dtype", "float32", "--project", "4"]
+ARGS = ["--contexts", "64,101", "--decode", "3", "--query", "3", "--dtype", "float32", "--project", "4",
+        "--methods", "global,engine-global,star,star-paper,ring,torch-cp"]
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +25,14 @@ def _check(out, hosts):
     record = json.loads((out / "bench.json").read_text())
     rows = record["rows"]
     assert record["world_size"] == hosts and record["provenance"]["command"].startswith("tools/bench.py")
-    assert {r["method"] for r in rows} == {"global", "star", "star-paper", "ring", "torch-cp"}
+    assert {r["method"] for r in rows} == {"global", "engine-global", "star", "star-paper", "ring", "torch-cp"}
     for r in rows:
         if r["method"] == "torch-cp":
             assert "needs CUDA" in r["error"]
             continue
         assert "error" not in r, r
         assert r["ttft_s"] > r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
-        assert r["hosts"] == (1 if r["method"] == "global" else hosts)
+        assert r["hosts"] == (1 if r["method"].endswith("global") else hosts)
     star = [(r["context"], r["block"], r["anchor"]) for r in rows if r["method"] == "star"]
     assert star == [(64, -(-64 // hosts), -(-64 // hosts) // 4), (64, -(-64 // hosts), -(-64 // hosts)),
                     (101, -(-101 // hosts), -(-101 // hosts) // 4), (101, -(-101 // hosts), -(-101 // hosts))]

@@ -6,7 +6,9 @@
 Model: a Llama-3.1-8B-shaped model (``configs/models/llama-3.1-8b``) with random bf16 weights (timings
 need no checkpoint). Methods (``--methods``):
 
-- ``global``: the plain model on one GPU (every rank runs it alone; rank 0 reports);
+- ``global``: the plain transformers model on one GPU (SDPA, its own dynamic KV cache, greedy decoding;
+  every rank runs it alone); ``engine-global`` is the same attention through star-sp's engine (one
+  block), to see the engine's own overhead (not in the default list);
 - ``star``: ours, anchor KV broadcast once per layer, outputs merged by all-reduce, for each
   ``--blocks`` x ``--anchors`` setting (block ``1/N`` = the context split evenly over the hosts);
 - ``star-paper``: the paper's form, anchor recomputed on every host and outputs and LSEs all-gathered;
@@ -44,7 +46,8 @@ from star_sp.ops import local_attention, phase1_parts  # noqa: E402
 from star_sp.distributed.process_group import init_from_env  # noqa: E402
 from star_sp.eval.runner import parse_length  # noqa: E402
 
-METHODS = ("global", "star", "star-paper", "ring", "torch-cp")
+METHODS = ("global", "star", "star-paper", "ring", "torch-cp", "engine-global")
+DEFAULT_METHODS = METHODS[:-1]
 
 
 def _size(spec: str, length: int, world: int, block: int | None = None) -> int:
@@ -87,12 +90,12 @@ def _peak(device) -> float | None:
 
 def run_engine(model, method: str, block: int, anchor: int, context, query, decode: int, group, backend: str):
     """TTFT, decode and memory of one engine method on this rank."""
-    attention = {"global": "global", "star": "star", "star-paper": "star", "ring": "ring"}[method]
+    attention = {"engine-global": "global", "star": "star", "star-paper": "star", "ring": "ring"}[method]
     paper = method == "star-paper"
     cfg = StarConfig(block_size=block, anchor_size=anchor, backend=backend,
                      anchor_source="recompute" if paper else "broadcast",
                      phase2_merge="allgather" if paper else "allreduce")
-    engine = StarEngine(model, cfg, None if method == "global" else group, attention=attention)
+    engine = StarEngine(model, cfg, None if method == "engine-global" else group, attention=attention)
     warm = context[:, : min(context.shape[1], 4096)]  # kernels, plans and allocator, at a short context
     engine.generate(engine.prefill(warm), query, 2)
     device = engine.device
@@ -104,6 +107,43 @@ def run_engine(model, method: str, block: int, anchor: int, context, query, deco
     ms = 1000 / stats["decode_tokens_per_s"] if decode else None
     return {"prefill_s": prefill, "first_token_s": stats["first_token_s"], "ttft_s": prefill + stats["first_token_s"],
             "decode_ms_per_token": ms, "peak_gb": _peak(device), "kv_tokens_here": ctx.kv.num_tokens}
+
+
+def run_plain(model, context, query, decode: int, device):
+    """The plain model: SDPA attention, transformers' dynamic cache, greedy decoding."""
+    from star_sp import _compat
+
+    _compat.set_attn_implementation(model, "sdpa")  # an engine switches the model to "star"
+    name = _compat.cache_kwarg(model)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def request(ctx, steps):
+        sync()
+        start = time.perf_counter()
+        out = model(input_ids=ctx, use_cache=True, logits_to_keep=1)
+        sync()
+        prefill = time.perf_counter() - start
+        cache = out.past_key_values
+        out = model(input_ids=query, use_cache=True, logits_to_keep=1, **{name: cache})
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        first = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{name: cache})
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        return prefill, first - start - prefill, (time.perf_counter() - first) / max(1, steps)
+
+    with torch.no_grad():
+        request(context[:, : min(context.shape[1], 4096)], 2)
+        _reset(device)
+        prefill, first, per_token = request(context, decode)
+    return {"prefill_s": prefill, "first_token_s": first, "ttft_s": prefill + first,
+            "decode_ms_per_token": 1000 * per_token if decode else None, "peak_gb": _peak(device),
+            "kv_tokens_here": context.shape[1]}
 
 
 def run_torch_cp(model, context, group, device, rotate: str):
@@ -255,7 +295,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="configs/models/llama-3.1-8b", help="a model config directory")
     p.add_argument("--contexts", default="16k,32k,64k,128k")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from {', '.join(METHODS)}")
     p.add_argument("--blocks", default="1/N", help="star block sizes: 1/N (one block per host), 1/k, or tokens")
     p.add_argument("--anchors", default="block/4,block", help="star anchor sizes: block, block/k, or tokens")
     p.add_argument("--query", type=int, default=16, help="query tokens")
@@ -287,12 +327,14 @@ def main(argv=None) -> int:
                 settings = [(b, _size(a, length, world, b)) for b in (_size(x, length, world) for x in args.blocks.split(","))
                             for a in args.anchors.split(",")]
             for block, anchor in settings:
-                row = {"context": length, "method": method, "hosts": 1 if method == "global" else world}
+                row = {"context": length, "method": method, "hosts": 1 if method.endswith("global") else world}
                 if method.startswith("star"):
                     row.update(block=block, anchor=anchor)
                 try:
                     if method == "torch-cp":
                         row.update(run_torch_cp(model, context, group, device, args.cp_rotate))
+                    elif method == "global":
+                        row.update(run_plain(model, context, query, args.decode, device))
                     else:
                         row.update(run_engine(model, method, block, anchor, context, query, args.decode, group,
                                               args.backend))

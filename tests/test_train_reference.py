@@ -67,6 +67,11 @@ def test_training_examples_hold_their_answers_within_length():
                 assert sum(roles) == sum(end - begin for begin, end, _ in spans)
                 if drill and task in data.DRILLS and length == 1500:
                     assert len(spans) >= 2  # a drill asks several questions of one context
+    # a length too short for a word list's sample with its answer draws the tasks that fit instead
+    assert not sizer.fits("cwe", 200) and sizer.fits("niah_single_1", 200)
+    for _ in range(5):
+        ids, roles, spans = data.make_example(encode, sizer, rng, 200, ["cwe", "niah_single_1"], 0.0, 0.0, 1)
+        assert [name for _, _, name in spans] == ["niah_single_1"]
     # prose: no answers, every token a context token
     ids, roles, spans = data.make_example(encode, sizer, rng, 300, ["vt"], 1.0, 0.0, 4)
     assert len(ids) == 300 and not any(roles) and spans == []

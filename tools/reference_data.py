@@ -91,14 +91,20 @@ class Sizer:
     """Filler units for a target length, per task: a linear fit of tokens against units."""
 
     def __init__(self, encode: Encoder, seed: int):
-        self.fit = {}
+        self.fit, self.least = {}, {}
         for task, (make, _) in TASKS.items():
+            context, query, answers = make(random.Random(f"least/{seed}/{task}"), 1)
+            self.least[task] = 2 + len(encode(context)) + len(encode(query)) + len(encode(answer_text(answers)))
             sizes = []
             for n in (50, 400):
                 context, query, _ = make(random.Random(f"size/{seed}/{task}"), n)
                 sizes.append(len(encode(context)) + len(encode(query)))
             slope = (sizes[1] - sizes[0]) / 350
             self.fit[task] = (sizes[0] - 50 * slope, slope)
+
+    def fits(self, task: str, length: int) -> bool:
+        """Whether a sample of ``task`` with the least filler and its answer fits in ``length`` tokens."""
+        return self.least[task] <= length
 
     def units(self, task: str, length: int) -> int:
         base, slope = self.fit[task]
@@ -134,7 +140,7 @@ def make_example(encode: Encoder, sizer: Sizer, rng: random.Random, length: int,
             ids += encode(" " + prose.paragraph(rng) + "\n")
         ids = ids[:length]
         return ids, [0] * len(ids), []
-    task = rng.choice(tasks)
+    task = rng.choice([t for t in tasks if sizer.fits(t, length)] or tasks)  # e.g. no word lists at 256
     drill = roll < prose_share + drill_share and task in DRILLS
     count = rng.randint(2, questions) if drill else 1
     target = length - count * 50

@@ -3,7 +3,7 @@
 # of under 10 minutes each (the budgets are wall-clock, so step counts vary a little with hardware):
 #   bash tools/train_reference.sh 1 OUT   # 8 min: 256 -> 4096 tokens, from scratch  -> OUT/ref1
 #   bash tools/train_reference.sh 2 OUT   # 8.3 min: 4096 -> 16384 tokens, from OUT/ref1 -> OUT/ref2
-# (the model shipped on 2026-11-28 is OUT/ref2). Next steps, not yet run (see docs/training-notes.md):
+# (the model shipped on 2026-11-28 is OUT/ref2, trained with the code of commit 3c6ad28). Next steps, not yet run (see docs/training-notes.md):
 #   bash tools/train_reference.sh 3 OUT   # 6 min: 512 -> 2048, from the shipped model (= ref2), weighted to qa/cwe/fwe/vt -> OUT/ref3
 #   bash tools/train_reference.sh 4 OUT   # 7 min: 4096 -> 16384, from OUT/ref3 -> OUT/ref4
 # Both write training_log.jsonl and recipe.json beside the weights.

@@ -73,10 +73,11 @@ def test_star_differs_from_causal_when_blocks_are_small():
 def test_equal_blocks_share_one_folded_call():
     k = v = torch.zeros(1, 1, 26, 4)
     parts = phase1_parts(k, v, [6, 6, 6, 6, 2], has_block0=True, anchor_len=3)
-    # block 0, the anchor for all later rows, three equal blocks in one call, the ragged block
+    # block 0, three equal blocks in one call, the ragged block, then the anchor for all later rows
+    # (last, so that a broadcast anchor can still be in flight while the blocks' own parts run)
     assert [(p.row_start, p.row_end, p.causal, p.fold) for p in parts] == [
-        (0, 6, True, 1), (6, 26, False, 1), (6, 24, True, 3), (24, 26, True, 1)]
-    assert parts[1].k.shape[2] == 3
+        (0, 6, True, 1), (6, 24, True, 3), (24, 26, True, 1), (6, 26, False, 1)]
+    assert parts[3].k.shape[2] == 3
 
 
 @pytest.mark.parametrize("query_len, cached", [(1, 0), (4, 0), (1, 5), (3, 2)])

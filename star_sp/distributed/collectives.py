@@ -112,6 +112,33 @@ def broadcast_anchor(
     return kv[0], kv[1]
 
 
+def post_anchor_broadcast(
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    *,
+    src: int,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    group: "dist.ProcessGroup",
+    timeout_s: float | None = None,
+):
+    """``broadcast_anchor`` without gradients and without waiting: returns ``(k, v, ready)`` where
+    ``k, v`` fill in the background and ``ready()`` (idempotent) waits for them. Attention that does
+    not need the anchor can run in between (``ops.Part.ready``), overlapping the transfer."""
+    if dist.get_rank(group) == src:
+        kv = torch.stack([k, v])
+    else:
+        kv = torch.empty((2, *shape), dtype=dtype, device=device)
+    work = dist.broadcast(kv, src=global_rank(group, src), group=group, async_op=True)
+    pending = [work]
+
+    def ready() -> None:
+        if pending:
+            wait(pending.pop(), timeout_s, kv)
+    return kv[0], kv[1], ready
+
+
 class _Tie(torch.autograd.Function):
     """Returns ``out`` unchanged but makes the backward pass visit ``others`` (with zero gradient),
     so that a collective inside their backward runs on every rank, also where they are unused."""

@@ -11,7 +11,7 @@ from ..layout import BlockLayout
 from ..ops.backends import check_qkv
 from ..ops.star import local_attention, phase1_parts
 from .agreement import agree, validated
-from .collectives import broadcast_anchor, tie
+from .collectives import broadcast_anchor, post_anchor_broadcast, tie
 from .guard import guarded_step
 
 
@@ -76,20 +76,25 @@ def phase1_attention(
                     "heads": tuple(q.shape[1:2]) + tuple(k.shape[1:2]), "head_dim": q.shape[-1], "scale": scale,
                     "kv_requires_grad": needs_grad}
             agree(group, "phase1", meta, error)
-        anchor_k = anchor_v = None
+        anchor_k = anchor_v = ready = None
         if not recompute and layout.world_size > 1 and _needs_broadcast(layout):
             b, hkv, _, d = k.shape
             a = layout.anchor_len
             src_k, src_v = (k[:, :, :a], v[:, :, :a]) if layout.owns_anchor else (None, None)
-            anchor_k, anchor_v = broadcast_anchor(src_k, src_v, src=layout.anchor_owner, shape=(b, hkv, a, d),
-                                                  dtype=k.dtype, device=k.device, group=group, timeout_s=timeout_s,
-                                                  requires_grad=needs_grad)
+            where = dict(src=layout.anchor_owner, shape=(b, hkv, a, d), dtype=k.dtype, device=k.device, group=group,
+                         timeout_s=timeout_s)
+            if needs_grad:
+                anchor_k, anchor_v = broadcast_anchor(src_k, src_v, requires_grad=True, **where)
+            else:  # inference: the blocks' own parts run while the anchor is in flight
+                anchor_k, anchor_v, ready = post_anchor_broadcast(src_k, src_v, **where)
         parts = phase1_parts(
             k, v, layout.block_lengths, has_block0=layout.owns_anchor, anchor_len=layout.anchor_len,
             anchor_k=None if layout.owns_anchor else anchor_k, anchor_v=None if layout.owns_anchor else anchor_v,
-            anchor_rows=layout.anchor_rows(recompute),
+            anchor_rows=layout.anchor_rows(recompute), anchor_ready=None if layout.owns_anchor else ready,
         )
         out, lse = local_attention(q, parts, scale=scale, backend=backend)
-        if anchor_k is not None:
+        if ready is not None:
+            ready()  # the owner's send and an idle rank's receive end here
+        if anchor_k is not None and needs_grad:
             out = tie(out, anchor_k, anchor_v)
         return out, lse

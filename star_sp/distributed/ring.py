@@ -22,7 +22,7 @@ from ..layout import RingLayout
 from ..ops.attention import default_scale
 from ..ops.backends import check_qkv, select_kernel
 from ..ops.merge import accumulation_dtype
-from ..ops.parts import backward_into, forward_into
+from ..ops.parts import backward_into, forward_into, split_parts
 from ..ops.ring import ring_parts
 from .agreement import agree, validated
 from .guard import guarded_step, wait
@@ -40,11 +40,6 @@ def _exchange(send: torch.Tensor, recv: torch.Tensor, group, timeout_s):
             wait(work, timeout_s, recv)
         return recv
     return done
-
-
-def _metas(parts):
-    return (tuple((p.row_start, p.row_end, p.causal, p.fold) for p in parts),
-            [t for p in parts for t in (p.k, p.v)])
 
 
 class _Ring(torch.autograd.Function):
@@ -65,7 +60,7 @@ class _Ring(torch.autograd.Function):
                 nxt = (r - t - 1) % n
                 pending = _exchange(kv, kv.new_empty((2, *k.shape[:2], layout.num_tokens_of(nxt), d)), group, timeout_s)
             parts, _ = ring_parts(layout, src, kv[0], kv[1])
-            metas, kvs = _metas(parts)
+            metas, kvs = split_parts(parts)
             auxes.append(forward_into(q, metas, kvs, kernel, scale, out_acc, lse_acc, covered))
             if pending is not None:
                 kv = pending()
@@ -92,7 +87,7 @@ class _Ring(torch.autograd.Function):
             shape = (2, *k.shape[:2], layout.num_tokens_of(nxt), k.shape[-1])
             pending = _exchange(kv, kv.new_empty(shape), group, timeout_s) if t < n - 1 else None
             parts, offsets = ring_parts(layout, src, kv[0], kv[1])
-            metas, kvs = _metas(parts)
+            metas, kvs = split_parts(parts)
             grads = backward_into(dout, dlse, q, out, lse, metas, kvs, ctx.auxes[t], ctx.kernel, ctx.scale, dq)
             for i, start in enumerate(offsets):
                 dk, dv = grads[2 * i], grads[2 * i + 1]

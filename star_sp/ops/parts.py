@@ -19,6 +19,7 @@ returned log-sum-exp is honoured exactly through one more kernel backward per pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +40,9 @@ class Part:
     v: torch.Tensor
     causal: bool = False
     fold: int = 1
+    ready: Callable[[], None] | None = None
+    """Called just before the part's kernel runs: waits for keys still in flight (the anchor's KV
+    arriving by broadcast), so that earlier parts' kernels overlap the transfer."""
 
     def __post_init__(self) -> None:
         rows, keys = self.row_end - self.row_start, self.k.shape[2]
@@ -76,13 +80,16 @@ def _unfold(x: torch.Tensor, fold: int) -> torch.Tensor:
 
 
 def forward_into(q, metas, kvs, kernel: Kernel, scale, out_acc, lse_acc, covered: list) -> list:
-    """Run the parts ``metas`` (``(row_start, row_end, causal, fold)``, keys ``kvs[2i], kvs[2i+1]``) and
+    """Run the parts ``metas`` (``(row_start, row_end, causal, fold, ready)``, keys ``kvs[2i], kvs[2i+1]``;
+    ``split_parts`` makes both from ``Part`` objects) and
     merge each result into ``out_acc, lse_acc`` (in place; ``covered`` lists the row ranges already
     written, so a range's first result is stored without a merge). Returns each part's kernel aux."""
     acc = out_acc.dtype
     auxes = []
-    for i, (r0, r1, causal, fold) in enumerate(metas):
+    for i, (r0, r1, causal, fold, ready) in enumerate(metas):
         k, v = kvs[2 * i], kvs[2 * i + 1]
+        if ready is not None:
+            ready()
         o, lse, aux = kernel.forward(_fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold), causal, scale)
         auxes.append(aux)
         o, lse = _unfold(o, fold), _unfold(lse, fold)
@@ -99,7 +106,7 @@ def backward_into(dout, dlse, q, out, lse, metas, kvs, auxes, kernel: Kernel, sc
     """The backward of ``forward_into`` with the *merged* ``out, lse``: adds each part's query gradient
     into ``dq`` (in place) and returns the parts' key and value gradients ``[dk_0, dv_0, dk_1, ...]``."""
     kv_grads = []
-    for i, (r0, r1, causal, fold) in enumerate(metas):
+    for i, (r0, r1, causal, fold, _) in enumerate(metas):
         k, v = kvs[2 * i], kvs[2 * i + 1]
         qp, kp, vp = _fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold)
         op, lp = _fold(out[:, :, r0:r1], fold), _fold(lse[:, :, r0:r1], fold)
@@ -154,6 +161,12 @@ def parts_attention(
     ``out`` has q's dtype and shape; ``lse: (B, H, S)`` is float32 (float64 for float64 input) and is
     ``-inf`` in rows that no part covers (such rows get ``out = 0``).
     """
-    metas = tuple((p.row_start, p.row_end, p.causal, p.fold) for p in parts)
-    kvs = [t for p in parts for t in (p.k, p.v)]
+    metas, kvs = split_parts(parts)
     return _PartsAttention.apply(q, metas, kernel, scale, reducer, *kvs)
+
+
+def split_parts(parts: list[Part]) -> tuple[tuple, list[torch.Tensor]]:
+    """``(metas, kvs)`` for ``forward_into`` / ``backward_into``: each part's ``(row_start, row_end,
+    causal, fold, ready)`` and its keys and values, flattened."""
+    return (tuple((p.row_start, p.row_end, p.causal, p.fold, p.ready) for p in parts),
+            [t for p in parts for t in (p.k, p.v)])

@@ -37,12 +37,15 @@ def phase1_parts(
     anchor_k: torch.Tensor | None = None,
     anchor_v: torch.Tensor | None = None,
     anchor_rows: int = 0,
+    anchor_ready=None,
 ) -> list[Part]:
     """Parts for one host's phase-1 rows: ``[anchor rows (anchor_rows of them) ; blocks]``.
 
     The anchor KV is, in this order of precedence: the host's own anchor rows (``anchor_rows > 0``),
     the first ``anchor_len`` keys of block 0 (``has_block0``), or ``anchor_k, anchor_v`` as given
-    (received from the owner of block 0). Equal-sized consecutive blocks share one folded kernel call.
+    (received from the owner of block 0; ``anchor_ready`` waits for them to arrive). Equal-sized
+    consecutive blocks share one folded kernel call. The blocks' own causal parts come before the
+    part over the anchor, so that their kernels run while a received anchor is still in flight.
     """
     parts: list[Part] = []
     if anchor_rows:
@@ -58,9 +61,7 @@ def phase1_parts(
         return parts
     if anchor_len and (anchor_k is None or anchor_v is None):
         raise ValueError("blocks after block 0 need the anchor's KV: pass anchor_k and anchor_v")
-    end = row + sum(lengths)
-    if anchor_len:  # anchor_len 0: no anchor, every block alone (an ablation)
-        parts.append(Part(row, end, anchor_k, anchor_v))
+    start, end = row, row + sum(lengths)
     while lengths:  # runs of equal-length blocks, each run one folded causal call
         run = 1
         while run < len(lengths) and lengths[run] == lengths[0]:
@@ -68,6 +69,8 @@ def phase1_parts(
         stop = row + run * lengths[0]
         parts.append(Part(row, stop, k[:, :, row:stop], v[:, :, row:stop], causal=True, fold=run))
         row, lengths = stop, lengths[run:]
+    if anchor_len:  # anchor_len 0: no anchor, every block alone (an ablation)
+        parts.append(Part(start, end, anchor_k, anchor_v, ready=anchor_ready))
     return parts
 
 

@@ -10,7 +10,7 @@ import pytest
 from star_sp.testing import save
 from test_launch import BIN, ROOT, _launch, free_port
 
-ARGS = ["--contexts", "64,101", "--decode", "3", "--query", "3", "--dtype", "float32", "--project", "4",
+ARGS = ["--contexts", "64,101", "--decode", "3", "--query", "3", "--dtype", "float32", "--project", "4", "--warmup", "40",
         "--methods", "global,engine-global,star,star-paper,ring,torch-cp"]
 
 

@@ -33,6 +33,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -88,16 +89,26 @@ def _peak(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def run_engine(model, method: str, block: int, anchor: int, context, query, decode: int, group, backend: str):
+def run_engine(model, method: str, block: int, anchor: int, context, query, decode: int, group, backend: str,
+               warmup: int):
     """TTFT, decode and memory of one engine method on this rank."""
     attention = {"engine-global": "global", "star": "star", "star-paper": "star", "ring": "ring"}[method]
     paper = method == "star-paper"
     cfg = StarConfig(block_size=block, anchor_size=anchor, backend=backend,
                      anchor_source="recompute" if paper else "broadcast",
                      phase2_merge="allgather" if paper else "allreduce")
-    engine = StarEngine(model, cfg, None if method == "engine-global" else group, attention=attention)
-    warm = context[:, : min(context.shape[1], 4096)]  # kernels, plans and allocator, at a short context
-    engine.generate(engine.prefill(warm), query, 2)
+    group = None if method == "engine-global" else group
+    # warm-up (kernels, plans, allocator) at a short context, with blocks scaled to keep every host busy
+    warm = context[:, : min(context.shape[1], warmup)]
+    if warm.shape[1] < context.shape[1] and attention == "star":
+        scale = warm.shape[1] / context.shape[1]
+        small = max(1, int(block * scale))
+        warm_cfg = replace(cfg, block_size=small, anchor_size=min(small, max(int(anchor > 0), int(anchor * scale))))
+    else:
+        warm_cfg = cfg
+    warm_engine = StarEngine(model, warm_cfg, group, attention=attention)
+    warm_engine.generate(warm_engine.prefill(warm), query, 2)
+    engine = StarEngine(model, cfg, group, attention=attention)
     device = engine.device
     _reset(device)
     ctx = engine.prefill(context)
@@ -109,7 +120,7 @@ def run_engine(model, method: str, block: int, anchor: int, context, query, deco
             "decode_ms_per_token": ms, "peak_gb": _peak(device), "kv_tokens_here": ctx.kv.num_tokens}
 
 
-def run_plain(model, context, query, decode: int, device):
+def run_plain(model, context, query, decode: int, device, warmup: int):
     """The plain model: SDPA attention, transformers' dynamic cache, greedy decoding."""
     from star_sp import _compat
 
@@ -138,7 +149,7 @@ def run_plain(model, context, query, decode: int, device):
         return prefill, first - start - prefill, (time.perf_counter() - first) / max(1, steps)
 
     with torch.no_grad():
-        request(context[:, : min(context.shape[1], 4096)], 2)
+        request(context[:, : min(context.shape[1], warmup)], 2)
         _reset(device)
         prefill, first, per_token = request(context, decode)
     return {"prefill_s": prefill, "first_token_s": first, "ttft_s": prefill + first,
@@ -146,7 +157,7 @@ def run_plain(model, context, query, decode: int, device):
             "kv_tokens_here": context.shape[1]}
 
 
-def run_torch_cp(model, context, group, device, rotate: str):
+def run_torch_cp(model, context, group, device, rotate: str, warmup: int):
     """PyTorch's context parallelism: prefill of the whole context, sequence sharded over the mesh
     (its load-balanced layout), the KV rotated by ``rotate`` ("alltoall": the ring; or "allgather")."""
     if device.type != "cuda":
@@ -170,7 +181,7 @@ def run_torch_cp(model, context, group, device, rotate: str):
                 model.lm_head(hidden[:, -1:])
         torch.cuda.synchronize(device)
 
-    once(context[:, : min(context.shape[1], 4096)])
+    once(context[:, : min(context.shape[1], warmup)])
     _reset(device)
     dist.barrier(group)
     start = time.perf_counter()
@@ -303,6 +314,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=8192, help="tokens of the untimed warm-up request")
     p.add_argument("--project", default="", help="comma-separated host counts to project phase 1 for (e.g. 4,8)")
     p.add_argument("--cp-rotate", default="alltoall", choices=("alltoall", "allgather"),
                    help="how torch-cp passes the KV (alltoall: around the ring)")
@@ -332,12 +344,12 @@ def main(argv=None) -> int:
                     row.update(block=block, anchor=anchor)
                 try:
                     if method == "torch-cp":
-                        row.update(run_torch_cp(model, context, group, device, args.cp_rotate))
+                        row.update(run_torch_cp(model, context, group, device, args.cp_rotate, args.warmup))
                     elif method == "global":
-                        row.update(run_plain(model, context, query, args.decode, device))
+                        row.update(run_plain(model, context, query, args.decode, device, args.warmup))
                     else:
                         row.update(run_engine(model, method, block, anchor, context, query, args.decode, group,
-                                              args.backend))
+                                              args.backend, args.warmup))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                 except (RuntimeError, StarError) as exc:

@@ -63,3 +63,13 @@ def test_bench_two_processes(tiny, tmp_path):
                     "tools/bench.py", "--model", str(tiny), *ARGS, "--out", str(tmp_path / "two")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check(tmp_path / "two", 2)
+
+
+@pytest.mark.slow
+def test_multi_gpu_check_passes_on_cpu_processes():
+    """tools/multi_gpu_check.py (run first on a multi-GPU machine) on gloo: every check passes."""
+    proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    "tools/multi_gpu_check.py"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 check(s) failed on 2 process(es), cpu" in proc.stdout
+    assert proc.stdout.count("ok   rank") == 2 * (2 * (5 + 4) + 3)  # ranks x (dtypes x checks + engine)

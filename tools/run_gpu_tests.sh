@@ -13,4 +13,10 @@ python3 tools/gpu_probe.py 2>&1 | tee "$out/probe.txt"
 python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
 status=${PIPESTATUS[0]}
 python3 tools/error_report.py --device cuda --json "$out/errors.json" 2>&1 | tee "$out/errors.txt"
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge 2 ]; then  # ring and Star across GPUs (NCCL) against the oracle, the engine against one process
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 python3 -m torch.distributed.run --nproc_per_node "$gpus" \
+    tools/multi_gpu_check.py 2>&1 | tee "$out/multi_gpu.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 exit "$status"

@@ -104,12 +104,18 @@ def broadcast_anchor(
     ``requires_grad`` (which must be the same on every rank) the backward pass sums the ranks' anchor
     gradients onto ``src``.
     """
-    if dist.get_rank(group) == src:
-        kv = torch.stack([k, v])
-    else:  # a placeholder that asks for a gradient where the owner's KV does, so every rank reduces
-        kv = torch.empty((2, *shape), dtype=dtype, device=device).requires_grad_(requires_grad)
+    kv = _packed_anchor(k, v, src, shape, dtype, device, group)
+    if dist.get_rank(group) != src:  # a placeholder that asks for a gradient where the owner's KV does,
+        kv.requires_grad_(requires_grad)  # so every rank reduces
     kv = _BroadcastAnchor.apply(kv, src, group, timeout_s)
     return kv[0], kv[1]
+
+
+def _packed_anchor(k, v, src, shape, dtype, device, group) -> torch.Tensor:
+    """The anchor's K and V as one ``(2, B, Hkv, a, D)`` tensor: on ``src`` its KV, elsewhere a buffer."""
+    if dist.get_rank(group) == src:
+        return torch.stack([k, v])
+    return torch.empty((2, *shape), dtype=dtype, device=device)
 
 
 def post_anchor_broadcast(
@@ -126,10 +132,7 @@ def post_anchor_broadcast(
     """``broadcast_anchor`` without gradients and without waiting: returns ``(k, v, ready)`` where
     ``k, v`` fill in the background and ``ready()`` (idempotent) waits for them. Attention that does
     not need the anchor can run in between (``ops.Part.ready``), overlapping the transfer."""
-    if dist.get_rank(group) == src:
-        kv = torch.stack([k, v])
-    else:
-        kv = torch.empty((2, *shape), dtype=dtype, device=device)
+    kv = _packed_anchor(k, v, src, shape, dtype, device, group)
     work = dist.broadcast(kv, src=global_rank(group, src), group=group, async_op=True)
     pending = [work]
 

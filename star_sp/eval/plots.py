@@ -28,12 +28,9 @@ def write_plots(summary: dict, out_dir: str) -> list[str]:
     ax.set_ylim(0, 102)
     ax.set_title("accuracy against context length")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "accuracy_vs_length.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(plt, fig, out_dir, "accuracy_vs_length.png"))
 
-    star = [m for m in methods if m != "global"]
+    star = [m for m in methods if m.startswith("star_")]  # global and ring have no block or anchor
     if star:
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(star) * len(lengths)), 4))
         width = 0.8 / len(lengths)
@@ -49,8 +46,13 @@ def write_plots(summary: dict, out_dir: str) -> list[str]:
         ax.set_ylim(0, 102)
         ax.set_title("accuracy against block (b) and anchor (a) size")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "accuracy_vs_block_anchor.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(plt, fig, out_dir, "accuracy_vs_block_anchor.png"))
     return paths
+
+
+def _save(plt, fig, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -33,6 +33,7 @@ def _check(out, hosts):
         assert "error" not in r, r
         assert r["ttft_s"] > r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
         assert r["hosts"] == (1 if r["method"].endswith("global") else hosts)
+        assert r["floor_s"] > 0
     star = [(r["context"], r["block"], r["anchor"]) for r in rows if r["method"] == "star"]
     assert star == [(64, -(-64 // hosts), -(-64 // hosts) // 4), (64, -(-64 // hosts), -(-64 // hosts)),
                     (101, -(-101 // hosts), -(-101 // hosts) // 4), (101, -(-101 // hosts), -(-101 // hosts))]
@@ -55,6 +56,31 @@ def test_bench_one_process(tiny, tmp_path):
     spec.loader.exec_module(bench)
     assert bench.main(["--model", str(tiny), *ARGS, "--out", str(tmp_path / "one")]) == 0
     _check(tmp_path / "one", 1)
+
+
+def test_prefill_floor_counts_the_work_of_the_busiest_host():
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "tools", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_attention_heads=4, hidden_size=32, num_key_value_heads=2, head_dim=8,
+                          intermediate_size=48, num_hidden_layers=2)
+    rates = {"matmul_tflops": 1e-12, "attention_causal_tflops": 1e-12, "attention_full_tflops": 0.5e-12}
+    floor = lambda *a: pytest.approx(bench.prefill_floor(cfg, *a, rates), rel=1e-12)  # noqa: E731
+    linear = 2 * 2 * (32 * 8 * 12 + 3 * 32 * 48)  # 2 FLOPs x 2 layers x parameters, per row
+    pair = 4 * 4 * 8 * 2
+    L = 101
+    assert floor("global", L, 1, None, None) == linear * L + pair * L * (L + 1) / 2
+    assert floor("star", L, 1, L, 17) == bench.prefill_floor(cfg, "ring", L, 1, None, None, rates)
+    assert floor("global", L, 1, None, None) == bench.prefill_floor(cfg, "ring", L, 1, None, None, rates)
+    # one host, blocks of 40, 40, 21 behind an anchor of 17 (full pairs at half the rate: twice the time)
+    tri = lambda n: n * (n + 1) / 2  # noqa: E731
+    assert floor("star", L, 1, 40, 17) == linear * L + pair * (2 * tri(40) + tri(21) + 2 * 17 * (40 + 21))
+    # three hosts: the busiest is a middle one (40 rows behind the anchor); the paper's form recomputes it
+    assert floor("star", L, 3, 40, 17) == linear * 40 + pair * (tri(40) + 2 * 17 * 40)
+    assert floor("star-paper", L, 3, 40, 17) == linear * 57 + pair * (tri(40) + tri(17) + 2 * 17 * 40)
+    assert floor("ring", L, 4, None, None) == (linear * L + pair * tri(L)) / 4
 
 
 @pytest.mark.slow

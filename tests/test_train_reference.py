@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,23 @@ def test_smoke_training_writes_a_loadable_model(tmp_path):
     ids = torch.tensor([tok("The sky is blue. " * 10)["input_ids"]])
     tokens = engine.generate(engine.prefill(ids), torch.tensor([tok(" The", add_special_tokens=False)["input_ids"]]), 3)
     assert tokens.shape == (1, 3)
+
+
+@pytest.mark.slow
+def test_data_parallel_training_under_torchrun(tmp_path):
+    """Two ranks draw different batches, average gradients and end with the same weights (the script
+    checks that across ranks and raises otherwise); rank 0 alone writes the model and its recipe."""
+    from test_launch import BIN, _launch, free_port
+
+    out = tmp_path / "ref"
+    proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    "tools/train_reference.py", "--out", str(out), "--smoke", "--tasks", "niah_single,vt"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = json.loads((out / "recipe.json").read_text())
+    rows = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert recipe["ranks"] == 2 and recipe["steps"] == len(rows) == 12
+    assert recipe["tokens"] == rows[-1]["tokens"] and rows[0]["tokens"] > 0
+    assert (out / "model.safetensors").exists()
 
 
 def _data():

@@ -264,6 +264,62 @@ def project_phase1(model, length: int, hosts: int, anchor_spec: str, backend: st
              "phase1_s": paper}]
 
 
+def measure_rates(model, device, backend: str) -> dict:
+    """The two ceilings the compute floor uses, measured here: a bf16 8192^3 matrix product, and our
+    attention kernel (``backend``) on one 16K x 16K part of the model's heads, causal and full."""
+    from star_sp.ops import attention_with_lse
+
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    n = 8192 if device.type == "cuda" else 256
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    rates = {"matmul_tflops": 2 * n**3 / _timed(lambda: a @ b, device, repeats=5) / 1e12}
+    s = 16384 if device.type == "cuda" else 128
+    q = torch.randn(1, heads, s, dim, dtype=dtype, device=device)
+    k, v = (torch.randn(1, kv, s, dim, dtype=dtype, device=device) for _ in range(2))
+    for causal in (True, False):
+        pairs = s * (s + 1) / 2 if causal else s * s
+        t = _timed(lambda: attention_with_lse(q, k, v, causal=causal, backend=backend), device, repeats=5)
+        rates["attention_causal_tflops" if causal else "attention_full_tflops"] = 4 * heads * dim * pairs / t / 1e12
+    return rates
+
+
+def prefill_floor(cfg, method: str, length: int, hosts: int, block: int | None, anchor: int | None,
+                  rates: dict) -> float:
+    """Seconds of prefill at the measured rates on the busiest host: its linear layers (2 x parameters
+    x rows, at the matmul rate) plus its attention (4 x heads x head_dim per (query, key) pair, causal
+    and full pairs each at their measured rate). Star: each block after the first sees the anchor
+    (full pairs) and itself (causal); the paper's form also recomputes the anchor's rows. Ring: an
+    even share of the causal pairs. Global: all of them on one GPU."""
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    kv = getattr(cfg, "num_key_value_heads", heads)
+    dim = getattr(cfg, "head_dim", None) or hidden // heads
+    linear = cfg.num_hidden_layers * (hidden * dim * (2 * heads + 2 * kv) + 3 * hidden * cfg.intermediate_size)
+    tri = lambda n: n * (n + 1) / 2  # noqa: E731
+    if method.endswith("global"):
+        loads = [(length, tri(length), 0.0)]
+    elif method == "ring":
+        loads = [(length / hosts, tri(length) / hosts, 0.0)]
+    else:
+        layout = BlockLayout(length, block, anchor, hosts, 0)
+        loads = []
+        for rank in range(hosts):
+            lens = [b - a for a, b in map(layout.block_range, layout.blocks_of(rank))]
+            first = 0 in layout.blocks_of(rank)
+            rows = sum(lens)
+            causal = sum(tri(n) for n in lens)
+            full = sum(min(anchor, length) * n for i, n in enumerate(lens) if i or not first)
+            if method == "star-paper" and lens and not first and anchor:
+                rows, causal = rows + anchor, causal + tri(anchor)
+            loads.append((rows, causal, full))
+    per_pair = 4 * heads * dim * cfg.num_hidden_layers
+    return max(2 * linear * rows / (rates["matmul_tflops"] * 1e12)
+               + per_pair * causal / (rates["attention_causal_tflops"] * 1e12)
+               + per_pair * full / (rates["attention_full_tflops"] * 1e12) for rows, causal, full in loads)
+
+
 def _provenance(device, argv) -> dict:
     import transformers
 
@@ -286,16 +342,19 @@ def projection_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| context | method | hosts | block | anchor | TTFT s | prefill s | decode ms/token | peak GB/GPU |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| context | method | hosts | block | anchor | TTFT s | prefill s | prefill floor s | prefill / floor | "
+            "decode ms/token | peak GB/GPU |")
+    lines = [head, "|" + "---|" * 11]
     fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['context']} | {r['method']} | {r['hosts']} | {r.get('block', '-')} | "
-                         f"{r.get('anchor', '-')} | {r['error']} | | | |")
+                         f"{r.get('anchor', '-')} | {r['error']} | | | | | |")
             continue
         lines.append(f"| {r['context']} | {r['method']} | {r['hosts']} | {r.get('block', '-')} | {r.get('anchor', '-')} | "
-                     f"{fmt(r['ttft_s'])} | {fmt(r['prefill_s'])} | {fmt(r['decode_ms_per_token'], 1)} | "
+                     f"{fmt(r['ttft_s'])} | {fmt(r['prefill_s'])} | {fmt(r.get('floor_s'))} | "
+                     f"{fmt(r['prefill_s'] / r['floor_s'] if r.get('floor_s') else None)} | "
+                     f"{fmt(r['decode_ms_per_token'], 1)} | "
                      f"{fmt(r['peak_gb'], 1)} |")
     return "\n".join(lines)
 
@@ -328,6 +387,9 @@ def main(argv=None) -> int:
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
     model = _model(args.model, device, getattr(torch, args.dtype), args.seed)
+    rates = measure_rates(model, device, args.backend)
+    if rank == 0:
+        print(json.dumps({"rates": rates}), flush=True)
     rows: list[dict] = []
     projected: list[dict] = []
     for length in map(parse_length, args.contexts.split(",")):
@@ -367,6 +429,11 @@ def main(argv=None) -> int:
                             values = [g[key] for g in gathered if g[key] is not None]
                             row[key] = max(values) if values else None
                         row["peak_gb_per_rank"] = [g["peak_gb"] for g in gathered]
+                if "error" not in row and method != "torch-cp":
+                    row["floor_s"] = prefill_floor(model.config, method, length, row["hosts"], row.get("block"),
+                                                   row.get("anchor"), rates)
+                elif "error" not in row:
+                    row["floor_s"] = prefill_floor(model.config, "ring", length, row["hosts"], None, None, rates)
                 rows.append(row)
                 if rank == 0:
                     print(json.dumps(row), flush=True)
@@ -379,14 +446,17 @@ def main(argv=None) -> int:
                 _reset(device)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        record = {"provenance": _provenance(device, argv), "world_size": world, "rows": rows,
+        record = {"provenance": _provenance(device, argv), "world_size": world, "rates": rates, "rows": rows,
                   "projection": projected}
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(record, f, indent=1)
         prov = record["provenance"]
         with open(os.path.join(args.out, "bench.md"), "w") as f:
             f.write(f"{table(rows)}\n\n{world} process(es) on {prov['device']}; torch {prov['torch']}, transformers "
-                    f"{prov['transformers']}, CUDA {prov['cuda']}; {prov['date']}; `{prov['command']}`\n")
+                    f"{prov['transformers']}, CUDA {prov['cuda']}; {prov['date']}; `{prov['command']}`\n"
+                    f"\nPrefill floor: the busiest host's linear and attention FLOPs at the rates measured in this run "
+                    f"(TFLOP/s: matmul {rates['matmul_tflops']:.4g}, attention causal "
+                    f"{rates['attention_causal_tflops']:.4g}, full {rates['attention_full_tflops']:.4g}).\n")
             if projected:
                 f.write("\nPROJECTION (not a measurement of that many hosts): the busiest host's phase-1 work "
                         "measured alone on one GPU, plus the anchor broadcast measured across this run's GPUs.\n\n"

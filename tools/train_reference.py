@@ -13,7 +13,9 @@ context length from ``--min-length`` to ``--max-length`` (``--stage-shares`` spl
 Writes, in the transformers layout, ``config.json``, ``model.safetensors`` (bf16, after every stage),
 the tokenizer files, ``training_log.jsonl`` (losses, each task's answer accuracy, lengths, tokens/s per
 logging step) and ``recipe.json`` (every argument, the mixture, the final log line). Needs a GPU for the
-real run; ``--smoke`` runs a few steps of a tiny model on any device.
+real run; ``--smoke`` runs a few steps of a tiny model on any device. Under ``torchrun`` (one process
+per GPU) it trains data-parallel: each rank draws its own batches, gradients are averaged across ranks,
+rank 0's clock sets the schedule and the stage ends for all, rank 0 logs (its own batches) and saves.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ from star_sp.eval import resolve_tasks  # noqa: E402
 class Stream(torch.utils.data.IterableDataset):
     """Batches of one length each: ``(ids, roles, spans)``, ids padded to the longest example."""
 
-    def __init__(self, tokenizer, lengths, args, seed, tasks):
+    def __init__(self, tokenizer, lengths, args, seed, tasks, rank=0):
         self.tokenizer, self.lengths, self.args, self.seed, self.tasks = tokenizer, lengths, args, seed, tasks
+        self.rank = rank
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        rng = random.Random(f"{self.seed}/{info.id if info else 0}")
+        worker = info.id if info else 0
+        rng = random.Random(f"{self.seed}/{worker}" if self.rank == 0 else f"{self.seed}/{self.rank}/{worker}")
         encode = Encoder(self.tokenizer)
         sizer = Sizer(encode, self.args.seed)
         while True:
@@ -105,8 +109,9 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(args.seed)
+    ranks = Ranks()
     os.makedirs(args.out, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ranks.device
     tasks = resolve_tasks(args.tasks.split(","))
     mixture = list(tasks)  # tasks drawn uniformly from this list
     for item in filter(None, args.weights.split(",")):
@@ -136,21 +141,24 @@ def main(argv=None) -> int:
     if len(shares) != len(stages):
         raise SystemExit(f"--stage-shares needs {len(stages)} values for the stages {stages}")
     ends = [sum(shares[: i + 1]) / sum(shares) for i in range(len(stages))]
-    log = open(os.path.join(args.out, "training_log.jsonl"), "w")
-    start, step, seen = time.time(), 0, 0
+    log = open(os.path.join(args.out, "training_log.jsonl"), "w") if ranks.rank == 0 else None
+    ranks.check_same("tokenizers", json.dumps(sorted(tokenizer.get_vocab().items())),
+                     "build it once (train one rank with --out DIR, then all ranks with --init DIR)")
+    start, step, seen = ranks.clock(time.time()), 0, 0
     window = Window()
     last_row: dict = {}
     for stage, top in enumerate(stages):
         lengths = sorted({max(args.min_length, top // 4), max(args.min_length, top // 2), top})
-        data = torch.utils.data.DataLoader(Stream(tokenizer, lengths, args, args.seed * 1000 + stage, mixture),
+        data = torch.utils.data.DataLoader(Stream(tokenizer, lengths, args, args.seed * 1000 + stage, mixture, ranks.rank),
                                            batch_size=None, num_workers=args.workers,
                                            prefetch_factor=4 if args.workers else None)
         stage_end = start + budget * ends[stage]
         for ids, roles, spans in data:
-            if time.time() >= stage_end or (args.smoke and step >= 6 * (stage + 1)):
+            now = ranks.clock(time.time())  # rank 0's clock, the same on every rank
+            if now >= stage_end or (args.smoke and step >= 6 * (stage + 1)):
                 break
             ids, roles = ids.to(device), roles.to(device)
-            frac = min(1.0, (time.time() - start) / budget)
+            frac = min(1.0, (now - start) / budget)
             for group in opt.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -164,13 +172,14 @@ def main(argv=None) -> int:
             loss = answer_loss + args.context_weight * context_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            ranks.average_gradients(model)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            seen += ids.numel()
+            seen += ids.numel() * ranks.world
             window.add(loss, answer_loss if answer.sum() > 0 else None, context_loss,
                        (logits.argmax(-1) == target).cpu(), spans)
-            if step % args.log_every == 0 or args.smoke:
+            if ranks.rank == 0 and (step % args.log_every == 0 or args.smoke):
                 row = {"step": step, "stage_max_length": top, "length": ids.shape[1], **window.flush(),
                        "lr": opt.param_groups[0]["lr"], "tokens": seen, "elapsed_s": round(time.time() - start, 1),
                        "tokens_per_s": round(seen / (time.time() - start))}
@@ -178,10 +187,16 @@ def main(argv=None) -> int:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 print(json.dumps(row), flush=True)
-        save(model, tokenizer, args.out)  # a usable model after every stage
+        if ranks.rank == 0:
+            save(model, tokenizer, args.out)  # a usable model after every stage
+    ranks.check_same("weights", "".join(str(float(p.detach().double().sum())) for p in model.parameters()),
+                     "the data-parallel update diverged (a bug: please report it)")
+    ranks.close()
+    if ranks.rank != 0:
+        return 0
     save(model, tokenizer, args.out)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
-        json.dump({"args": vars(args), "parameters": params, "steps": step, "tokens": seen, "stages": stages,
+        json.dump({"args": vars(args), "ranks": ranks.world, "parameters": params, "steps": step, "tokens": seen, "stages": stages,
                    "stage_shares": shares, "tasks": tasks, "mixture": mixture,
                    "answer_format": "query + ' ' + ', '.join(answers) + '.' + eos", "final_log": last_row}, f, indent=1)
     print(f"saved {params / 1e6:.1f}M parameters after {step} steps to {args.out}")
@@ -189,10 +204,69 @@ def main(argv=None) -> int:
 
 
 def save(model, tokenizer, out: str) -> None:
-    dtype = next(model.parameters()).dtype
-    model.to(torch.bfloat16).save_pretrained(out)
-    model.to(dtype)
+    """Write a bf16 copy; the training weights stay float32 (rounding them would change the run)."""
+    state = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=state)
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, "dtype": "bfloat16"}, f, indent=2, sort_keys=True)
     tokenizer.save_pretrained(out)
+
+
+class Ranks:
+    """Data parallelism under torchrun (``WORLD_SIZE`` > 1), or one process: rank, device, the shared clock
+    and gradient averaging (one flat all-reduce per step)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.dist = dist if self.world > 1 else None
+        if self.dist:
+            dist.init_process_group("nccl" if cuda else "gloo")
+
+    def clock(self, now: float) -> float:
+        if not self.dist:
+            return now
+        t = torch.tensor([now], dtype=torch.float64, device=self.device)
+        self.dist.broadcast(t, 0)
+        return float(t.item())
+
+    def check_same(self, what: str, text: str, hint: str) -> None:
+        """Raise on every rank unless ``text`` is the same on all of them."""
+        if not self.dist:
+            return
+        import hashlib
+
+        digest = int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+        t = torch.tensor([digest, -digest], dtype=torch.int64, device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        if int(t[0]) != digest or int(-t[1]) != digest:
+            raise SystemExit(f"the ranks hold different {what}: {hint}")
+
+    def average_gradients(self, model) -> None:
+        if not self.dist:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def close(self) -> None:
+        if self.dist:
+            self.dist.barrier()
+            self.dist.destroy_process_group()
 
 
 class Window:

@@ -6,10 +6,17 @@
 # (the model shipped on 2026-11-28 is OUT/ref2, trained with the code of commit 3c6ad28). Next steps, not yet run (see docs/training-notes.md):
 #   bash tools/train_reference.sh 3 OUT   # 6 min: 512 -> 2048, from the shipped model (= ref2), weighted to qa/cwe/fwe/vt -> OUT/ref3
 #   bash tools/train_reference.sh 4 OUT   # 7 min: 4096 -> 16384, from OUT/ref3 -> OUT/ref4
-# Both write training_log.jsonl and recipe.json beside the weights.
+# Each writes training_log.jsonl and recipe.json beside the weights. NPROC=k trains data-parallel on k GPUs
+# (torchrun; MINUTES=m overrides the step's budget, WORKERS the data workers per rank).
 set -euo pipefail
 step=$1 out=$2
+nproc=${NPROC:-1}
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
+workers=${WORKERS:-$(( $(nproc) / nproc - 2 ))}
+python3() {  # one process, or one per GPU
+  if [ "$nproc" = 1 ]; then command python3 "$@"; else command python3 -m torch.distributed.run --nproc_per_node "$nproc" "$@"; fi
+}
+minutes() { echo "${MINUTES:-$1}"; }
 case $step in
 1) python3 tools/train_reference.py --out "$out/ref1" --min-length 256 --max-length 4096 --minutes 8 \
        --workers 14 --tokens-per-batch 16384 --log-every 100 --lr 1e-3 ;;
@@ -17,9 +24,9 @@ case $step in
        --minutes 8.3 --workers 14 --tokens-per-batch 32768 --log-every 50 --lr 5e-4 --stage-shares 1,1,2 \
        --weights qa=3,vt=2,cwe=2,fwe=2 ;;
 3) python3 tools/train_reference.py --out "$out/ref3" --init star_sp/models/reference --min-length 512 --max-length 2048 \
-       --minutes 6 --workers 14 --tokens-per-batch 16384 --log-every 100 --lr 5e-4 --weights qa=6,cwe=4,fwe=4,vt=3 ;;
+       --minutes "$(minutes 6)" --workers "$workers" --tokens-per-batch 16384 --log-every 100 --lr 5e-4 --weights qa=6,cwe=4,fwe=4,vt=3 ;;
 4) python3 tools/train_reference.py --out "$out/ref4" --init "$out/ref3" --min-length 4096 --max-length 16384 \
-       --minutes 7 --workers 14 --tokens-per-batch 32768 --log-every 50 --lr 3e-4 --stage-shares 1,1,2 \
+       --minutes "$(minutes 7)" --workers "$workers" --tokens-per-batch 32768 --log-every 50 --lr 3e-4 --stage-shares 1,1,2 \
        --weights qa=3,cwe=3,fwe=3,vt=2 ;;
 *) echo "usage: $0 1|2|3|4 OUT" >&2; exit 2 ;;
 esac

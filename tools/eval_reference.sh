@@ -4,16 +4,22 @@
 # GPU (the model is small: the methods run side by side), then one summary over all rows (each method
 # stops after SECONDS; the summary covers what finished: check the row counts).
 #   bash tools/eval_reference.sh MODEL OUT [SAMPLES] [SECONDS]
+# GPUS="0 1" spreads the methods over those GPUs (round robin; default: the first GPU).
 set -uo pipefail
 model=$1 out=$2 samples=${3:-8} seconds=${4:-420}
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
-ev() { name=$1; shift; timeout "$seconds" python3 -m star_sp.cli eval --model "$model" --tasks all \
+read -r -a gpus <<< "${GPUS:-0}"
+n=0
+ev() { name=$1; shift; gpu=${gpus[$(( n % ${#gpus[@]} ))]}; n=$(( n + 1 ))
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$seconds" python3 -m star_sp.cli eval --model "$model" --tasks all \
     --lengths 4k,8k,16k --samples "$samples" --dtype bfloat16 --quiet --out "$out/$name" "$@" > "$out/$name.log" 2>&1; }
 mkdir -p "$out"
 ev global --attention global &
+n=1
 for block in 1/4 1/8; do
     for anchor in block block/4 0; do
         ev "star-b${block/\//_}-a${anchor/\//_}" --attention star --block-size "$block" --anchor-size "$anchor" &
+        n=$(( n + 1 ))
     done
 done
 wait

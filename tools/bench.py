@@ -167,6 +167,9 @@ def run_torch_cp(model, context, group, device, rotate: str, warmup: int):
     from torch.distributed.tensor.experimental._attention import set_rotate_method
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from star_sp import _compat
+
+    _compat.set_attn_implementation(model, "sdpa")  # an engine run before switches the model to "star"
     world = dist.get_world_size(group) if group is not None else 1
     set_rotate_method(rotate)
     mesh = init_device_mesh("cuda", (world,))

@@ -205,13 +205,9 @@ def main(argv=None) -> int:
 
 def save(model, tokenizer, out: str) -> None:
     """Write a bf16 copy; the training weights stay float32 (rounding them would change the run)."""
-    state = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
-    model.save_pretrained(out, state_dict=state)
-    path = os.path.join(out, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    with open(path, "w") as f:
-        json.dump({**config, "dtype": "bfloat16"}, f, indent=2, sort_keys=True)
+    import copy
+
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 

@@ -58,6 +58,26 @@ def test_bench_one_process(tiny, tmp_path):
     _check(tmp_path / "one", 1)
 
 
+def test_causal_sdpa_for_context_parallelism_matches_the_model(tiny):
+    """torch-cp's attention function (plain causal SDPA, mask ignored, GQA heads repeated) gives the
+    model's own logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "tools", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="sdpa").double().eval()
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # GQA is exercised
+    ids = torch.randint(4, model.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        bench.register_causal_sdpa()
+        model.set_attn_implementation(bench.CAUSAL_SDPA)
+        got = model(ids).logits
+    assert (got - want).abs().max().item() < 1e-10
+
+
 def test_prefill_floor_counts_the_work_of_the_busiest_host():
     spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "tools", "bench.py"))
     bench = importlib.util.module_from_spec(spec)

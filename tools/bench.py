@@ -157,6 +157,25 @@ def run_plain(model, context, query, decode: int, device, warmup: int):
             "kv_tokens_here": context.shape[1]}
 
 
+CAUSAL_SDPA = "star_sp_bench_causal_sdpa"
+
+
+def _causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function: causal SDPA over the whole sequence, mask ignored (the
+    benchmark's inputs have no padding), KV heads repeated for GQA. ``(B, H, S, D)`` in, ``(B, S, H, D)`` out."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_causal_sdpa() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
+
+
 def run_torch_cp(model, context, group, device, rotate: str, warmup: int):
     """PyTorch's context parallelism: prefill of the whole context, sequence sharded over the mesh
     (its load-balanced layout), the KV rotated by ``rotate`` ("alltoall": the ring; or "allgather")."""
@@ -169,7 +188,10 @@ def run_torch_cp(model, context, group, device, rotate: str, warmup: int):
 
     from star_sp import _compat
 
-    _compat.set_attn_implementation(model, "sdpa")  # an engine run before switches the model to "star"
+    # HF builds an explicit mask for the shards' non-contiguous positions (and the flash and cuDNN
+    # kernels refuse masks): attend through plain causal SDPA instead, as context parallelism expects
+    register_causal_sdpa()
+    _compat.set_attn_implementation(model, CAUSAL_SDPA)
     world = dist.get_world_size(group) if group is not None else 1
     set_rotate_method(rotate)
     mesh = init_device_mesh("cuda", (world,))
@@ -395,10 +417,14 @@ def main(argv=None) -> int:
         print(json.dumps({"rates": rates}), flush=True)
     rows: list[dict] = []
     projected: list[dict] = []
-    for length in map(parse_length, args.contexts.split(",")):
+    lengths = list(map(parse_length, args.contexts.split(",")))
+    # torch-cp runs after every other method: a failure inside its context manager can leave SDPA patched
+    jobs = [(n, [m for m in methods if m != "torch-cp"], True) for n in lengths]
+    jobs += [(n, ["torch-cp"], False) for n in lengths if "torch-cp" in methods]
+    for length, job_methods, project in jobs:
         context = _ids(length, model.config.vocab_size, args.seed, device)
         query = _ids(args.query, model.config.vocab_size, args.seed + 1, device)
-        for method in methods:
+        for method in job_methods:
             settings = [(length, length)]
             if method.startswith("star"):
                 settings = [(b, _size(a, length, world, b)) for b in (_size(x, length, world) for x in args.blocks.split(","))
@@ -440,7 +466,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 if rank == 0:
                     print(json.dumps(row), flush=True)
-        for hosts in [int(x) for x in args.project.split(",") if x]:
+        for hosts in [int(x) for x in args.project.split(",") if x and project]:
             for anchor_spec in args.anchors.split(","):
                 try:
                     projected += project_phase1(model, length, hosts, anchor_spec, args.backend, group, device)

@@ -3,9 +3,11 @@
 # of under 10 minutes each (the budgets are wall-clock, so step counts vary a little with hardware):
 #   bash tools/train_reference.sh 1 OUT   # 8 min: 256 -> 4096 tokens, from scratch  -> OUT/ref1
 #   bash tools/train_reference.sh 2 OUT   # 8.3 min: 4096 -> 16384 tokens, from OUT/ref1 -> OUT/ref2
-# (the model shipped on 2026-11-28 is OUT/ref2, trained with the code of commit 3c6ad28). Next steps, not yet run (see docs/training-notes.md):
-#   bash tools/train_reference.sh 3 OUT   # 6 min: 512 -> 2048, from the shipped model (= ref2), weighted to qa/cwe/fwe/vt -> OUT/ref3
-#   bash tools/train_reference.sh 4 OUT   # 7 min: 4096 -> 16384, from OUT/ref3 -> OUT/ref4
+# Then, data-parallel on three H200s (the shipped model since 2026-11-28 is OUT/ref4 of these two; the budgets
+# were shortened because three GPUs see three times the tokens):
+#   NPROC=3 MINUTES=3.5 bash tools/train_reference.sh 3 OUT   # 512 -> 2048, from ref2, weighted to qa/cwe/fwe/vt -> OUT/ref3
+#   NPROC=3 MINUTES=4.5 bash tools/train_reference.sh 4 OUT   # 4096 -> 16384, from OUT/ref3 -> OUT/ref4
+# (on 2026-11-28 step 3 started from the model then shipped, i.e. ref2: star_sp/models/reference at commit 2ed8364).
 # Each writes training_log.jsonl and recipe.json beside the weights. NPROC=k trains data-parallel on k GPUs
 # (torchrun; MINUTES=m overrides the step's budget, WORKERS the data workers per rank).
 set -euo pipefail
@@ -23,7 +25,7 @@ case $step in
 2) python3 tools/train_reference.py --out "$out/ref2" --init "$out/ref1" --min-length 4096 --max-length 16384 \
        --minutes 8.3 --workers 14 --tokens-per-batch 32768 --log-every 50 --lr 5e-4 --stage-shares 1,1,2 \
        --weights qa=3,vt=2,cwe=2,fwe=2 ;;
-3) python3 tools/train_reference.py --out "$out/ref3" --init star_sp/models/reference --min-length 512 --max-length 2048 \
+3) python3 tools/train_reference.py --out "$out/ref3" --init "$out/ref2" --min-length 512 --max-length 2048 \
        --minutes "$(minutes 6)" --workers "$workers" --tokens-per-batch 16384 --log-every 100 --lr 5e-4 --weights qa=6,cwe=4,fwe=4,vt=3 ;;
 4) python3 tools/train_reference.py --out "$out/ref4" --init "$out/ref3" --min-length 4096 --max-length 16384 \
        --minutes "$(minutes 7)" --workers "$workers" --tokens-per-batch 32768 --log-every 50 --lr 3e-4 --stage-shares 1,1,2 \

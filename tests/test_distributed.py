@@ -163,3 +163,22 @@ def test_empty_query_raises_everywhere(cluster):
 
 def test_star_input_error_is_a_value_error():
     assert issubclass(StarInputError, ValueError)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("anchor_source", ["broadcast", "recompute"])
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+def test_fused_phase1_without_gradients_matches_oracle(cluster, world_size, anchor_source, case):
+    """Inference with a kernel that aligns causal masks bottom-right (math) takes phase 1's fused form
+    (one call over [anchor ; block] per block, the anchor waited for first); outputs match the oracle."""
+    case = case.but(anchor_source=anchor_source, backend="math")
+    results = cluster(world_size).run(workers.star_layer, case, False)
+    q, k, v, g = make_qkv(case)
+    ref_out = oracle(case, q, k, v, g)[0]
+    for r in results:
+        assert_close_to_oracle("out2", r["out2"], ref_out[:, :, case.context_len:], None, torch.float64)
+        rows = r["rows"][r["anchor_rows"]:]
+        if rows:
+            assert_close_to_oracle("out1", r["out1"][:, :, r["anchor_rows"]:], ref_out[:, :, rows[0]:rows[-1] + 1],
+                                   None, torch.float64)

@@ -112,9 +112,88 @@ def test_parts_reject_bad_shapes():
     from star_sp.ops import Part
 
     k = torch.zeros(1, 1, 6, 4)
-    with pytest.raises(StarInputError, match="must be square"):
-        Part(0, 4, k, k, causal=True)
+    with pytest.raises(StarInputError, match="at least as many keys as rows"):
+        Part(0, 6, k[:, :, :4], k[:, :, :4], causal=True)
     with pytest.raises(StarInputError, match="needs rows and keys"):
         Part(0, 4, k[:, :, :0], k[:, :, :0])
     with pytest.raises(StarInputError, match="must divide"):
         Part(0, 6, k, k, causal=True, fold=4)
+
+
+def test_kernels_report_their_causal_alignment():
+    """The probe tells a bottom-right kernel (math) from a top-left one (aten's CPU flash kernel)."""
+    from star_sp.ops import KERNELS
+
+    assert KERNELS["math"].bottom_right_causal(torch.device("cpu"), torch.float64)
+    assert KERNELS["math"].bottom_right_causal(torch.device("cpu"), torch.float32)
+    assert not KERNELS["cpu"].bottom_right_causal(torch.device("cpu"), torch.float32)
+
+
+def test_non_square_causal_part_refused_by_a_top_left_kernel():
+    from star_sp import StarInputError
+    from star_sp.ops import KERNELS, Part, parts_attention
+
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 9, 8)
+    with pytest.raises(StarInputError, match="does not align a causal mask bottom-right"):
+        parts_attention(q, [Part(0, 4, k, k, causal=True)], KERNELS["cpu"], 0.3)
+    out, lse = parts_attention(q.double(), [Part(0, 4, k.double(), k.double(), causal=True)], KERNELS["math"], 0.3)
+    mask = torch.ones(4, 9, dtype=torch.bool).tril(5)
+    ref_out, ref_lse = reference_attention(q.double(), k.double(), k.double(), mask, scale=0.3)
+    assert torch.allclose(out, ref_out, atol=1e-12) and torch.allclose(lse, ref_lse, atol=1e-12)
+
+
+@pytest.mark.parametrize("lengths, anchor", [([7, 7, 7, 2], 7), ([7, 7, 7, 2], 3), ([5, 5, 5], 1), ([9, 4], 4)])
+@pytest.mark.parametrize("batch, heads, kv_heads", [(2, 4, 2), (1, 3, 1)])
+def test_fused_anchor_parts_match_the_split_form_and_the_oracle(lengths, anchor, batch, heads, kv_heads):
+    """``fuse_anchor=True``: each later block attends [anchor ; block] in one bottom-right causal call
+    (runs of equal blocks folded); same result as the split form and the float64 oracle, with the
+    output kept in the input dtype (no row is merged)."""
+    from star_sp.ops import local_attention
+
+    n = sum(lengths)
+    case = Case(context_len=n, query_len=0, block_size=lengths[0], anchor_size=anchor, batch=batch, heads=heads,
+                kv_heads=kv_heads)
+    q, k, v, g = make_qkv(case)
+    fused = phase1_parts(k, v, lengths, has_block0=True, anchor_len=anchor, fuse_anchor=True)
+    assert all(p.causal for p in fused)
+    for p in fused[1:]:  # each folded chunk of keys is [anchor ; block]
+        assert p.k.shape[2] // p.fold == anchor + (p.row_end - p.row_start) // p.fold
+    split = phase1_parts(k, v, lengths, has_block0=True, anchor_len=anchor)
+    out_f, lse_f = local_attention(q, fused, scale=None, backend="math")
+    out_s, lse_s = local_attention(q, split, scale=None, backend="math")
+    ref_out, ref_lse, _ = oracle(case, q, k, v, g)
+    assert (out_f - ref_out).abs().max() < 1e-12 and (lse_f - ref_lse).abs().max() < 1e-12
+    assert (out_f - out_s).abs().max() < 1e-12
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    out32, _ = local_attention(q32, phase1_parts(k32, v32, lengths, has_block0=True, anchor_len=anchor,
+                                                 fuse_anchor=True), scale=None, backend="math")
+    assert out32.dtype == torch.float32 and (out32.double() - ref_out).abs().max() < 1e-5
+
+
+def test_fusion_is_chosen_only_without_gradients_and_with_a_bottom_right_kernel():
+    from star_sp.ops.star import can_fuse_anchor
+
+    q, k, v, _ = make_qkv(Case(context_len=29, query_len=0, block_size=8, anchor_size=5))
+    assert can_fuse_anchor(q, k, v, "math") and not can_fuse_anchor(q, k, v, "cpu")
+    assert not can_fuse_anchor(q.clone().requires_grad_(), k, v, "math")
+    with torch.no_grad():
+        assert can_fuse_anchor(q.clone().requires_grad_(), k, v, "math")
+
+
+def test_fused_and_split_prefill_give_the_same_model_outputs(tmp_path):
+    """The engine's one-process Star prefill with the math kernel (fused form) and with aten's CPU kernel
+    (split form) answer alike, through a real transformers model."""
+    from star_sp import StarConfig, StarEngine
+    from star_sp.testing import save
+
+    from transformers import AutoModelForCausalLM
+
+    save(tmp_path / "m", "llama", tokenizer=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").float().eval()
+    ids = torch.randint(4, model.config.vocab_size, (2, 45), generator=torch.Generator().manual_seed(1))
+    query = ids[:, -3:]
+    logits = []
+    for backend in ("math", "cpu"):
+        engine = StarEngine(model, StarConfig(block_size=11, anchor_size=4, backend=backend))
+        logits.append(engine.score(engine.prefill(ids[:, :-3]), query))
+    assert (logits[0] - logits[1]).abs().max() < 1e-4

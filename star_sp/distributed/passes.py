@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..config import StarConfig
 from ..layout import BlockLayout, RingLayout
-from ..ops.star import local_attention, phase1_parts, phase2_local
+from ..ops.star import can_fuse_anchor, local_attention, phase1_parts, phase2_local
 from .kv_cache import ContextKV, QueryKV
 from .phase1 import phase1_attention
 from .phase2 import phase2_attention
@@ -89,7 +89,8 @@ class PrefillPass(_Pass):
                                       scale=scale, backend=cfg.backend, check=self.check and layer == 0,
                                       timeout_s=cfg.collective_timeout_s)
         else:
-            parts = phase1_parts(k, v, layout.block_lengths, has_block0=True, anchor_len=layout.anchor_len)
+            parts = phase1_parts(k, v, layout.block_lengths, has_block0=True, anchor_len=layout.anchor_len,
+                                 fuse_anchor=can_fuse_anchor(q, k, v, cfg.backend))
             out, _ = local_attention(q, parts, scale=scale, backend=cfg.backend)
         self._tick(layer)
         return out

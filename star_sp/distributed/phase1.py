@@ -9,7 +9,7 @@ import torch.distributed as dist
 from ..errors import StarInputError
 from ..layout import BlockLayout
 from ..ops.backends import check_qkv
-from ..ops.star import local_attention, phase1_parts
+from ..ops.star import can_fuse_anchor, local_attention, phase1_parts
 from .agreement import agree, validated
 from .collectives import broadcast_anchor, post_anchor_broadcast, tie
 from .guard import guarded_step
@@ -91,6 +91,7 @@ def phase1_attention(
             k, v, layout.block_lengths, has_block0=layout.owns_anchor, anchor_len=layout.anchor_len,
             anchor_k=None if layout.owns_anchor else anchor_k, anchor_v=None if layout.owns_anchor else anchor_v,
             anchor_rows=layout.anchor_rows(recompute), anchor_ready=None if layout.owns_anchor else ready,
+            fuse_anchor=can_fuse_anchor(q, k, v, backend),
         )
         out, lse = local_attention(q, parts, scale=scale, backend=backend)
         if ready is not None:

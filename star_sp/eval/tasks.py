@@ -208,11 +208,16 @@ def _fwe(rng: random.Random, n: int):
 
 
 def qa_parts(rng: random.Random, n: int):
-    """Documents of generated facts: ``(context, [(town, builder, thing)])``, one fact per document."""
+    """Documents of generated facts: ``(context, [(town, builder, thing)])``, one fact per document.
+    Each builder has a family name of its own (a first name from the prose's names and a made-up
+    surname), so that, as in RULER's QA, the answer is found in the gold document alone."""
+    count = max(2, n // 5 + 1)
     towns = _distinct(rng, lambda r: _pseudo_word(r, 2).capitalize() + r.choice(("ville", "burg", "ford", "port")),
-                      max(2, n // 5 + 1))
-    facts = [(t, rng.choice(text.NAMES), rng.choice(("bridge", "library", "harbor", "school", "market", "church")))
-             for t in towns]
+                      count)
+    surnames = _distinct(rng, lambda r: _pseudo_word(r, r.randint(2, 3)).capitalize(), count)
+    facts = [(t, f"{rng.choice(text.NAMES)} {family}",
+              rng.choice(("bridge", "library", "harbor", "school", "market", "church")))
+             for t, family in zip(towns, surnames)]
     docs = [f"Document {i + 1}: {text.paragraph(rng)} The {thing} of {town} was built by {who}. {text.sentence(rng)}"
             for i, (town, who, thing) in enumerate(facts)]
     return "Answer the question based on the given documents.\n\n" + "\n".join(docs) + "\n", facts

@@ -77,6 +77,35 @@ class Kernel:
     def _backward(self, dout, q, k, v, out, lse, aux, causal, scale):
         raise NotImplementedError
 
+    def bottom_right_causal(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether ``causal=True`` with more keys than query rows aligns the mask bottom-right (row ``i``
+        of ``Sq`` sees keys ``0 .. Sk - Sq + i``), found once per device type and dtype by running a
+        small call against the same kernel's split form (an unmasked prefix and a square causal part,
+        merged). Such calls save a merge (``ops.phase1_parts(fuse_anchor=True)``); a kernel that
+        aligns top-left, or refuses the call, answers False and gets only square causal calls."""
+        key = (torch.device(device).type, dtype)
+        cache = self.__dict__.setdefault("_bottom_right", {})
+        if key not in cache:
+            cache[key] = self._probe_bottom_right(torch.device(device), dtype)
+        return cache[key]
+
+    def _probe_bottom_right(self, device: torch.device, dtype: torch.dtype) -> bool:
+        from .merge import merge_partials
+
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 2, 64, 64, generator=gen).to(device, dtype)
+        k, v = (torch.randn(1, 2, 160, 64, generator=gen).to(device, dtype) for _ in range(2))
+        if self.unsupported(q, k) is not None:
+            return False
+        try:
+            fused, _, _ = self.forward(q, k, v, True, 0.125)
+            pre, pre_lse, _ = self.forward(q, k[:, :, :96], v[:, :, :96], False, 0.125)
+            own, own_lse, _ = self.forward(q, k[:, :, 96:], v[:, :, 96:], True, 0.125)
+        except RuntimeError:
+            return False
+        split, _ = merge_partials([(pre.float(), pre_lse), (own.float(), own_lse)])
+        return bool((fused.float() - split).abs().max() < 0.05)
+
 
 class CpuKernel(Kernel):
     """aten's fused CPU flash kernel. Its causal mask is aligned top-left (equal to bottom-right
@@ -214,8 +243,8 @@ class MathKernel(Kernel):
         b, h, sq, _ = q.shape
         s = torch.matmul(self._grouped(q, k), k.transpose(-1, -2)).to(acc) * scale
         s = s.view(b, h, sq, k.shape[2])
-        if causal:
-            keep = torch.ones(sq, k.shape[2], dtype=torch.bool, device=s.device).tril()
+        if causal:  # aligned bottom-right: row i sees keys 0 .. Sk - Sq + i
+            keep = torch.ones(sq, k.shape[2], dtype=torch.bool, device=s.device).tril(k.shape[2] - sq)
             s = s.masked_fill(~keep, float("-inf"))
         if lse is None:
             lse = torch.logsumexp(s, dim=-1)

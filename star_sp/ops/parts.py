@@ -39,6 +39,9 @@ class Part:
     k: torch.Tensor
     v: torch.Tensor
     causal: bool = False
+    """Causal mask aligned bottom-right: row ``i`` of ``Sq`` sees keys ``0 .. Sk - Sq + i``. A part with
+    more keys than rows runs only on kernels whose ``bottom_right_causal`` is true (``key_parts``
+    splits such ranges into an unmasked prefix and a square causal part for the others)."""
     fold: int = 1
     ready: Callable[[], None] | None = None
     """Called just before the part's kernel runs: waits for keys still in flight (the anchor's KV
@@ -50,9 +53,9 @@ class Part:
             raise StarInputError(f"a Part needs rows and keys, got {rows} rows and {keys} keys; drop empty parts")
         if self.fold < 1 or rows % self.fold or keys % self.fold:
             raise StarInputError(f"fold {self.fold} must divide the part's {rows} rows and {keys} keys")
-        if self.causal and rows != keys:
-            raise StarInputError(f"a causal Part must be square, got {rows} rows and {keys} keys; split longer "
-                                 "key ranges with ops.key_parts")
+        if self.causal and keys < rows:
+            raise StarInputError(f"a causal Part needs at least as many keys as rows, got {rows} rows and {keys} "
+                                 "keys")
 
 
 class Reducer(Protocol):
@@ -79,15 +82,28 @@ def _unfold(x: torch.Tensor, fold: int) -> torch.Tensor:
     return x.unflatten(0, (bf // fold, fold)).transpose(1, 2).reshape(bf // fold, h, fold * s, *x.shape[3:])
 
 
+def _check_alignment(kernel: Kernel, q, rows: int, keys: int, causal: bool) -> None:
+    if causal and keys != rows and not kernel.bottom_right_causal(q.device, q.dtype):
+        raise StarInputError(f"the {kernel.name} kernel does not align a causal mask bottom-right, but a part "
+                             f"has {rows} rows and {keys} keys; build parts with ops.key_parts")
+
+
+def disjoint(metas) -> bool:
+    """Whether no two parts share a query row (then no row needs a merge)."""
+    spans = sorted((m[0], m[1]) for m in metas)
+    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
 def forward_into(q, metas, kvs, kernel: Kernel, scale, out_acc, lse_acc, covered: list) -> list:
     """Run the parts ``metas`` (``(row_start, row_end, causal, fold, ready)``, keys ``kvs[2i], kvs[2i+1]``;
     ``split_parts`` makes both from ``Part`` objects) and
     merge each result into ``out_acc, lse_acc`` (in place; ``covered`` lists the row ranges already
     written, so a range's first result is stored without a merge). Returns each part's kernel aux."""
-    acc = out_acc.dtype
+    acc = accumulation_dtype(q.dtype)
     auxes = []
     for i, (r0, r1, causal, fold, ready) in enumerate(metas):
         k, v = kvs[2 * i], kvs[2 * i + 1]
+        _check_alignment(kernel, q, r1 - r0, k.shape[2], causal)
         if ready is not None:
             ready()
         o, lse, aux = kernel.forward(_fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold), causal, scale)
@@ -108,6 +124,7 @@ def backward_into(dout, dlse, q, out, lse, metas, kvs, auxes, kernel: Kernel, sc
     kv_grads = []
     for i, (r0, r1, causal, fold, _) in enumerate(metas):
         k, v = kvs[2 * i], kvs[2 * i + 1]
+        _check_alignment(kernel, q, r1 - r0, k.shape[2], causal)
         qp, kp, vp = _fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold)
         op, lp = _fold(out[:, :, r0:r1], fold), _fold(lse[:, :, r0:r1], fold)
         dqp, dkp, dvp = kernel.backward(_fold(dout[:, :, r0:r1], fold), qp, kp, vp, op, lp, auxes[i], causal, scale)
@@ -129,9 +146,10 @@ class _PartsAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, metas, kernel: Kernel, scale, reducer, *kvs):
         b, h, s, d = q.shape
-        acc = accumulation_dtype(q.dtype)
+        # rows that no two parts share need no merge: their results go straight to an output in q's dtype
+        acc = q.dtype if reducer is None and disjoint(metas) else accumulation_dtype(q.dtype)
         out_acc = q.new_zeros((b, h, s, d), dtype=acc)
-        lse_acc = q.new_full((b, h, s), float("-inf"), dtype=acc)
+        lse_acc = q.new_full((b, h, s), float("-inf"), dtype=accumulation_dtype(q.dtype))
         auxes = forward_into(q, metas, kvs, kernel, scale, out_acc, lse_acc, [])
         if reducer is not None:
             out_acc, lse_acc = reducer.merge(out_acc, lse_acc)

@@ -38,6 +38,7 @@ def phase1_parts(
     anchor_v: torch.Tensor | None = None,
     anchor_rows: int = 0,
     anchor_ready=None,
+    fuse_anchor: bool = False,
 ) -> list[Part]:
     """Parts for one host's phase-1 rows: ``[anchor rows (anchor_rows of them) ; blocks]``.
 
@@ -46,6 +47,10 @@ def phase1_parts(
     (received from the owner of block 0; ``anchor_ready`` waits for them to arrive). Equal-sized
     consecutive blocks share one folded kernel call. The blocks' own causal parts come before the
     part over the anchor, so that their kernels run while a received anchor is still in flight.
+
+    ``fuse_anchor=True`` (only for kernels whose ``bottom_right_causal`` is true) gives each block
+    after block 0 one causal call over ``[anchor ; block]`` keys instead (a copy of the anchor's KV
+    per block; no second call and no merge), waiting for a received anchor first.
     """
     parts: list[Part] = []
     if anchor_rows:
@@ -61,6 +66,10 @@ def phase1_parts(
         return parts
     if anchor_len and (anchor_k is None or anchor_v is None):
         raise ValueError("blocks after block 0 need the anchor's KV: pass anchor_k and anchor_v")
+    if fuse_anchor and anchor_len:
+        if anchor_ready is not None:
+            anchor_ready()
+        return parts + _fused_parts(k, v, row, lengths, anchor_k, anchor_v)
     start, end = row, row + sum(lengths)
     while lengths:  # runs of equal-length blocks, each run one folded causal call
         run = 1
@@ -71,6 +80,34 @@ def phase1_parts(
         row, lengths = stop, lengths[run:]
     if anchor_len:  # anchor_len 0: no anchor, every block alone (an ablation)
         parts.append(Part(start, end, anchor_k, anchor_v, ready=anchor_ready))
+    return parts
+
+
+def _runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """``(length, count)`` of each run of equal consecutive lengths."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return runs
+
+
+def _fused_parts(k, v, row: int, lengths: Sequence[int], anchor_k, anchor_v) -> list[Part]:
+    """Blocks from ``row`` on, each attending ``[anchor ; itself]`` causally (bottom-right): per run of
+    equal blocks one folded part whose keys hold ``[anchor ; block_j]`` for each block ``j`` in turn."""
+    parts = []
+    b, hkv, a, d = anchor_k.shape
+    for n, count in _runs(lengths):
+        stop = row + n * count
+        fused = []
+        for x, anchor in ((k, anchor_k), (v, anchor_v)):
+            blocks = x[:, :, row:stop].reshape(b, hkv, count, n, d)
+            anchors = anchor.unsqueeze(2).expand(b, hkv, count, a, d)
+            fused.append(torch.cat([anchors, blocks], dim=3).reshape(b, hkv, count * (a + n), d))
+        parts.append(Part(row, stop, fused[0], fused[1], causal=True, fold=count))
+        row = stop
     return parts
 
 
@@ -142,6 +179,15 @@ def star_attention(
     parts += phase2_parts((context_len, total), k[:, :, :context_len], v[:, :, :context_len],
                           k[:, :, context_len:], v[:, :, context_len:])
     return parts_attention(q, parts, kernel, scale)
+
+
+def can_fuse_anchor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> bool:
+    """Whether phase 1 may use ``phase1_parts(fuse_anchor=True)`` here: no gradient is wanted (the
+    fused form's backward is not used) and the kernel that ``backend`` picks aligns causal masks
+    bottom-right (``Kernel.bottom_right_causal``, probed once per device type and dtype)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return select_kernel(backend, q, k).bottom_right_causal(q.device, q.dtype)
 
 
 def local_attention(

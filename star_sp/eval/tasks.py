@@ -209,15 +209,15 @@ def _fwe(rng: random.Random, n: int):
 
 def qa_parts(rng: random.Random, n: int):
     """Documents of generated facts: ``(context, [(town, builder, thing)])``, one fact per document.
-    Each builder has a family name of its own (a first name from the prose's names and a made-up
-    surname), so that, as in RULER's QA, the answer is found in the gold document alone."""
+    Each builder has a made-up name of its own, used nowhere else, so that, as in RULER's QA, the
+    answer is found in the gold document alone (not guessed from names the prose repeats)."""
     count = max(2, n // 5 + 1)
     towns = _distinct(rng, lambda r: _pseudo_word(r, 2).capitalize() + r.choice(("ville", "burg", "ford", "port")),
                       count)
-    surnames = _distinct(rng, lambda r: _pseudo_word(r, r.randint(2, 3)).capitalize(), count)
-    facts = [(t, f"{rng.choice(text.NAMES)} {family}",
-              rng.choice(("bridge", "library", "harbor", "school", "market", "church")))
-             for t, family in zip(towns, surnames)]
+    builders = _distinct(rng, lambda r: _pseudo_word(r, r.randint(2, 3)).capitalize(), count,
+                         avoid={t[:-4] if t.endswith(("burg", "ford", "port")) else t[:-5] for t in towns})
+    facts = [(t, who, rng.choice(("bridge", "library", "harbor", "school", "market", "church")))
+             for t, who in zip(towns, builders)]
     docs = [f"Document {i + 1}: {text.paragraph(rng)} The {thing} of {town} was built by {who}. {text.sentence(rng)}"
             for i, (town, who, thing) in enumerate(facts)]
     return "Answer the question based on the given documents.\n\n" + "\n".join(docs) + "\n", facts

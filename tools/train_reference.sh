@@ -8,6 +8,9 @@
 #   NPROC=3 MINUTES=3.5 bash tools/train_reference.sh 3 OUT   # 512 -> 2048, from ref2, weighted to qa/cwe/fwe/vt -> OUT/ref3
 #   NPROC=3 MINUTES=4.5 bash tools/train_reference.sh 4 OUT   # 4096 -> 16384, from OUT/ref3 -> OUT/ref4
 # (on 2026-11-28 step 3 started from the model then shipped, i.e. ref2: star_sp/models/reference at commit 2ed8364).
+# Next, not yet run: QA on its new generator (every builder a made-up name), multi-key and multi-value:
+#   mkdir -p OUT/ref4 && cp star_sp/models/reference/* OUT/ref4/   # the shipped model
+#   NPROC=3 bash tools/train_reference.sh 5 OUT && NPROC=3 bash tools/train_reference.sh 6 OUT
 # Each writes training_log.jsonl and recipe.json beside the weights. NPROC=k trains data-parallel on k GPUs
 # (torchrun; MINUTES=m overrides the step's budget, WORKERS the data workers per rank).
 set -euo pipefail
@@ -30,5 +33,11 @@ case $step in
 4) python3 tools/train_reference.py --out "$out/ref4" --init "$out/ref3" --min-length 4096 --max-length 16384 \
        --minutes "$(minutes 7)" --workers "$workers" --tokens-per-batch 32768 --log-every 50 --lr 3e-4 --stage-shares 1,1,2 \
        --weights qa=3,cwe=3,fwe=3,vt=2 ;;
-*) echo "usage: $0 1|2|3|4 OUT" >&2; exit 2 ;;
+5) python3 tools/train_reference.py --out "$out/ref5" --init "$out/ref4" --min-length 512 --max-length 2048 \
+       --minutes "$(minutes 4)" --workers "$workers" --tokens-per-batch 16384 --log-every 100 --lr 5e-4 \
+       --weights qa=8,niah_multikey=2,niah_multivalue=2,vt=2 ;;
+6) python3 tools/train_reference.py --out "$out/ref6" --init "$out/ref5" --min-length 4096 --max-length 16384 \
+       --minutes "$(minutes 5)" --workers "$workers" --tokens-per-batch 32768 --log-every 50 --lr 3e-4 --stage-shares 1,1,2 \
+       --weights qa=4,niah_multikey=2,niah_multivalue=2,vt=2 ;;
+*) echo "usage: $0 1|2|3|4|5|6 OUT" >&2; exit 2 ;;
 esac

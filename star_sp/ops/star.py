@@ -71,13 +71,10 @@ def phase1_parts(
             anchor_ready()
         return parts + _fused_parts(k, v, row, lengths, anchor_k, anchor_v)
     start, end = row, row + sum(lengths)
-    while lengths:  # runs of equal-length blocks, each run one folded causal call
-        run = 1
-        while run < len(lengths) and lengths[run] == lengths[0]:
-            run += 1
-        stop = row + run * lengths[0]
-        parts.append(Part(row, stop, k[:, :, row:stop], v[:, :, row:stop], causal=True, fold=run))
-        row, lengths = stop, lengths[run:]
+    for n, count in _runs(lengths):  # runs of equal-length blocks, each run one folded causal call
+        stop = row + n * count
+        parts.append(Part(row, stop, k[:, :, row:stop], v[:, :, row:stop], causal=True, fold=count))
+        row = stop
     if anchor_len:  # anchor_len 0: no anchor, every block alone (an ablation)
         parts.append(Part(start, end, anchor_k, anchor_v, ready=anchor_ready))
     return parts

@@ -74,6 +74,12 @@ def _model(path: str, device, dtype, seed: int):
     return model.eval()
 
 
+def _heads(cfg) -> tuple[int, int, int]:
+    """``(query heads, KV heads, head_dim)`` of a transformers config."""
+    heads = cfg.num_attention_heads
+    return heads, getattr(cfg, "num_key_value_heads", heads), getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
 def _ids(length: int, vocab: int, seed: int, device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(4, vocab, (1, length), generator=gen).to(device)
@@ -260,9 +266,7 @@ def project_phase1(model, length: int, hosts: int, anchor_spec: str, backend: st
     cfg = model.config
     block = -(-length // hosts)
     anchor = _size(anchor_spec, length, hosts, block)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", heads)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    _, kv_heads, head_dim = _heads(cfg)
     dtype = next(model.parameters()).dtype
     engine = StarEngine(model, StarConfig(block_size=block, anchor_size=anchor, backend=backend), attention="star")
     layout = BlockLayout(length, block, anchor, hosts, hosts - 1)
@@ -294,9 +298,7 @@ def measure_rates(model, device, backend: str) -> dict:
     attention kernel (``backend``) on one 16K x 16K part of the model's heads, causal and full."""
     from star_sp.ops import attention_with_lse
 
-    cfg = model.config
-    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    heads, kv, dim = _heads(model.config)
     dtype = next(model.parameters()).dtype
     n = 8192 if device.type == "cuda" else 256
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
@@ -318,9 +320,8 @@ def prefill_floor(cfg, method: str, length: int, hosts: int, block: int | None, 
     and full pairs each at their measured rate). Star: each block after the first sees the anchor
     (full pairs) and itself (causal); the paper's form also recomputes the anchor's rows. Ring: an
     even share of the causal pairs. Global: all of them on one GPU."""
-    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
-    kv = getattr(cfg, "num_key_value_heads", heads)
-    dim = getattr(cfg, "head_dim", None) or hidden // heads
+    heads, kv, dim = _heads(cfg)
+    hidden = cfg.hidden_size
     linear = cfg.num_hidden_layers * (hidden * dim * (2 * heads + 2 * kv) + 3 * hidden * cfg.intermediate_size)
     tri = lambda n: n * (n + 1) / 2  # noqa: E731
     if method.endswith("global"):
@@ -458,11 +459,9 @@ def main(argv=None) -> int:
                             values = [g[key] for g in gathered if g[key] is not None]
                             row[key] = max(values) if values else None
                         row["peak_gb_per_rank"] = [g["peak_gb"] for g in gathered]
-                if "error" not in row and method != "torch-cp":
-                    row["floor_s"] = prefill_floor(model.config, method, length, row["hosts"], row.get("block"),
-                                                   row.get("anchor"), rates)
-                elif "error" not in row:
-                    row["floor_s"] = prefill_floor(model.config, "ring", length, row["hosts"], None, None, rates)
+                if "error" not in row:  # torch-cp does a ring's work
+                    row["floor_s"] = prefill_floor(model.config, "ring" if method == "torch-cp" else method, length,
+                                                   row["hosts"], row.get("block"), row.get("anchor"), rates)
                 rows.append(row)
                 if rank == 0:
                     print(json.dumps(row), flush=True)

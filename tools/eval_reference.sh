@@ -10,12 +10,12 @@ model=$1 out=$2 samples=${3:-8} seconds=${4:-420}
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
 read -r -a gpus <<< "${GPUS:-0}"
 n=0
-ev() { name=$1; shift; gpu=${gpus[$(( n % ${#gpus[@]} ))]}; n=$(( n + 1 ))
-  CUDA_VISIBLE_DEVICES=$gpu timeout "$seconds" python3 -m star_sp.cli eval --model "$model" --tasks all \
+ev() { name=$1; shift  # on GPU number n of GPUS, round robin (n counts the methods started)
+  CUDA_VISIBLE_DEVICES=${gpus[$(( n % ${#gpus[@]} ))]} timeout "$seconds" python3 -m star_sp.cli eval --model "$model" --tasks all \
     --lengths 4k,8k,16k --samples "$samples" --dtype bfloat16 --quiet --out "$out/$name" "$@" > "$out/$name.log" 2>&1; }
 mkdir -p "$out"
 ev global --attention global &
-n=1
+n=$(( n + 1 ))
 for block in 1/4 1/8; do
     for anchor in block block/4 0; do
         ev "star-b${block/\//_}-a${anchor/\//_}" --attention star --block-size "$block" --anchor-size "$anchor" &

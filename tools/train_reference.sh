@@ -35,9 +35,9 @@ case $step in
        --weights qa=3,cwe=3,fwe=3,vt=2 ;;
 5) python3 tools/train_reference.py --out "$out/ref5" --init "$out/ref4" --min-length 512 --max-length 2048 \
        --minutes "$(minutes 4)" --workers "$workers" --tokens-per-batch 16384 --log-every 100 --lr 5e-4 \
-       --weights qa=8,niah_multikey=2,niah_multivalue=2,vt=2 ;;
+       --weights qa=8,cwe=3,niah_multikey=2,niah_multivalue=2,vt=2 ;;
 6) python3 tools/train_reference.py --out "$out/ref6" --init "$out/ref5" --min-length 4096 --max-length 16384 \
        --minutes "$(minutes 5)" --workers "$workers" --tokens-per-batch 32768 --log-every 50 --lr 3e-4 --stage-shares 1,1,2 \
-       --weights qa=4,niah_multikey=2,niah_multivalue=2,vt=2 ;;
+       --weights qa=4,cwe=3,niah_multikey=3,niah_multivalue=2,vt=2 ;;
 *) echo "usage: $0 1|2|3|4|5|6 OUT" >&2; exit 2 ;;
 esac

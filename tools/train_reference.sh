@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Reproduce the shipped reference model (star_sp/models/reference) on one H200, in two device calls
-# of under 10 minutes each (the budgets are wall-clock, so step counts vary a little with hardware):
+# Reproduce the shipped reference model (star_sp/models/reference). The budgets are wall-clock, so step
+# counts vary a little with hardware. Steps 1-2 on one H200, in two device calls of under 10 minutes:
 #   bash tools/train_reference.sh 1 OUT   # 8 min: 256 -> 4096 tokens, from scratch  -> OUT/ref1
 #   bash tools/train_reference.sh 2 OUT   # 8.3 min: 4096 -> 16384 tokens, from OUT/ref1 -> OUT/ref2
-# Then, data-parallel on three H200s (the shipped model since 2026-11-28 is OUT/ref4 of these two; the budgets
-# were shortened because three GPUs see three times the tokens):
-#   NPROC=3 MINUTES=3.5 bash tools/train_reference.sh 3 OUT   # 512 -> 2048, from ref2, weighted to qa/cwe/fwe/vt -> OUT/ref3
-#   NPROC=3 MINUTES=4.5 bash tools/train_reference.sh 4 OUT   # 4096 -> 16384, from OUT/ref3 -> OUT/ref4
-# (on 2026-11-28 step 3 started from the model then shipped, i.e. ref2: star_sp/models/reference at commit 2ed8364).
-# Next, not yet run: QA on its new generator (every builder a made-up name), multi-key and multi-value:
-#   mkdir -p OUT/ref4 && cp star_sp/models/reference/* OUT/ref4/   # the shipped model
-#   NPROC=3 bash tools/train_reference.sh 5 OUT && NPROC=3 bash tools/train_reference.sh 6 OUT
-# Each writes training_log.jsonl and recipe.json beside the weights. NPROC=k trains data-parallel on k GPUs
-# (torchrun; MINUTES=m overrides the step's budget, WORKERS the data workers per rank).
+# Then data-parallel (NPROC GPUs; budgets shortened because k GPUs see k times the tokens):
+#   NPROC=3 MINUTES=3.5 bash tools/train_reference.sh 3 OUT   # 512 -> 2048, weighted to qa/cwe/fwe/vt -> OUT/ref3
+#   NPROC=3 MINUTES=4.5 bash tools/train_reference.sh 4 OUT   # 4096 -> 16384 -> OUT/ref4
+#   NPROC=3 MINUTES=3.4 bash tools/train_reference.sh 5 OUT   # 512 -> 2048, qa (made-up builders) heavy -> OUT/ref5
+#   NPROC=3 MINUTES=4.2 bash tools/train_reference.sh 6 OUT   # 4096 -> 16384 -> OUT/ref6
+#   NPROC=4 bash tools/train_reference.sh 7 OUT                # 4096 -> 16384, word tasks and multi-key -> OUT/ref7
+# The shipped model is OUT/ref7 (2026-11-28, 4-H200 machine; steps 3-6 with WORKERS=14-16 on three GPUs,
+# step 7 with WORKERS=14 on four). Step 3 started from star_sp/models/reference at commit 2ed8364 (= ref2).
+# Each writes training_log.jsonl and recipe.json beside the weights (shipped as *_stageN for N < 7).
+# NPROC=k trains data-parallel on k GPUs (torchrun; MINUTES=m overrides the step's budget, WORKERS the
+# data workers per rank).
 set -euo pipefail
 step=$1 out=$2
 nproc=${NPROC:-1}
@@ -39,5 +40,8 @@ case $step in
 6) python3 tools/train_reference.py --out "$out/ref6" --init "$out/ref5" --min-length 4096 --max-length 16384 \
        --minutes "$(minutes 5)" --workers "$workers" --tokens-per-batch 32768 --log-every 50 --lr 3e-4 --stage-shares 1,1,2 \
        --weights qa=4,cwe=3,niah_multikey=3,niah_multivalue=2,vt=2 ;;
-*) echo "usage: $0 1|2|3|4|5|6 OUT" >&2; exit 2 ;;
+7) python3 tools/train_reference.py --out "$out/ref7" --init "$out/ref6" --min-length 4096 --max-length 16384 \
+       --minutes "$(minutes 3)" --workers "$workers" --tokens-per-batch 32768 --log-every 50 --lr 2e-4 --stage-shares 1,1,2 \
+       --weights cwe=4,fwe=3,niah_multikey=3,niah_multivalue=2,qa=2,vt=2 ;;
+*) echo "usage: $0 1|2|3|4|5|6|7 OUT" >&2; exit 2 ;;
 esac

@@ -39,15 +39,59 @@ def _check(out, hosts):
                     (101, -(-101 // hosts), -(-101 // hosts) // 4), (101, -(-101 // hosts), -(-101 // hosts))]
     md = (out / "bench.md").read_text()
     assert "| context | method |" in md and "torch" in md and "tools/bench.py" in md
-    # phase 1 projected for 4 hosts, ours and the paper's form, for each length and anchor, labelled so
+    # phase 1 projected for 4 hosts (and, with several processes, for the run's own size, which
+    # calibrates the others), ours and the paper's form, for each length and anchor, labelled so
     projected = record["projection"]
-    assert len(projected) == 2 * 2 * 2 and all(r["projected"] and r["hosts"] == 4 for r in projected)
+    counts = [4] if hosts == 1 else [hosts, 4]
+    assert sorted(r["hosts"] for r in projected) == sorted(counts * 2 * 2 * 2) and all(r["projected"] for r in projected)
+    measured = {(r["context"], r["method"], r["anchor_spec"]): r["prefill_s"] for r in rows if r["method"].startswith("star")}
     for r in projected:
-        assert r["block"] == -(-r["context"] // 4) and r["phase1_compute_s"] > 0
+        if hosts == 1:
+            assert r["calibration"] is None and r["phase1_calibrated_s"] is None
+        else:
+            key = (r["context"], r["method"].replace(" (projected)", ""), r["anchor_spec"])
+            own = [q for q in projected if q["hosts"] == hosts and q["method"] == r["method"]
+                   and (q["context"], q["anchor_spec"]) == (r["context"], r["anchor_spec"])]
+            assert r["calibration"] == pytest.approx(measured[key] / own[0]["phase1_s"])
+            assert r["phase1_calibrated_s"] == pytest.approx(r["phase1_s"] * r["calibration"])
+        assert r["block"] == -(-r["context"] // r["hosts"]) and r["phase1_compute_s"] > 0
         measured_bcast = r["method"] == "star (projected)" and hosts > 1
         assert (r["anchor_broadcast_s"] is not None) == measured_bcast
         assert r["phase1_s"] == pytest.approx(r["phase1_compute_s"] + (r["anchor_broadcast_s"] or 0))
     assert "PROJECTION" in md
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "tools", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_calibration_by_hand():
+    """Each projection is scaled by measured / projected at the run's own host count, for its own
+    context, method and anchor setting; nothing is calibrated without a matching measured row."""
+    bench = _bench()
+    rows = [{"context": 100, "method": "star", "hosts": 2, "block": 50, "anchor_spec": "block", "prefill_s": 1.1},
+            {"context": 100, "method": "star", "hosts": 2, "block": 50, "anchor_spec": "block/4", "prefill_s": 0.9},
+            {"context": 100, "method": "star-paper", "hosts": 2, "block": 50, "anchor_spec": "block", "error": "oom"},
+            {"context": 100, "method": "ring", "hosts": 2, "prefill_s": 5.0}]
+
+    def proj(method, hosts, spec, t):
+        return {"context": 100, "method": f"{method} (projected)", "hosts": hosts, "anchor_spec": spec, "phase1_s": t}
+
+    projected = [proj("star", 2, "block", 1.0), proj("star", 4, "block", 0.5), proj("star", 2, "block/4", 0.6),
+                 proj("star", 4, "block/4", 0.3), proj("star-paper", 2, "block", 2.0), proj("star-paper", 4, "block", 1.0),
+                 {"context": 100, "hosts": 8, "method": "projection", "error": "out of memory"}]
+    bench.calibrate(rows, projected, 2)
+    got = [(p.get("calibration"), p.get("phase1_calibrated_s")) for p in projected]
+    assert got[0] == pytest.approx((1.1, 1.1)) and got[1] == pytest.approx((1.1, 0.55))
+    assert got[2] == pytest.approx((1.5, 0.9)) and got[3] == pytest.approx((1.5, 0.45))
+    assert got[4] == (None, None) and got[5] == (None, None)  # its measured row failed
+    assert got[6] == (None, None)
+    bench.calibrate(rows, [proj("star", 4, "block", 0.5)], 2)  # no projection at the run's own size
+    bench.calibrate(rows, one := [proj("star", 1, "block", 0.5)], 1)  # one process: nothing to calibrate by
+    assert one[0]["calibration"] is None
 
 
 def test_bench_one_process(tiny, tmp_path):

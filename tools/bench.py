@@ -294,7 +294,8 @@ def project_phase1(model, length: int, hosts: int, anchor_spec: str, backend: st
         buf = torch.zeros(2, 1, kv_heads, anchor, head_dim, dtype=dtype, device=device)
         src = dist.get_global_rank(group, 0)
         bcast = engine.num_layers * _timed(lambda: dist.broadcast(buf, src=src, group=group), device, repeats=5)
-    common = {"context": length, "hosts": hosts, "block": block, "anchor": anchor, "projected": True}
+    common = {"context": length, "hosts": hosts, "block": block, "anchor": anchor, "anchor_spec": anchor_spec,
+              "projected": True}
     return [{**common, "method": "star (projected)", "phase1_compute_s": ours, "anchor_broadcast_s": bcast,
              "phase1_s": ours + (bcast or 0.0)},
             {**common, "method": "star-paper (projected)", "phase1_compute_s": paper, "anchor_broadcast_s": None,
@@ -364,14 +365,41 @@ def _provenance(device, argv) -> dict:
             "command": " ".join(["tools/bench.py", *argv])}
 
 
+def calibrate(rows: list[dict], projected: list[dict], world: int) -> None:
+    """Correct the projections by what this run measured. The projection leaves out the hosts' skew and
+    the end-of-prefill synchronisation (on H200s it ran 1-6% low at 4 hosts). For each context, method
+    and anchor setting, ``calibration`` = this run's measured phase 1 (``prefill_s`` with one block per
+    host on its ``world`` hosts) / the projection for ``world`` hosts; every projection of that setting
+    gets ``phase1_calibrated_s = phase1_s * calibration``. Without a matching measured row (one process,
+    another block size, an error) the fields stay None. Rows are changed in place."""
+    for p in projected:
+        p.setdefault("calibration", None)
+        p.setdefault("phase1_calibrated_s", None)
+    if world < 2:
+        return
+    for p in projected:
+        if "error" in p:
+            continue
+        method = p["method"].replace(" (projected)", "")
+        own = [q for q in projected if "error" not in q and q["hosts"] == world and q["method"] == p["method"]
+               and q["context"] == p["context"] and q["anchor_spec"] == p["anchor_spec"]]
+        measured = [r for r in rows if "error" not in r and r["method"] == method and r["hosts"] == world
+                    and r["context"] == p["context"] and r.get("anchor_spec") == p["anchor_spec"]
+                    and r.get("block") == -(-p["context"] // world)]
+        if own and measured:
+            p["calibration"] = measured[0]["prefill_s"] / own[0]["phase1_s"]
+            p["phase1_calibrated_s"] = p["phase1_s"] * p["calibration"]
+
+
 def projection_table(rows: list[dict]) -> str:
     head = ("| context | method | hosts | block | anchor | phase-1 compute s (one host, measured) | "
-            "anchor broadcast s (measured) | phase 1 s (PROJECTED) |")
-    lines = [head, "|" + "---|" * 8]
+            "anchor broadcast s (measured) | phase 1 s (PROJECTED) | calibration | phase 1 s (PROJECTED, calibrated) |")
+    lines = [head, "|" + "---|" * 10]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['context']} | {r['method']} | {r['hosts']} | {r['block']} | {r['anchor']} | "
-                     f"{fmt(r['phase1_compute_s'])} | {fmt(r['anchor_broadcast_s'])} | {fmt(r['phase1_s'])} |")
+                     f"{fmt(r['phase1_compute_s'])} | {fmt(r['anchor_broadcast_s'])} | {fmt(r['phase1_s'])} | "
+                     f"{fmt(r.get('calibration'))} | {fmt(r.get('phase1_calibrated_s'))} |")
     return "\n".join(lines)
 
 
@@ -434,14 +462,14 @@ def main(argv=None) -> int:
         context = _ids(length, model.config.vocab_size, args.seed, device)
         query = _ids(args.query, model.config.vocab_size, args.seed + 1, device)
         for method in job_methods:
-            settings = [(length, length)]
+            settings = [(length, length, None)]
             if method.startswith("star"):
-                settings = [(b, _size(a, length, world, b)) for b in (_size(x, length, world) for x in args.blocks.split(","))
-                            for a in args.anchors.split(",")]
-            for block, anchor in settings:
+                settings = [(b, _size(a, length, world, b), a)
+                            for b in (_size(x, length, world) for x in args.blocks.split(",")) for a in args.anchors.split(",")]
+            for block, anchor, anchor_spec in settings:
                 row = {"context": length, "method": method, "hosts": 1 if method.endswith("global") else world}
                 if method.startswith("star"):
-                    row.update(block=block, anchor=anchor)
+                    row.update(block=block, anchor=anchor, anchor_spec=anchor_spec)
                 try:
                     if method == "torch-cp":
                         row.update(run_torch_cp(model, context, group, device, args.cp_rotate, args.warmup))
@@ -473,13 +501,17 @@ def main(argv=None) -> int:
                 rows.append(row)
                 if rank == 0:
                     print(json.dumps(row), flush=True)
-        for hosts in [int(x) for x in args.project.split(",") if x and project]:
+        host_counts = [int(x) for x in args.project.split(",") if x and project]
+        if host_counts and world > 1 and world not in host_counts:  # this run's own size: the calibration
+            host_counts.insert(0, world)
+        for hosts in host_counts:
             for anchor_spec in args.anchors.split(","):
                 try:
                     projected += project_phase1(model, length, hosts, anchor_spec, args.backend, group, device)
                 except torch.cuda.OutOfMemoryError:
                     projected.append({"context": length, "hosts": hosts, "method": "projection", "error": "out of memory"})
                 _reset(device)
+    calibrate(rows, projected, world)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         record = {"provenance": _provenance(device, argv), "world_size": world, "rates": rates, "rows": rows,
@@ -495,7 +527,9 @@ def main(argv=None) -> int:
                     f"{rates['attention_causal_tflops']:.4g}, full {rates['attention_full_tflops']:.4g}).\n")
             if projected:
                 f.write("\nPROJECTION (not a measurement of that many hosts): the busiest host's phase-1 work "
-                        "measured alone on one GPU, plus the anchor broadcast measured across this run's GPUs.\n\n"
+                        "measured alone on one GPU, plus the anchor broadcast measured across this run's GPUs; "
+                        "calibrated: times the ratio of this run's measured phase 1 to its projection for this "
+                        "run's own host count (same context, method and anchor setting).\n\n"
                         + projection_table([r for r in projected if "error" not in r]) + "\n")
         print(table(rows))
         if projected:

@@ -95,9 +95,7 @@ def test_calibration_by_hand():
 
 
 def test_bench_one_process(tiny, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "tools", "bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     assert bench.main(["--model", str(tiny), *ARGS, "--out", str(tmp_path / "one")]) == 0
     _check(tmp_path / "one", 1)
 
@@ -108,9 +106,7 @@ def test_causal_sdpa_for_context_parallelism_matches_the_model(tiny):
     import torch
     from transformers import AutoModelForCausalLM
 
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "tools", "bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     model = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="sdpa").double().eval()
     assert model.config.num_attention_heads > model.config.num_key_value_heads  # GQA is exercised
     ids = torch.randint(4, model.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
@@ -123,9 +119,7 @@ def test_causal_sdpa_for_context_parallelism_matches_the_model(tiny):
 
 
 def test_prefill_floor_counts_the_work_of_the_busiest_host():
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "tools", "bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     from types import SimpleNamespace
 
     cfg = SimpleNamespace(num_attention_heads=4, hidden_size=32, num_key_value_heads=2, head_dim=8,

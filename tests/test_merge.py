@@ -68,3 +68,38 @@ def test_merge_is_stable_for_large_scores():
 def test_merge_needs_a_partial():
     with pytest.raises(ValueError):
         merge_partials([])
+
+
+def test_in_place_merge_matches_merge_partials():
+    """``merge_into_`` (the forward passes' in-place form): parts merged one by one into a float64
+    accumulator equal the union against the oracle, including rows with no keys in some or all parts,
+    large scores, and a bf16 partial merged into a float32 accumulator."""
+    from star_sp.ops.merge import merge_into_
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 7, 9, dtype=torch.float64, generator=gen) * 30  # large scores
+    k = torch.randn(2, 4, 19, 9, dtype=torch.float64, generator=gen)
+    v = torch.randn(2, 4, 19, 9, dtype=torch.float64, generator=gen)
+    out_acc = torch.zeros(2, 4, 7, 9, dtype=torch.float64)
+    lse_acc = torch.full((2, 4, 7), float("-inf"), dtype=torch.float64)
+    for s, e in [(0, 0), (0, 5), (5, 5), (5, 12), (12, 19)]:  # empty parts too
+        merge_into_(out_acc, lse_acc, *reference_attention(q, k[:, :, s:e], v[:, :, s:e]))
+    ref_out, ref_lse = reference_attention(q, k, v)
+    assert torch.allclose(out_acc, ref_out, atol=1e-12) and torch.allclose(lse_acc, ref_lse, atol=1e-12)
+
+    # a row with no keys in any part stays O = 0, lse = -inf; a view of a larger accumulator is updated
+    big_out, big_lse = torch.zeros(1, 1, 4, 3), torch.full((1, 1, 4), float("-inf"))
+    part = (torch.randn(1, 1, 2, 3), torch.tensor([[[0.5, float("-inf")]]]))
+    merge_into_(big_out[:, :, 1:3], big_lse[:, :, 1:3], *part)
+    merge_into_(big_out[:, :, 1:3], big_lse[:, :, 1:3], torch.zeros(1, 1, 2, 3), torch.full((1, 1, 2), float("-inf")))
+    assert torch.equal(big_out[0, 0, 1], part[0][0, 0, 0]) and big_lse[0, 0, 1] == 0.5
+    assert (big_out[0, 0, 2] == 0).all() and torch.isneginf(big_lse[0, 0, 2])
+    assert (big_out[0, 0, [0, 3]] == 0).all() and torch.isneginf(big_lse[0, 0, [0, 3]]).all()
+
+    # low-precision partials into a float32 accumulator: as merge_partials does it
+    a = (torch.randn(1, 2, 5, 8).bfloat16(), torch.randn(1, 2, 5))
+    b = (torch.randn(1, 2, 5, 8).bfloat16(), torch.randn(1, 2, 5))
+    want_out, want_lse = merge_partials([(a[0].float(), a[1]), (b[0].float(), b[1])])
+    acc_out, acc_lse = a[0].float(), a[1].clone()
+    merge_into_(acc_out, acc_lse, *b)
+    assert torch.allclose(acc_out, want_out, atol=1e-6) and torch.allclose(acc_lse, want_lse, atol=1e-6)

@@ -11,7 +11,8 @@ row-wise log-sum-exp of scaled scores (natural log, base e)::
 
 A part over no keys has ``s_i = -inf`` in its rows and contributes nothing; a row that is ``-inf`` in
 every part gives ``O = 0`` and ``s = -inf``, never NaN. The same function serves phase 1 (anchor plus
-local block), phase 2 (hosts, through its all-reduce form) and the ring baseline.
+local block), phase 2 (hosts, through its all-reduce form) and the ring baseline. ``merge_into_`` is
+its in-place two-term form for forward passes that keep no graph (a handful of kernels, no copies).
 """
 
 from __future__ import annotations
@@ -48,3 +49,21 @@ def merge_partials(partials: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tup
     out = num / den.unsqueeze(-1)
     lse = torch.where(has_keys, m + torch.log(den), torch.full_like(den, float("-inf")))
     return out.to(out_dtype), lse
+
+
+def merge_into_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge one more partial ``(out, lse)`` into the running ``(out_acc, lse_acc)``, in place.
+
+    ``out_acc: (..., S, D)`` and ``lse_acc: (..., S)`` are in the accumulation dtype (rows never merged
+    hold ``out_acc = 0, lse_acc = -inf``); ``out, lse`` may be lower precision. Same result as
+    ``merge_partials`` on the two, without building a graph (call it where no gradient flows through
+    the merge, e.g. inside an autograd function's forward)::
+
+        s = logaddexp(s_acc, s_new);  O = exp(s_acc - s) * O_acc + exp(s_new - s) * O_new
+
+    A row that is ``-inf`` in both stays ``O = 0, s = -inf`` (its weights are NaN, replaced by 0)."""
+    new = torch.logaddexp(lse_acc, lse.to(lse_acc.dtype))
+    w_acc = torch.exp(lse_acc - new).nan_to_num_(0.0).unsqueeze(-1)
+    w_new = torch.exp(lse.to(lse_acc.dtype) - new).nan_to_num_(0.0).unsqueeze(-1)
+    out_acc.mul_(w_acc).addcmul_(out, w_new)
+    lse_acc.copy_(new)

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import StarInputError
 from .backends import Kernel
-from .merge import accumulation_dtype, merge_partials
+from .merge import accumulation_dtype, merge_into_
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,7 +99,6 @@ def forward_into(q, metas, kvs, kernel: Kernel, scale, out_acc, lse_acc, covered
     ``split_parts`` makes both from ``Part`` objects) and
     merge each result into ``out_acc, lse_acc`` (in place; ``covered`` lists the row ranges already
     written, so a range's first result is stored without a merge). Returns each part's kernel aux."""
-    acc = accumulation_dtype(q.dtype)
     auxes = []
     for i, (r0, r1, causal, fold, ready) in enumerate(metas):
         k, v = kvs[2 * i], kvs[2 * i + 1]
@@ -112,8 +111,7 @@ def forward_into(q, metas, kvs, kernel: Kernel, scale, out_acc, lse_acc, covered
         if all(r1 <= s or r0 >= e for s, e in covered):  # first result for these rows: no merge
             out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = o, lse
         else:
-            merged = merge_partials([(out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1]), (o.to(acc), lse.to(acc))])
-            out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1] = merged
+            merge_into_(out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1], o, lse)
         covered.append((r0, r1))
     return auxes
 

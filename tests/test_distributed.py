@@ -182,3 +182,28 @@ def test_fused_phase1_without_gradients_matches_oracle(cluster, world_size, anch
         if rows:
             assert_close_to_oracle("out1", r["out1"][:, :, r["anchor_rows"]:], ref_out[:, :, rows[0]:rows[-1] + 1],
                                    None, torch.float64)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_allreduce_merge_equals_merge_of_all_partials(cluster, world_size, dtype):
+    """The phase-2 all-reduce merge equals ``merge_partials`` over every rank's partial result,
+    including rows with keys on some ranks only and a row with keys on none (O = 0, lse = -inf)."""
+    from star_sp.ops import merge_partials
+
+    results = cluster(world_size).run(workers.allreduce_merge, dtype)
+    partials = []
+    for rank in range(world_size):
+        gen = torch.Generator().manual_seed(100 + rank)
+        out = torch.randn(2, 3, 5, 4, generator=gen).to(getattr(torch, dtype))
+        lse = torch.randn(2, 3, 5, generator=gen) * 20
+        lse[:, :, 4] = float("-inf")
+        lse[:, :, rank % 4] = float("-inf")
+        out[lse == float("-inf")] = 0
+        partials.append((out.float(), lse))
+    want_out, want_lse = merge_partials(partials)
+    for r in results:
+        assert torch.allclose(r["out"], want_out, atol=1e-6) and torch.equal(torch.isneginf(r["lse"]), torch.isneginf(want_lse))
+        finite = torch.isfinite(want_lse)
+        assert torch.allclose(r["lse"][finite], want_lse[finite], atol=1e-5)
+        assert (r["out"][:, :, 4] == 0).all() and torch.isneginf(r["lse"][:, :, 4]).all()

@@ -157,3 +157,19 @@ def ring_layer(group, length: int, dtype: torch.dtype, lse_grad: bool, seed: int
         loss = loss + (lse * layout.shard(gl, 2)).sum()
     loss.backward()
     return {"rows": rows, "out": out.detach(), "lse": lse.detach(), "dq": q1.grad, "dk": k1.grad, "dv": v1.grad}
+
+
+def allreduce_merge(group, dtype_name: str) -> dict:
+    """``AllReduceMerge.merge`` of every rank's ``(out, lse)`` (made from a seed per rank): rows without
+    keys on some ranks, and one row without keys on any rank."""
+    from star_sp.distributed import AllReduceMerge
+
+    rank = dist.get_rank(group)
+    gen = torch.Generator().manual_seed(100 + rank)
+    out = torch.randn(2, 3, 5, 4, generator=gen).to(getattr(torch, dtype_name))
+    lse = torch.randn(2, 3, 5, generator=gen) * 20
+    lse[:, :, 4] = float("-inf")  # no keys anywhere
+    lse[:, :, rank % 4] = float("-inf")  # no keys on this rank
+    out[lse == float("-inf")] = 0
+    merged, merged_lse = AllReduceMerge(group).merge(out, lse)
+    return {"out": merged, "lse": merged_lse}

@@ -35,18 +35,17 @@ class AllReduceMerge:
         return tensor
 
     def merge(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called in a forward pass that keeps no graph (``ops.parts_attention``), so it works in place."""
         acc = accumulation_dtype(out.dtype)
-        lse = lse.to(acc)
-        m = self._all_reduce(lse.clone(), dist.ReduceOp.MAX)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        w = torch.exp(lse - m).unsqueeze(-1)
-        packed = torch.cat([out.to(acc) * w, w], dim=-1)
+        m = self._all_reduce(lse.to(acc, copy=True), dist.ReduceOp.MAX).nan_to_num_(neginf=0.0)  # keyless rows: 0
+        packed = out.new_empty((*out.shape[:-1], out.shape[-1] + 1), dtype=acc)
+        w = torch.exp(lse - m, out=packed[..., -1]).unsqueeze(-1)
+        torch.mul(out, w, out=packed[..., :-1])
         self._all_reduce(packed, dist.ReduceOp.SUM)
         num, den = packed[..., :-1], packed[..., -1]
-        has_keys = den > 0
-        den = torch.where(has_keys, den, torch.ones_like(den))
-        merged_lse = torch.where(has_keys, m + torch.log(den), torch.full_like(den, float("-inf")))
-        return num / den.unsqueeze(-1), merged_lse
+        # den >= 1 in a row with keys (its largest term is exp(0)); 0 in a keyless row, which gets O = 0
+        # and s = 0 + log 0 = -inf
+        return num / den.clamp_min(1.0).unsqueeze(-1), m + torch.log(den)
 
     def sum_grad(self, grad: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(grad.contiguous(), dist.ReduceOp.SUM)

@@ -157,3 +157,17 @@ def test_multi_gpu_check_passes_on_cpu_processes():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 check(s) failed on 2 process(es), cpu" in proc.stdout
     assert proc.stdout.count("ok   rank") == 2 * (2 * (5 + 4) + 3)  # ranks x (dtypes x checks + engine)
+
+
+def test_host_overhead_tool_runs_and_reports(capsys):
+    """tools/host_overhead.py in its smallest form: both figures printed, positive."""
+    import re
+
+    spec = importlib.util.spec_from_file_location("host_overhead", os.path.join(ROOT, "tools", "host_overhead.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--layers", "2", "--context", "96", "--block", "40", "--anchor", "8", "--tokens", "3",
+                      "--repeats", "1", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    plain, prefill, decode = map(float, re.findall(r"(?:ms/token|prefill s) ([0-9.]+)", line))
+    assert plain > 0 and prefill > 0 and decode > 0 and "block 40, anchor 8" in line

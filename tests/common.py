@@ -69,6 +69,18 @@ def plain_lowp(case: Case, q, k, v, g):
     return out.detach(), grads
 
 
+def rank_partial(rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's partial attention result ``(out (2, 3, 5, 4), lse (2, 3, 5))`` for merge tests, from a
+    seed per rank: row 4 has no keys on any rank, row ``rank % 4`` none on this rank (there ``out = 0``)."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    out = torch.randn(2, 3, 5, 4, generator=gen).to(dtype)
+    lse = torch.randn(2, 3, 5, generator=gen) * 20
+    lse[:, :, 4] = float("-inf")
+    lse[:, :, rank % 4] = float("-inf")
+    out[lse == float("-inf")] = 0
+    return out, lse
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 

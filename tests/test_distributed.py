@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import workers
-from common import Case, assert_close_to_oracle, make_qkv, oracle, plain_lowp
+from common import Case, assert_close_to_oracle, make_qkv, oracle, plain_lowp, rank_partial
 from star_sp import StarInputError
 
 CASES = [
@@ -192,16 +192,8 @@ def test_allreduce_merge_equals_merge_of_all_partials(cluster, world_size, dtype
     from star_sp.ops import merge_partials
 
     results = cluster(world_size).run(workers.allreduce_merge, dtype)
-    partials = []
-    for rank in range(world_size):
-        gen = torch.Generator().manual_seed(100 + rank)
-        out = torch.randn(2, 3, 5, 4, generator=gen).to(getattr(torch, dtype))
-        lse = torch.randn(2, 3, 5, generator=gen) * 20
-        lse[:, :, 4] = float("-inf")
-        lse[:, :, rank % 4] = float("-inf")
-        out[lse == float("-inf")] = 0
-        partials.append((out.float(), lse))
-    want_out, want_lse = merge_partials(partials)
+    partials = [rank_partial(rank, getattr(torch, dtype)) for rank in range(world_size)]
+    want_out, want_lse = merge_partials([(out.float(), lse) for out, lse in partials])
     for r in results:
         assert torch.allclose(r["out"], want_out, atol=1e-6) and torch.equal(torch.isneginf(r["lse"]), torch.isneginf(want_lse))
         finite = torch.isfinite(want_lse)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from common import Case, make_qkv
+from common import Case, make_qkv, rank_partial
 from star_sp import BlockLayout
 from star_sp.distributed import phase1_attention, phase2_attention
 
@@ -160,16 +160,8 @@ def ring_layer(group, length: int, dtype: torch.dtype, lse_grad: bool, seed: int
 
 
 def allreduce_merge(group, dtype_name: str) -> dict:
-    """``AllReduceMerge.merge`` of every rank's ``(out, lse)`` (made from a seed per rank): rows without
-    keys on some ranks, and one row without keys on any rank."""
+    """``AllReduceMerge.merge`` of every rank's ``common.rank_partial``."""
     from star_sp.distributed import AllReduceMerge
 
-    rank = dist.get_rank(group)
-    gen = torch.Generator().manual_seed(100 + rank)
-    out = torch.randn(2, 3, 5, 4, generator=gen).to(getattr(torch, dtype_name))
-    lse = torch.randn(2, 3, 5, generator=gen) * 20
-    lse[:, :, 4] = float("-inf")  # no keys anywhere
-    lse[:, :, rank % 4] = float("-inf")  # no keys on this rank
-    out[lse == float("-inf")] = 0
-    merged, merged_lse = AllReduceMerge(group).merge(out, lse)
+    merged, merged_lse = AllReduceMerge(group).merge(*rank_partial(dist.get_rank(group), getattr(torch, dtype_name)))
     return {"out": merged, "lse": merged_lse}

@@ -62,8 +62,9 @@ def merge_into_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor,
         s = logaddexp(s_acc, s_new);  O = exp(s_acc - s) * O_acc + exp(s_new - s) * O_new
 
     A row that is ``-inf`` in both stays ``O = 0, s = -inf`` (its weights are NaN, replaced by 0)."""
-    new = torch.logaddexp(lse_acc, lse.to(lse_acc.dtype))
+    lse = lse.to(lse_acc.dtype)
+    new = torch.logaddexp(lse_acc, lse)
     w_acc = torch.exp(lse_acc - new).nan_to_num_(0.0).unsqueeze(-1)
-    w_new = torch.exp(lse.to(lse_acc.dtype) - new).nan_to_num_(0.0).unsqueeze(-1)
+    w_new = torch.exp(lse - new).nan_to_num_(0.0).unsqueeze(-1)
     out_acc.mul_(w_acc).addcmul_(out, w_new)
     lse_acc.copy_(new)

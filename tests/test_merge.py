@@ -103,3 +103,33 @@ def test_in_place_merge_matches_merge_partials():
     acc_out, acc_lse = a[0].float(), a[1].clone()
     merge_into_(acc_out, acc_lse, *b)
     assert torch.allclose(acc_out, want_out, atol=1e-6) and torch.allclose(acc_lse, want_lse, atol=1e-6)
+
+
+def test_coverage_and_output_buffers():
+    """How many parts share a row and whether all rows have one decide the forward's accumulator:
+    q's dtype without merges (or with at most two merged parts per row and the fused GPU merge), float32
+    otherwise; uninitialised only when every row is written; always in q's memory layout."""
+    from star_sp.ops.parts import coverage, output_buffers
+
+    spans = lambda *s: [(a, b) for a, b in s]  # noqa: E731
+    assert coverage(spans((0, 4), (4, 11)), 11) == (1, True)
+    assert coverage(spans((0, 4), (4, 11), (4, 11)), 11) == (2, True)
+    assert coverage(spans((0, 11), (0, 5), (3, 8)), 11) == (3, True)
+    assert coverage(spans((0, 4), (5, 11)), 11) == (1, False)  # row 4 has no part
+    assert coverage(spans((2, 11)), 11) == (1, False)
+    assert coverage(spans((0, 10)), 11) == (1, False)
+    assert coverage(spans((5, 9), (0, 6), (8, 11)), 11) == (2, True)  # out of order
+    assert coverage([], 3) == (0, False)
+
+    q = torch.randn(2, 7, 3, 4, dtype=torch.bfloat16).transpose(1, 2)  # (B, H, S, D) view of (B, S, H, D)
+    two = spans((0, 7), (2, 7))
+    for metas, fused, dtype, zeroed in [(spans((0, 3), (3, 7)), False, torch.bfloat16, False),
+                                        (two, False, torch.float32, False), (two, True, torch.bfloat16, False),
+                                        (two + spans((4, 6)), True, torch.float32, False),
+                                        (spans((1, 7)), False, torch.bfloat16, True)]:
+        out, lse = output_buffers(q, metas, fused)
+        like_q = torch.empty_like(q, dtype=dtype).stride()
+        assert out.dtype == dtype and out.stride() == like_q != out.contiguous().stride()
+        assert lse.dtype == torch.float32 and lse.shape == (2, 3, 7) and torch.isneginf(lse).all()
+        if zeroed:
+            assert (out == 0).all()

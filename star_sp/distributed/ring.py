@@ -48,7 +48,7 @@ class _Ring(torch.autograd.Function):
         n, r = layout.world_size, layout.rank
         b, h, s, d = q.shape
         acc = accumulation_dtype(q.dtype)
-        out_acc = q.new_zeros((b, h, s, d), dtype=acc)
+        out_acc = torch.zeros_like(q, dtype=acc)  # q's memory layout: the model's transpose back is free
         lse_acc = q.new_full((b, h, s), float("-inf"), dtype=acc)
         covered: list = []
         auxes = []

@@ -12,7 +12,8 @@ row-wise log-sum-exp of scaled scores (natural log, base e)::
 A part over no keys has ``s_i = -inf`` in its rows and contributes nothing; a row that is ``-inf`` in
 every part gives ``O = 0`` and ``s = -inf``, never NaN. The same function serves phase 1 (anchor plus
 local block), phase 2 (hosts, through its all-reduce form) and the ring baseline. ``merge_into_`` is
-its in-place two-term form for forward passes that keep no graph (a handful of kernels, no copies).
+its in-place two-term form for forward passes that keep no graph (a handful of kernels, no copies; one
+fused kernel on CUDA, ``merge_fused.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from .merge_fused import merge_into_fused
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,7 +64,12 @@ def merge_into_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor,
 
         s = logaddexp(s_acc, s_new);  O = exp(s_acc - s) * O_acc + exp(s_new - s) * O_new
 
-    A row that is ``-inf`` in both stays ``O = 0, s = -inf`` (its weights are NaN, replaced by 0)."""
+    A row that is ``-inf`` in both stays ``O = 0, s = -inf`` (its weights are NaN, replaced by 0).
+
+    On CUDA with Triton this is one fused kernel (``merge_fused``: float32 arithmetic, one rounding to
+    ``out_acc``'s dtype); elsewhere four torch operations."""
+    if merge_into_fused(out_acc, lse_acc, out, lse):
+        return
     lse = lse.to(lse_acc.dtype)
     new = torch.logaddexp(lse_acc, lse)
     w_acc = torch.exp(lse_acc - new).nan_to_num_(0.0).unsqueeze(-1)

@@ -28,6 +28,7 @@ import torch
 from ..errors import StarInputError
 from .backends import Kernel
 from .merge import accumulation_dtype, merge_into_
+from .merge_fused import fused_merge_available
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,10 +89,33 @@ def _check_alignment(kernel: Kernel, q, rows: int, keys: int, causal: bool) -> N
                              f"has {rows} rows and {keys} keys; build parts with ops.key_parts")
 
 
-def disjoint(metas) -> bool:
-    """Whether no two parts share a query row (then no row needs a merge)."""
-    spans = sorted((m[0], m[1]) for m in metas)
-    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+def coverage(metas, rows: int) -> tuple[int, bool]:
+    """``(most, full)``: the most parts that share one query row (``most <= 1``: no row needs a merge),
+    and whether every one of the ``rows`` query rows has a part."""
+    events = sorted([(m[0], 1) for m in metas] + [(m[1], -1) for m in metas])  # an end sorts before a start
+    most = depth = 0
+    gap = False
+    reached = 0  # rows [0, reached) covered so far
+    for at, step in events:
+        if depth == 0 and at > reached:
+            gap = True
+        depth += step
+        most = max(most, depth)
+        reached = max(reached, at) if depth == 0 else reached
+    return most, not gap and reached >= rows
+
+
+def output_buffers(q: torch.Tensor, metas, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running ``(out_acc, lse_acc)`` for ``forward_into``: ``out_acc`` in q's memory layout (so the
+    model's transpose back to ``(B, S, H, D)`` is free), uninitialised where every row gets a part.
+
+    Its dtype is q's when no row needs a merge, or when no row gets more than two parts and the merge
+    is fused (one rounding per row: the same bits as a float32 accumulator); float32 otherwise."""
+    most, full = coverage(metas, q.shape[2])
+    acc = q.dtype if most <= 1 or (fused and most <= 2) else accumulation_dtype(q.dtype)
+    out_acc = torch.empty_like(q, dtype=acc) if full else torch.zeros_like(q, dtype=acc)
+    lse_acc = q.new_full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q.dtype))
+    return out_acc, lse_acc
 
 
 def forward_into(q, metas, kvs, kernel: Kernel, scale, out_acc, lse_acc, covered: list) -> list:
@@ -143,11 +167,11 @@ def backward_into(dout, dlse, q, out, lse, metas, kvs, auxes, kernel: Kernel, sc
 class _PartsAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, metas, kernel: Kernel, scale, reducer, *kvs):
-        b, h, s, d = q.shape
-        # rows that no two parts share need no merge: their results go straight to an output in q's dtype
-        acc = q.dtype if reducer is None and disjoint(metas) else accumulation_dtype(q.dtype)
-        out_acc = q.new_zeros((b, h, s, d), dtype=acc)
-        lse_acc = q.new_full((b, h, s), float("-inf"), dtype=accumulation_dtype(q.dtype))
+        if reducer is None:
+            out_acc, lse_acc = output_buffers(q, metas, fused_merge_available(q))
+        else:  # the reducer merges across processes in the accumulation dtype
+            out_acc = q.new_zeros(q.shape, dtype=accumulation_dtype(q.dtype))
+            lse_acc = q.new_full(q.shape[:3], float("-inf"), dtype=out_acc.dtype)
         auxes = forward_into(q, metas, kvs, kernel, scale, out_acc, lse_acc, [])
         if reducer is not None:
             out_acc, lse_acc = reducer.merge(out_acc, lse_acc)

@@ -12,6 +12,8 @@ Backend = Literal["auto", "cpu", "flash", "cudnn", "efficient", "math"]
 
 ANCHOR_SOURCES: tuple[str, ...] = ("broadcast", "recompute")
 BACKENDS: tuple[str, ...] = ("auto", "cpu", "flash", "cudnn", "efficient", "math")
+DECODE_GRAPHS: tuple[str, ...] = ("auto", "on", "off", "static")
+DECODE_GRAPH_MIN_TOKENS = 8
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -54,6 +56,13 @@ class StarConfig:
     collective_timeout_s: float = 600.0
     """Seconds a group-wide step may wait for the other ranks before every rank raises."""
 
+    decode_graphs: Literal["auto", "on", "off", "static"] = "auto"
+    """How decode steps run. ``"auto"``: as one captured CUDA graph per request, replayed per token,
+    in one process on CUDA when at least ``DECODE_GRAPH_MIN_TOKENS`` tokens may be generated; plainly
+    otherwise. ``"on"``: always captured (an error where impossible: CPU, several processes).
+    ``"off"``: plainly, a fresh forward per token. ``"static"``: the capturable step (fixed shapes,
+    device-side positions) run without capture, on any device and any number of processes."""
+
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
         if self.anchor_size is not None:
@@ -71,6 +80,8 @@ class StarConfig:
             raise StarInputError(f"phase2_merge must be 'allreduce' or 'allgather', got {self.phase2_merge!r}")
         if self.backend not in BACKENDS:
             raise StarInputError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.decode_graphs not in DECODE_GRAPHS:
+            raise StarInputError(f"decode_graphs must be one of {DECODE_GRAPHS}, got {self.decode_graphs!r}")
         timeout = self.collective_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise StarInputError(f"collective_timeout_s must be a positive number of seconds, got {timeout!r}")

@@ -89,3 +89,25 @@ def test_causal_needs_enough_keys():
     q, k, v, _ = _inputs(5, 3)
     with pytest.raises(ValueError, match="at least as many keys"):
         attention_with_lse(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("b, h, hkv, sq, cap, filled", [(2, 6, 2, 1, 13, 5), (1, 4, 4, 3, 7, 7), (3, 8, 1, 1, 9, 1)])
+def test_valid_keys_attention_matches_oracle(b, h, hkv, sq, cap, filled):
+    """A decode step's attention over a fixed buffer with a device-side fill level (``ops.valid_keys``)
+    equals the oracle over the filled keys alone; GQA; unfilled slots hold garbage that must not leak;
+    a buffer with no valid key gives 0 and -inf."""
+    from star_sp.ops.valid_keys import valid_keys_attention
+
+    gen = torch.Generator().manual_seed(cap)
+    q = torch.randn(b, h, sq, 16, dtype=torch.float64, generator=gen)
+    k = torch.randn(b, hkv, cap, 16, dtype=torch.float64, generator=gen)
+    v = torch.randn(b, hkv, cap, 16, dtype=torch.float64, generator=gen)
+    k[:, :, filled:], v[:, :, filled:] = 1e4, float("nan")  # garbage beyond the fill level
+    valid = torch.arange(cap) < torch.tensor(filled)
+    out, lse = valid_keys_attention(q, k, v, valid, 0.3)
+    ref_out, ref_lse = reference_attention(q, k[:, :, :filled], v[:, :, :filled], scale=0.3)
+    assert torch.allclose(out, ref_out, atol=1e-12) and torch.allclose(lse, ref_lse, atol=1e-12)
+    low, low_lse = valid_keys_attention(q.float(), k.float(), v.float(), valid, 0.3)
+    assert low.dtype == torch.float32 and torch.allclose(low.double(), ref_out, atol=1e-5)
+    none, none_lse = valid_keys_attention(q, k, v.nan_to_num(0.0), torch.zeros(cap, dtype=torch.bool), 0.3)
+    assert (none == 0).all() and torch.isneginf(none_lse).all()

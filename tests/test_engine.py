@@ -209,3 +209,50 @@ def test_bad_inputs_raise_clear_errors():
         StarEngine(model, StarConfig(block_size=8), attention="sparse")
     with pytest.raises(StarInputError, match="only inside star_sp.StarEngine"):
         model(torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(StarInputError, match="decode_graphs must be one of"):
+        StarConfig(block_size=8, decode_graphs="yes")
+    graphs = StarEngine(model, StarConfig(block_size=8, decode_graphs="on"))
+    with pytest.raises(StarInputError, match="model is on cpu.*decode_graphs='auto'"):
+        graphs.generate(graphs.prefill(torch.ones(1, 9, dtype=torch.long)), torch.ones(1, 2, dtype=torch.long), 3)
+
+
+@pytest.mark.parametrize("family, attention, batch, lq", [("llama", "star", 2, 3), ("qwen3", "star", 1, 1),
+                                                          ("mistral", "global", 3, 2)])
+def test_fixed_shape_decode_step_matches_oracle(family, attention, batch, lq):
+    """``decode_graphs='static'`` runs the step that a CUDA graph captures (its KV written at, and the
+    query KV masked from, a device-side fill level; no slicing by Python numbers) without capturing it:
+    greedy tokens equal the oracle's, sampled tokens and EOS stops equal the plain loop's."""
+    model, _ = build(family, dtype=torch.float64)
+    ref = reference_model(model)
+    ctx, q = _ids(batch, 23, 31, model.config.vocab_size), _ids(batch, lq, 32, model.config.vocab_size)
+    block, anchor = (7, 3) if attention == "star" else (23, 23)
+    runs = {}
+    for mode in ("off", "static"):
+        engine = StarEngine(model, StarConfig(block_size=7, anchor_size=3, decode_graphs=mode), attention=attention)
+        context = engine.prefill(ctx)
+        greedy = engine.generate(context, q, 9)
+        assert engine.stats["decode_mode"] == ("plain" if mode == "off" else "static")
+        sampled = engine.generate(context, q, 9, sampling=SamplingConfig(do_sample=True, temperature=1.4, seed=2))
+        eos = int(greedy[0, 4])
+        runs[mode] = greedy, sampled, engine.generate(context, q, 9, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(runs["static"][0], oracle_greedy(ref, ctx, q, block, anchor, 9))
+    for a, b in zip(runs["off"], runs["static"]):
+        assert torch.equal(a, b)
+    assert runs["static"][2][0, 4] == int(runs["static"][0][0, 4]) and (runs["static"][2][0, 5:] == 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [3])  # a host with context only, one idle of the query, the query host
+def test_fixed_shape_decode_step_across_ranks(cluster, world_size):
+    """The same fixed-shape step with the all-reduce merge across gloo ranks: the oracle's greedy tokens
+    and one sampled stream on every rank, equal to one process's."""
+    spec = dict(family="llama", block=5, anchor=3, lc=19, lq=2, batch=2, steps=6, anchor_source="broadcast",
+                decode_graphs="static")
+    results = cluster(world_size).run(workers.engine_run, spec)
+    model, _ = build("llama", dtype=torch.float64)
+    ctx, q = workers.engine_inputs(spec, model.config.vocab_size)
+    greedy = oracle_greedy(reference_model(model), ctx, q, 5, 3, 6)
+    single = workers.engine_run(None, {**spec, "decode_graphs": "off"})
+    for r in results:
+        assert r["decode_mode"] == "static" and torch.equal(r["greedy"], greedy)
+        assert torch.equal(r["sampled"], single["sampled"])

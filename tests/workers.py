@@ -115,13 +115,15 @@ def engine_run(group, spec: dict) -> dict:
     engine = StarEngine(model, StarConfig(block_size=spec["block"], anchor_size=spec["anchor"],
                                           anchor_source="recompute" if paper else spec["anchor_source"],
                                           phase2_merge="allgather" if paper else "allreduce",
-                                          collective_timeout_s=60), group, attention=spec.get("attention", "star"))
+                                          collective_timeout_s=60, decode_graphs=spec.get("decode_graphs", "auto")),
+                        group, attention=spec.get("attention", "star"))
     ctx, q = engine_inputs(spec, model.config.vocab_size)
     context = engine.prefill(ctx)
     sampling = SamplingConfig(do_sample=True, temperature=1.3, top_k=30, top_p=0.9, seed=5)
     return {"logits": engine.score(context, q), "greedy": engine.generate(context, q, spec["steps"]),
             "sampled": engine.generate(context, q, spec["steps"], sampling=sampling),
-            "local_tokens": context.kv.num_tokens, "query_kv": engine._holds_query(context)}
+            "local_tokens": context.kv.num_tokens, "query_kv": engine._holds_query(context),
+            "decode_mode": engine.stats["decode_mode"]}
 
 
 def cli(group, command: str, argv: list) -> tuple[int, str, str]:

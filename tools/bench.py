@@ -96,13 +96,13 @@ def _peak(device) -> float | None:
 
 
 def run_engine(model, method: str, block: int, anchor: int, context, query, decode: int, group, backend: str,
-               warmup: int):
+               warmup: int, decode_graphs: str = "auto"):
     """TTFT, decode and memory of one engine method on this rank."""
     attention = {"engine-global": "global", "star": "star", "star-paper": "star", "ring": "ring"}[method]
     paper = method == "star-paper"
     cfg = StarConfig(block_size=block, anchor_size=anchor, backend=backend,
                      anchor_source="recompute" if paper else "broadcast",
-                     phase2_merge="allgather" if paper else "allreduce")
+                     phase2_merge="allgather" if paper else "allreduce", decode_graphs=decode_graphs)
     group = None if method == "engine-global" else group
     # warm-up (kernels, plans, allocator) at a short context, with blocks scaled to keep every host busy
     warm = context[:, : min(context.shape[1], warmup)]
@@ -123,7 +123,8 @@ def run_engine(model, method: str, block: int, anchor: int, context, query, deco
     stats = engine.stats
     ms = 1000 / stats["decode_tokens_per_s"] if decode else None
     return {"prefill_s": prefill, "first_token_s": stats["first_token_s"], "ttft_s": prefill + stats["first_token_s"],
-            "decode_ms_per_token": ms, "peak_gb": _peak(device), "kv_tokens_here": ctx.kv.num_tokens}
+            "decode_ms_per_token": ms, "peak_gb": _peak(device), "kv_tokens_here": ctx.kv.num_tokens,
+            "decode_mode": stats["decode_mode"], "decode_setup_s": stats["decode_setup_s"]}
 
 
 def run_plain(model, context, query, decode: int, device, warmup: int):
@@ -416,7 +417,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['context']} | {r['method']} | {r['hosts']} | {r.get('block', '-')} | {r.get('anchor', '-')} | "
                      f"{fmt(r['ttft_s'])} | {fmt(r['prefill_s'])} | {fmt(r.get('floor_s'))} | "
                      f"{fmt(r['prefill_s'] / r['floor_s'] if r.get('floor_s') else None)} | "
-                     f"{fmt(r['decode_ms_per_token'], 1)} | "
+                     f"{fmt(r['decode_ms_per_token'], 1)}{' (graph)' if r.get('decode_mode') == 'graph' else ''} | "
                      f"{fmt(r['peak_gb'], 1)} |")
     return "\n".join(lines)
 
@@ -436,6 +437,9 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=8192, help="tokens of the untimed warm-up request")
+    p.add_argument("--decode-graphs", default="auto", choices=("auto", "on", "off", "static"),
+                   help="the engine methods' StarConfig.decode_graphs (auto: a CUDA graph per request in one "
+                        "process; the time to capture it is reported apart, as decode_setup_s)")
     p.add_argument("--project", default="", help="comma-separated host counts to project phase 1 for (e.g. 4,8)")
     p.add_argument("--cp-rotate", default="alltoall", choices=("alltoall", "allgather"),
                    help="how torch-cp passes the KV (alltoall: around the ring)")
@@ -477,7 +481,7 @@ def main(argv=None) -> int:
                         row.update(run_plain(model, context, query, args.decode, device, args.warmup))
                     else:
                         row.update(run_engine(model, method, block, anchor, context, query, args.decode, group,
-                                              args.backend, args.warmup))
+                                              args.backend, args.warmup, args.decode_graphs))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                 except (RuntimeError, StarError) as exc:

@@ -61,3 +61,48 @@ class QueryKV:
         buf_v[:, :, used:used + n] = v
         self.length[layer] = used + n
         return buf_k[:, :, :used + n], buf_v[:, :, :used + n]
+
+
+class StaticQueryKV(QueryKV):
+    """A ``QueryKV`` whose buffers never move, for decode steps replayed as a CUDA graph.
+
+    The eager query pass fills it through ``append`` (which refuses to grow past ``capacity``: the
+    request's query plus its most new tokens). Then ``mark_filled`` copies the fill level to the device
+    tensor ``filled``, and each decode step ``write``s its KV at that device-side position, attends the
+    whole buffer with ``valid()`` as the mask (``ops.valid_keys``) and ends with ``advance`` (in the
+    graph, so every replay moves on by itself). No Python number changes between replays.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, device: torch.device):
+        super().__init__(num_layers, capacity)
+        self.filled = torch.zeros((), dtype=torch.long, device=device)
+        self._steps = None
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.length[layer] + k.shape[2] > self.capacity:
+            raise ValueError(f"the static query KV holds {self.capacity} tokens; {self.length[layer]} are used and "
+                             f"{k.shape[2]} more were appended")
+        return super().append(layer, k, v)
+
+    def mark_filled(self) -> None:
+        """Copy the eager fill level (every layer's) to ``filled``; call between the eager query pass and
+        the first decode step."""
+        self.filled.fill_(self.length[0])
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one step's ``k, v: (B, Hkv, n, D)`` at positions ``filled .. filled + n - 1``; returns the
+        whole buffers (their first ``filled + n`` tokens are valid)."""
+        n = k.shape[2]
+        if self._steps is None or self._steps.numel() != n:
+            self._steps = torch.arange(n, device=self.filled.device)
+        at = self._steps + self.filled
+        self.k[layer].index_copy_(2, at, k)
+        self.v[layer].index_copy_(2, at, v)
+        return self.k[layer], self.v[layer]
+
+    def valid(self, n: int) -> torch.Tensor:
+        """``(capacity,)`` bool: which buffer slots hold tokens once this step's ``n`` are written."""
+        return torch.arange(self.k[0].shape[2], device=self.filled.device) < self.filled + n
+
+    def advance(self, n: int) -> None:
+        self.filled.add_(n)

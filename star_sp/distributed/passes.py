@@ -12,6 +12,9 @@ by the phase's policy) and then ``attend(layer, q, k, v, scale)``:
 - ``QueryPass`` (phase 2): the rows are query or generated tokens, the same on every host. Each host
   attends its context KV; the query host also appends to and attends the query KV; results merge by
   all-reduce (``phase2_attention``), or locally in one process (``phase2_local``).
+- ``DecodeStepPass`` (phase 2, one decode step with fixed shapes, so that it can be captured as a CUDA
+  graph and replayed): as ``QueryPass``, but the query KV is a ``StaticQueryKV`` written and masked
+  at a device-side position (``ops.valid_keys``) instead of sliced at a Python one.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ import torch
 import torch.distributed as dist
 
 from ..config import StarConfig
+from ..errors import StarInputError
 from ..layout import BlockLayout, RingLayout
-from ..ops.star import can_fuse_anchor, local_attention, phase1_parts, phase2_local
-from .kv_cache import ContextKV, QueryKV
+from ..ops.merge import accumulation_dtype, merge_into_
+from ..ops.star import can_fuse_anchor, local_attention, phase1_parts, phase2_local, phase2_parts
+from ..ops.valid_keys import valid_keys_attention
+from .guard import guarded_step
+from .kv_cache import ContextKV, QueryKV, StaticQueryKV
 from .phase1 import phase1_attention
-from .phase2 import phase2_attention
+from .phase2 import MERGES, phase2_attention
 from .ring import ring_attention
 
 
@@ -143,3 +150,59 @@ class QueryPass(_Pass):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         held = 0 if self.query_kv is None else self.query_kv.length[layer_idx]
         return self.context.context_len + held
+
+
+class DecodeStepPass(_Pass):
+    """One decode step (one new token per sequence) with fixed shapes: nothing in it depends on a Python
+    number that changes from step to step, so a CUDA graph of it replays correctly. ``query_kv`` is
+    None on hosts that hold no query KV. Each row attends this host's context KV (the fused kernels)
+    and, on the query host, every token of the query KV up to and including the step's own
+    (``valid_keys_attention`` over the whole buffer); the two merge in float32 and, across hosts, by the
+    configured all-reduce merge. The step ends with ``finish()``, which advances the KV's fill level."""
+
+    def __init__(self, context: StarContext, num_layers: int, query_kv: StaticQueryKV | None, **kw):
+        super().__init__(context, num_layers, **kw)
+        self.query_kv = query_kv
+        self._valid: torch.Tensor | None = None
+        self._rows = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
+        if k.shape[2] != 1:
+            raise StarInputError(f"a decode step takes one token per sequence, got {k.shape[2]}; run the query "
+                                 "through QueryPass")
+        self._rows = 1
+        if self.query_kv is not None:
+            k, v = self.query_kv.write(layer, k, v)
+        return k, v
+
+    def attend(self, layer: int, q, k, v, scale: float | None):
+        cfg = self.context.config
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        ctx_k, ctx_v = self.context.kv.get(layer)
+        acc = accumulation_dtype(q.dtype)
+        parts = phase2_parts((0, q.shape[2]), ctx_k, ctx_v)
+        if parts:
+            out, lse = local_attention(q, parts, scale=scale, backend=cfg.backend)
+            out = out.to(acc)
+        else:  # an idle host: no context keys
+            out = torch.zeros(q.shape, dtype=acc, device=q.device)
+            lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        if self.query_kv is not None:
+            if self._valid is None:  # once per step, shared by the layers
+                self._valid = self.query_kv.valid(self._rows)
+            merge_into_(out, lse, *valid_keys_attention(q, k, v, self._valid, scale))
+        if self.distributed:
+            with guarded_step("decode", self.group):
+                out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
+        self._tick(layer)
+        return out.to(q.dtype)
+
+    def finish(self, advance: bool = True) -> None:
+        """After the model's forward: move the query KV's fill level past this step's rows (``advance``;
+        False for a warm-up run, whose KV write the next step overwrites)."""
+        if advance and self.query_kv is not None:
+            self.query_kv.advance(self._rows)
+        self._valid = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.context.context_len + (0 if self.query_kv is None else self.query_kv.capacity)

@@ -11,21 +11,23 @@ carry padding (every sequence of a batch has the same context and query length).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from .. import _compat
-from ..config import StarConfig
+from ..config import DECODE_GRAPH_MIN_TOKENS, StarConfig
 from ..distributed.agreement import agree
 from ..distributed.collectives import broadcast_tokens
 from ..distributed.guard import guarded_step
-from ..distributed.kv_cache import ContextKV, QueryKV
+from ..distributed.kv_cache import ContextKV, QueryKV, StaticQueryKV
 from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ..errors import StarInputError
 from ..layout import BlockLayout, RingLayout
 from ..sampling import SamplingConfig, next_tokens
+from .decode_step import DecodeStep
 
 ATTENTION_NAME = "star"
 
@@ -271,13 +273,18 @@ class StarEngine:
             error = f"max_new_tokens must be a positive integer, got {max_new_tokens!r}"
         elif stop_strings and tokenizer is None:
             error = "stop_strings need a tokenizer to read the generated text: pass tokenizer="
+        mode, why_not = self._decode_mode(context, max_new_tokens)
+        error = error or why_not
         self._check_query("generate", context, query_ids, error, max_new_tokens=max_new_tokens,
                           sampling=repr(sampling), eos=repr(eos_token_id), stop=repr(stop_strings), pad=pad_token_id)
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         batch, lq = query_ids.shape
         holds = self._holds_query(context)
-        query_kv = QueryKV(self.num_layers, lq + max_new_tokens) if holds else None
+        kv_class = QueryKV if mode == "plain" else (lambda n, cap: StaticQueryKV(n, cap, self.device))
+        query_kv = kv_class(self.num_layers, lq + max_new_tokens) if holds else None
+        step_fn: DecodeStep | None = None
+        setup_s = 0.0
         generator = (torch.Generator(device=self.device).manual_seed(sampling.seed)
                      if holds and sampling.do_sample else None)
         finished = torch.zeros(batch, dtype=torch.bool)
@@ -288,11 +295,23 @@ class StarEngine:
         start = time.perf_counter()
         first = None
         for step in range(max_new_tokens):
-            state = QueryPass(context, self.num_layers, query_kv, check=False)
-            positions = torch.arange(pos, pos + ids.shape[1])
+            if step and mode != "plain" and step_fn is None:  # fixed-shape steps from here on
+                set_up = time.perf_counter()
+                if query_kv is not None:
+                    query_kv.mark_filled()
+                step_fn = self._decode_step(context, query_kv, batch, pos, mode)
+                mode = "graph" if step_fn.graph is not None else "static"
+                self._sync()
+                setup_s = time.perf_counter() - set_up
+            if step_fn is not None:
+                logits = step_fn(ids.to(self.device))
+            else:
+                state = QueryPass(context, self.num_layers, query_kv, check=False)
+                positions = torch.arange(pos, pos + ids.shape[1])
+                out = self._forward(state, ids, positions, **({"logits_to_keep": 1} if holds else {}))
+                logits = out.logits[:, -1] if holds else None
             pos += ids.shape[1]
             if holds:  # the query host (or the one process) chooses the token and decides who stops
-                logits = self._forward(state, ids, positions, logits_to_keep=1).logits[:, -1]
                 chosen = torch.where(finished, pad, next_tokens(logits, sampling, generator).cpu())
                 done = finished.clone()
                 for e in eos:
@@ -300,7 +319,6 @@ class StarEngine:
                 if stop_strings:
                     done |= self._hit_stop(torch.stack(tokens[-window:] + [chosen], 1), stop_strings, tokenizer)
             else:  # the other hosts only lend their context KV: no language-model head
-                self._forward(state, ids, positions)
                 chosen, done = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.bool)
             if context.group is not None:
                 chosen, done = broadcast_tokens(chosen, done, src=self.world_size - 1, group=context.group,
@@ -316,12 +334,42 @@ class StarEngine:
         self._sync()
         end = time.perf_counter()
         n = len(tokens)
+        decode_s = end - first - setup_s  # per-token rate: without the one-off capture
         self.stats.update({"first_token_s": first - start, "new_tokens": n,
-                           "decode_tokens_per_s": (n - 1) / (end - first) if n > 1 and end > first else float("nan"),
-                           "generate_s": end - start})
+                           "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan"),
+                           "generate_s": end - start, "decode_mode": mode, "decode_setup_s": setup_s})
         if self.device.type == "cuda":
             self.stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return torch.stack(tokens, dim=1)
+
+    def _decode_step(self, context, query_kv, batch: int, pos: int, mode: str) -> DecodeStep:
+        """The request's fixed-shape step; with ``decode_graphs='auto'`` a capture that fails (a model whose
+        forward synchronises with the host, say) falls back to the same step without a graph, once."""
+        if mode != "graph":
+            return DecodeStep(self, context, query_kv, batch, pos, capture=False)
+        try:
+            return DecodeStep(self, context, query_kv, batch, pos, capture=True)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: see above
+            if context.config.decode_graphs == "on":
+                raise
+            warnings.warn(f"decode_graphs='auto': capturing the decode step failed ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); decoding without a graph. decode_graphs='static' or 'off' "
+                          "skips the attempt", RuntimeWarning, stacklevel=3)
+            torch.cuda.synchronize(self.device)
+            return DecodeStep(self, context, query_kv, batch, pos, capture=False)
+
+    def _decode_mode(self, context: StarContext, max_new_tokens) -> tuple[str, str | None]:
+        """``("plain" | "static" | "graph", error)`` for a request, from ``decode_graphs``."""
+        choice = context.config.decode_graphs
+        cuda, alone = self.device.type == "cuda", context.group is None
+        if choice == "on" and not (cuda and alone):
+            return "plain", ("decode_graphs='on' captures CUDA graphs in one process on a CUDA device; here "
+                             f"{'the model is on ' + self.device.type if not cuda else 'there are several processes'}"
+                             ". Use decode_graphs='auto' (graphs where they can run) or 'static'")
+        if choice == "on" or (choice == "auto" and cuda and alone and isinstance(max_new_tokens, int)
+                              and max_new_tokens >= DECODE_GRAPH_MIN_TOKENS):
+            return "graph", None
+        return ("static" if choice == "static" else "plain"), None
 
     @staticmethod
     def _hit_stop(tokens: torch.Tensor, stop_strings: list[str], tokenizer) -> torch.Tensor:

@@ -195,13 +195,20 @@ class CudnnKernel(_CudaKernel):
 class EfficientKernel(_CudaKernel):
     """The memory-efficient kernel. Its backward reads ``out`` in the (B, S, H, D) memory layout that
     its forward writes (other strides give wrong gradients on torch 2.11, seen on an H200) and wants
-    the log-sum-exp padded to a multiple of 32 rows."""
+    the log-sum-exp padded to a multiple of 32 rows. Head dims must be multiples of 8 in 16-bit types
+    and of 4 in float32, as SDPA's own dispatch demands (a bf16 head dim of 12 finds no kernel on an
+    H200: "cutlassF: no kernel found to launch")."""
 
     name = "efficient"
     native_gqa = False
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    head_dim_multiple = 1
+    head_dim_multiple = 8
     lse_align = 32
+
+    def unsupported(self, q, k):
+        if q.dtype == torch.float32 and q.device.type == "cuda" and q.shape[-1] % 4 == 0 and q.shape[-1] <= 256:
+            return None
+        return super().unsupported(q, k)
 
     def _forward(self, q, k, v, causal, scale):
         out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(

@@ -86,3 +86,18 @@ def test_layout_shard_checks_length():
     assert lay.shard(x, 1).tolist() == [[4, 5, 6, 7, 8, 9]]
     with pytest.raises(StarInputError, match="expected 10 context tokens"):
         lay.shard(torch.arange(9).view(1, 9), 1)
+
+
+def test_run_config_carries_decode_graphs(tmp_path):
+    """``decode_graphs`` from a TOML run config and from the command line reaches StarConfig; a bad
+    value is refused with the valid choices."""
+    from star_sp.runconfig import RunConfig
+
+    path = tmp_path / "run.toml"
+    path.write_text('model = "m"\nblock_size = 8\ndecode_graphs = "static"\n')
+    assert RunConfig.load(str(path), {}).star_config().decode_graphs == "static"
+    assert RunConfig.load(str(path), {"decode_graphs": "off"}).star_config().decode_graphs == "off"
+    assert RunConfig(model="m").star_config().decode_graphs == "auto"
+    path.write_text('model = "m"\ndecode_graphs = "always"\n')
+    with pytest.raises(StarInputError, match="decode_graphs must be one of"):
+        RunConfig.load(str(path), {})

@@ -256,3 +256,38 @@ def test_fixed_shape_decode_step_across_ranks(cluster, world_size):
     for r in results:
         assert r["decode_mode"] == "static" and torch.equal(r["greedy"], greedy)
         assert torch.equal(r["sampled"], single["sampled"])
+
+
+def test_decode_step_guards_and_capture_fallback(monkeypatch):
+    """A failed capture under decode_graphs='auto' warns once and decodes with the same step uncaptured
+    (same tokens as the plain loop); 'on' lets the failure through. The static KV refuses to grow
+    past its capacity, a decode step refuses more than one token, and a bad context is a clear error."""
+    from star_sp.distributed.kv_cache import StaticQueryKV
+    from star_sp.distributed.passes import DecodeStepPass
+
+    model, _ = build("llama", dtype=torch.float64)
+    ctx, q = _ids(2, 19, 41, model.config.vocab_size), _ids(2, 2, 42, model.config.vocab_size)
+    plain = StarEngine(model, StarConfig(block_size=6, anchor_size=3, decode_graphs="off"))
+    want = plain.generate(plain.prefill(ctx), q, 9)
+    # on CPU, DecodeStep(capture=True) fails at once (no CUDA stream): the fallback path runs
+    monkeypatch.setattr(StarEngine, "_decode_mode", lambda self, context, n: ("graph", None))
+    auto = StarEngine(model, StarConfig(block_size=6, anchor_size=3))
+    with pytest.warns(RuntimeWarning, match="capturing the decode step failed"):
+        got = auto.generate(auto.prefill(ctx), q, 9)
+    assert torch.equal(got, want) and auto.stats["decode_mode"] == "static"
+    insist = StarEngine(model, StarConfig(block_size=6, anchor_size=3, decode_graphs="on"))
+    with pytest.raises(Exception) as failed:
+        insist.generate(insist.prefill(ctx), q, 9)
+    assert not isinstance(failed.value, StarInputError)
+    monkeypatch.undo()
+
+    kv = StaticQueryKV(2, 3, torch.device("cpu"))
+    kv.append(0, torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="holds 3 tokens; 2 are used and 2 more"):
+        kv.append(0, torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
+    step = DecodeStepPass(plain.prefill(ctx), 2, kv)
+    with pytest.raises(StarInputError, match="one token per sequence, got 2"):
+        step.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4), 0)
+    for bad in (None, "context"):
+        with pytest.raises(StarInputError, match="context must be what prefill"):
+            plain.generate(bad, q, 3)

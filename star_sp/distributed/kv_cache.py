@@ -91,7 +91,8 @@ class StaticQueryKV(QueryKV):
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one step's ``k, v: (B, Hkv, n, D)`` at positions ``filled .. filled + n - 1``; returns the
-        whole buffers (their first ``filled + n`` tokens are valid)."""
+        whole buffers (their first ``filled + n`` tokens are valid). The caller checks the capacity: an
+        index past it is a device-side error, which a graph cannot turn into a Python one."""
         n = k.shape[2]
         if self._steps is None or self._steps.numel() != n:
             self._steps = torch.arange(n, device=self.filled.device)

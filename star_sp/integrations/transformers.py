@@ -273,7 +273,8 @@ class StarEngine:
             error = f"max_new_tokens must be a positive integer, got {max_new_tokens!r}"
         elif stop_strings and tokenizer is None:
             error = "stop_strings need a tokenizer to read the generated text: pass tokenizer="
-        mode, why_not = self._decode_mode(context, max_new_tokens)
+        mode, why_not = (self._decode_mode(context, max_new_tokens) if isinstance(context, StarContext)
+                         else ("plain", None))  # a bad context: _check_query says so on every rank
         error = error or why_not
         self._check_query("generate", context, query_ids, error, max_new_tokens=max_new_tokens,
                           sampling=repr(sampling), eos=repr(eos_token_id), stop=repr(stop_strings), pad=pad_token_id)
@@ -337,7 +338,8 @@ class StarEngine:
         decode_s = end - first - setup_s  # per-token rate: without the one-off capture
         self.stats.update({"first_token_s": first - start, "new_tokens": n,
                            "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan"),
-                           "generate_s": end - start, "decode_mode": mode, "decode_setup_s": setup_s})
+                           "generate_s": end - start, "decode_mode": mode if step_fn is not None else "plain",
+                           "decode_setup_s": setup_s})
         if self.device.type == "cuda":
             self.stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return torch.stack(tokens, dim=1)
@@ -355,7 +357,8 @@ class StarEngine:
             warnings.warn(f"decode_graphs='auto': capturing the decode step failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); decoding without a graph. decode_graphs='static' or 'off' "
                           "skips the attempt", RuntimeWarning, stacklevel=3)
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             return DecodeStep(self, context, query_kv, batch, pos, capture=False)
 
     def _decode_mode(self, context: StarContext, max_new_tokens) -> tuple[str, str | None]:

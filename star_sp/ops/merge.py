@@ -67,9 +67,14 @@ def merge_into_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor,
     A row that is ``-inf`` in both stays ``O = 0, s = -inf`` (its weights are NaN, replaced by 0).
 
     On CUDA with Triton this is one fused kernel (``merge_fused``: float32 arithmetic, one rounding to
-    ``out_acc``'s dtype); elsewhere four torch operations."""
-    if merge_into_fused(out_acc, lse_acc, out, lse):
-        return
+    ``out_acc``'s dtype); elsewhere (and for float64) ``merge_into_torch_``."""
+    if not merge_into_fused(out_acc, lse_acc, out, lse):
+        merge_into_torch_(out_acc, lse_acc, out, lse)
+
+
+def merge_into_torch_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """``merge_into_`` as four torch operations, on any device and dtype. Rows never merged must hold
+    ``out_acc = 0`` (a weight of 0 does not cancel NaN garbage)."""
     lse = lse.to(lse_acc.dtype)
     new = torch.logaddexp(lse_acc, lse)
     w_acc = torch.exp(lse_acc - new).nan_to_num_(0.0).unsqueeze(-1)

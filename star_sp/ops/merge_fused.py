@@ -5,8 +5,8 @@ updated in place with one more partial ``out: (B, H, S, D)``, ``lse: (B, H, S)``
 
     s = logaddexp(s_acc, s_new);  O = exp(s_acc - s) * O_acc + exp(s_new - s) * O_new
 
-Any strides (the last dimension of ``out_acc`` and ``out`` contiguous), any float dtype for the
-outputs; the weights and the weighted sum are computed in float32 and rounded once, when stored. So
+Any strides (the last dimension of ``out_acc`` and ``out`` contiguous), float16, bfloat16 or float32
+(float64 is left to the torch form, which keeps its precision); the weights and the weighted sum are computed in float32 and rounded once, when stored. So
 with ``out_acc`` in bfloat16 a row that receives exactly two partials (a Star block: its own keys and
 the anchor's) gets the same bits as this kernel with a float32 accumulator rounded at the end; and the
 pass reads each output once and writes once, where the torch form makes four passes over a float32
@@ -44,12 +44,13 @@ def _kernel():
     triton, tl = _triton()
 
     @triton.jit
-    def merge(acc, lacc, o, lo, H, S, D,
+    def merge(acc, lacc, o, lo, H, S, D, CHUNKS,
               s_ab, s_ah, s_as, s_lab, s_lah, s_las, s_ob, s_oh, s_os, s_lb, s_lh, s_ls,
               ROWS: tl.constexpr, COLS: tl.constexpr):
-        bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a 1M-token output has more than 2^31 elements
+        pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a 1M-token output has more than 2^31 elements
+        bh, chunk = pid // CHUNKS, pid % CHUNKS  # one flat grid: no per-axis launch limit on B * H
         b, h = bh // H, bh % H
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rows = chunk * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, COLS)
         rmask = rows < S
         mask = rmask[:, None] & (cols[None, :] < D)
@@ -82,12 +83,14 @@ def merge_into_fused(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Te
     shapes_fit = out.shape == out_acc.shape and lse.shape == lse_acc.shape == out_acc.shape[:3]
     if out_acc.dim() != 4 or not shapes_fit:
         return False
+    if torch.float64 in (out_acc.dtype, lse_acc.dtype, out.dtype, lse.dtype):
+        return False  # the kernel computes in float32; float64 keeps its precision on the torch path
     if out_acc.stride(-1) != 1 or out.stride(-1) != 1 or out_acc.numel() == 0 or not fused_merge_available(out_acc):
         return False
     kernel, triton = _kernel()
     b, h, s, d = out_acc.shape
     rows = 64 if d <= 128 else 32
-    grid = (triton.cdiv(s, rows), b * h)
-    kernel[grid](out_acc, lse_acc, out, lse, h, s, d, *out_acc.stride()[:3], *lse_acc.stride(), *out.stride()[:3],
+    chunks = triton.cdiv(s, rows)
+    kernel[(chunks * b * h,)](out_acc, lse_acc, out, lse, h, s, d, chunks, *out_acc.stride()[:3], *lse_acc.stride(), *out.stride()[:3],
                  *lse.stride(), ROWS=rows, COLS=triton.next_power_of_2(d), num_warps=4)
     return True

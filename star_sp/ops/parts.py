@@ -107,13 +107,15 @@ def coverage(metas, rows: int) -> tuple[int, bool]:
 
 def output_buffers(q: torch.Tensor, metas, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The running ``(out_acc, lse_acc)`` for ``forward_into``: ``out_acc`` in q's memory layout (so the
-    model's transpose back to ``(B, S, H, D)`` is free), uninitialised where every row gets a part.
+    model's transpose back to ``(B, S, H, D)`` is free), uninitialised when every row gets exactly one part.
 
     Its dtype is q's when no row needs a merge, or when no row gets more than two parts and the merge
     is fused (one rounding per row: the same bits as a float32 accumulator); float32 otherwise."""
     most, full = coverage(metas, q.shape[2])
     acc = q.dtype if most <= 1 or (fused and most <= 2) else accumulation_dtype(q.dtype)
-    out_acc = torch.empty_like(q, dtype=acc) if full else torch.zeros_like(q, dtype=acc)
+    # uninitialised only where nothing is merged into it: a part that overlaps another in part reads rows
+    # that only the later part covers (the merge weights them by 0, but 0 * NaN garbage is NaN)
+    out_acc = torch.empty_like(q, dtype=acc) if full and most <= 1 else torch.zeros_like(q, dtype=acc)
     lse_acc = q.new_full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q.dtype))
     return out_acc, lse_acc
 

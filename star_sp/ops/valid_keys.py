@@ -7,8 +7,9 @@ instead, with ``valid`` computed on the device from the number of tokens held::
     keys       k_0 k_1 ... k_(n-1) | k_n ... k_(capacity-1)
     valid       1   1  ...    1    |  0  ...      0           (n read from a device tensor)
 
-Every query row attends every valid key (decode rows come last, so the causal mask is the buffer's
-fill level). The buffer is small (query plus generated tokens), so plain matrix products in float32
+Every query row attends every valid key: the causal mask of a decode step, whose one row is the
+buffer's last valid token. Several rows would see each other (no mask among them), so callers pass
+one row per sequence (``DecodeStepPass`` refuses more). The buffer is small (query plus generated tokens), so plain matrix products in float32
 cost nothing next to the context part, which goes through the fused kernels.
 """
 

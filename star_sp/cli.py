@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .config import DECODE_GRAPHS
 from .errors import StarError, StarInputError
 from .models import resolve_model
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=("auto", "cpu", "flash", "cudnn", "efficient", "math"),
                    help="attention kernel (auto picks the fastest that fits)")
     g.add_argument("--collective-timeout-s", type=float, help="seconds a collective may wait (default 600)")
-    g.add_argument("--decode-graphs", choices=("auto", "on", "off", "static"),
+    g.add_argument("--decode-graphs", choices=DECODE_GRAPHS,
                    help="decode steps as one CUDA graph per request (auto: in one process on CUDA)")
     g = gen.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (default 64)")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/eval", help="results folder (a rerun resumes it)")
     ev.add_argument("--wandb", metavar="PROJECT", help="log to Weights & Biases (offline without an API key)")
     ev.add_argument("--collective-timeout-s", type=float, default=600.0)
-    ev.add_argument("--decode-graphs", choices=("auto", "on", "off", "static"), default="auto",
+    ev.add_argument("--decode-graphs", choices=DECODE_GRAPHS, default="auto",
                     help="decode steps as one CUDA graph per request (auto: in one process on CUDA)")
     ev.add_argument("--quiet", action="store_true")
     return parser
@@ -256,8 +257,8 @@ def generate(args) -> int:
 
     overrides = {k: getattr(args, k, None) for k in (
         "model", "random_weights", "dtype", "device", "attention", "block_size", "anchor_size", "anchor_source",
-        "phase2_merge", "backend", "collective_timeout_s", "decode_graphs", "max_new_tokens", "do_sample", "temperature",
-        "top_p", "top_k", "seed", "stop")}
+        "phase2_merge", "backend", "collective_timeout_s", "decode_graphs", "max_new_tokens", "do_sample",
+        "temperature", "top_p", "top_k", "seed", "stop")}
     cfg = RunConfig.load(args.config, overrides)
     group, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)
     try:

@@ -41,6 +41,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from star_sp import BlockLayout, StarConfig, StarEngine, StarError  # noqa: E402
+from star_sp.config import DECODE_GRAPHS  # noqa: E402
 from star_sp.distributed.kv_cache import ContextKV  # noqa: E402
 from star_sp.distributed.passes import PrefillPass, StarContext  # noqa: E402
 from star_sp.ops import local_attention, phase1_parts  # noqa: E402
@@ -437,7 +438,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=8192, help="tokens of the untimed warm-up request")
-    p.add_argument("--decode-graphs", default="auto", choices=("auto", "on", "off", "static"),
+    p.add_argument("--decode-graphs", default="auto", choices=DECODE_GRAPHS,
                    help="the engine methods' StarConfig.decode_graphs (auto: a CUDA graph per request in one "
                         "process; the time to capture it is reported apart, as decode_setup_s)")
     p.add_argument("--project", default="", help="comma-separated host counts to project phase 1 for (e.g. 4,8)")

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ..config import StarConfig
 from ..errors import StarInputError
 from ..layout import BlockLayout, RingLayout
+from ..ops.attention import default_scale
 from ..ops.merge import accumulation_dtype, merge_into_
 from ..ops.star import can_fuse_anchor, local_attention, phase1_parts, phase2_local, phase2_parts
 from ..ops.valid_keys import valid_keys_attention
@@ -164,20 +165,18 @@ class DecodeStepPass(_Pass):
         super().__init__(context, num_layers, **kw)
         self.query_kv = query_kv
         self._valid: torch.Tensor | None = None
-        self._rows = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
         if k.shape[2] != 1:
             raise StarInputError(f"a decode step takes one token per sequence, got {k.shape[2]}; run the query "
                                  "through QueryPass")
-        self._rows = 1
         if self.query_kv is not None:
             k, v = self.query_kv.write(layer, k, v)
         return k, v
 
     def attend(self, layer: int, q, k, v, scale: float | None):
         cfg = self.context.config
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scale = default_scale(q.shape[-1]) if scale is None else scale
         ctx_k, ctx_v = self.context.kv.get(layer)
         acc = accumulation_dtype(q.dtype)
         parts = phase2_parts((0, q.shape[2]), ctx_k, ctx_v)
@@ -189,7 +188,7 @@ class DecodeStepPass(_Pass):
             lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         if self.query_kv is not None:
             if self._valid is None:  # once per step, shared by the layers
-                self._valid = self.query_kv.valid(self._rows)
+                self._valid = self.query_kv.valid(1)
             merge_into_(out, lse, *valid_keys_attention(q, k, v, self._valid, scale))
         if self.distributed:
             with guarded_step("decode", self.group):
@@ -198,10 +197,10 @@ class DecodeStepPass(_Pass):
         return out.to(q.dtype)
 
     def finish(self, advance: bool = True) -> None:
-        """After the model's forward: move the query KV's fill level past this step's rows (``advance``;
+        """After the model's forward: move the query KV's fill level past this step's token (``advance``;
         False for a warm-up run, whose KV write the next step overwrites)."""
         if advance and self.query_kv is not None:
-            self.query_kv.advance(self._rows)
+            self.query_kv.advance(1)
         self._valid = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -282,8 +282,10 @@ class StarEngine:
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         batch, lq = query_ids.shape
         holds = self._holds_query(context)
-        kv_class = QueryKV if mode == "plain" else (lambda n, cap: StaticQueryKV(n, cap, self.device))
-        query_kv = kv_class(self.num_layers, lq + max_new_tokens) if holds else None
+        query_kv = None
+        if holds:
+            query_kv = (QueryKV(self.num_layers, lq + max_new_tokens) if mode == "plain"
+                        else StaticQueryKV(self.num_layers, lq + max_new_tokens, self.device))
         step_fn: DecodeStep | None = None
         setup_s = 0.0
         generator = (torch.Generator(device=self.device).manual_seed(sampling.seed)

@@ -140,11 +140,14 @@ class _CudaKernel(Kernel):
             return f"the {self.name} kernel runs on CUDA tensors, got {q.device}"
         if q.dtype not in self.dtypes:
             return f"the {self.name} kernel takes {[str(d) for d in self.dtypes]}, got {q.dtype}"
-        d = q.shape[-1]
-        if d > self.max_head_dim or d % self.head_dim_multiple:
-            return (f"the {self.name} kernel takes head dims that are multiples of {self.head_dim_multiple} "
+        d, multiple = q.shape[-1], self.head_dim_multiple_for(q.dtype)
+        if d > self.max_head_dim or d % multiple:
+            return (f"the {self.name} kernel takes {q.dtype} head dims that are multiples of {multiple} "
                     f"up to {self.max_head_dim}, got {d}")
         return None
+
+    def head_dim_multiple_for(self, dtype: torch.dtype) -> int:
+        return self.head_dim_multiple
 
 
 class FlashKernel(_CudaKernel):
@@ -205,10 +208,8 @@ class EfficientKernel(_CudaKernel):
     head_dim_multiple = 8
     lse_align = 32
 
-    def unsupported(self, q, k):
-        if q.dtype == torch.float32 and q.device.type == "cuda" and q.shape[-1] % 4 == 0 and q.shape[-1] <= 256:
-            return None
-        return super().unsupported(q, k)
+    def head_dim_multiple_for(self, dtype: torch.dtype) -> int:
+        return 4 if dtype == torch.float32 else self.head_dim_multiple
 
     def _forward(self, q, k, v, causal, scale):
         out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(

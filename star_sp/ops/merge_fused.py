@@ -6,12 +6,12 @@ updated in place with one more partial ``out: (B, H, S, D)``, ``lse: (B, H, S)``
     s = logaddexp(s_acc, s_new);  O = exp(s_acc - s) * O_acc + exp(s_new - s) * O_new
 
 Any strides (the last dimension of ``out_acc`` and ``out`` contiguous), float16, bfloat16 or float32
-(float64 is left to the torch form, which keeps its precision); the weights and the weighted sum are computed in float32 and rounded once, when stored. So
-with ``out_acc`` in bfloat16 a row that receives exactly two partials (a Star block: its own keys and
-the anchor's) gets the same bits as this kernel with a float32 accumulator rounded at the end; and the
-pass reads each output once and writes once, where the torch form makes four passes over a float32
-accumulator.
-A row that is ``-inf`` in both stays ``O = 0, s = -inf``.
+(float64 is left to the torch form, which keeps its precision). The weights and the weighted sum are
+computed in float32 and rounded once, when stored. So with ``out_acc`` in bfloat16 a row that receives
+exactly two partials (a Star block: its own keys and the anchor's) gets the same bits as this kernel
+with a float32 accumulator rounded at the end; and the pass reads each output once and writes once,
+where the torch form makes four passes over a float32 accumulator. A row that is ``-inf`` in both
+stays ``O = 0, s = -inf``.
 
 ``fused_merge_available(t)`` says whether this path can run (a CUDA tensor and Triton importable);
 ``merge_into_`` uses it by itself, so callers need not.
@@ -91,6 +91,7 @@ def merge_into_fused(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Te
     b, h, s, d = out_acc.shape
     rows = 64 if d <= 128 else 32
     chunks = triton.cdiv(s, rows)
-    kernel[(chunks * b * h,)](out_acc, lse_acc, out, lse, h, s, d, chunks, *out_acc.stride()[:3], *lse_acc.stride(), *out.stride()[:3],
-                 *lse.stride(), ROWS=rows, COLS=triton.next_power_of_2(d), num_warps=4)
+    strides = (*out_acc.stride()[:3], *lse_acc.stride(), *out.stride()[:3], *lse.stride())
+    kernel[(chunks * b * h,)](out_acc, lse_acc, out, lse, h, s, d, chunks, *strides,
+                              ROWS=rows, COLS=triton.next_power_of_2(d), num_warps=4)
     return True

@@ -9,8 +9,9 @@ instead, with ``valid`` computed on the device from the number of tokens held::
 
 Every query row attends every valid key: the causal mask of a decode step, whose one row is the
 buffer's last valid token. Several rows would see each other (no mask among them), so callers pass
-one row per sequence (``DecodeStepPass`` refuses more). The buffer is small (query plus generated tokens), so plain matrix products in float32
-cost nothing next to the context part, which goes through the fused kernels.
+one row per sequence (``DecodeStepPass`` refuses more). The buffer is small (query plus generated
+tokens), so plain matrix products in float32 cost nothing next to the context part, which goes
+through the fused kernels.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The model-level oracle: the same weights run once over ``[context ; query ; generated]`` in float64
-with the dense ``M_star`` mask (DESIGN.md, "The identity that makes testing easy")."""
+with the dense ``M_star`` mask (``docs/design.md``, section 2)."""
 
 from __future__ import annotations
 

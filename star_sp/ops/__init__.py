@@ -1,6 +1,6 @@
 """Pure tensor math of Star Attention: kernels with log-sum-exp, the merge, phases, the oracle.
 
-Nothing here communicates: no collective, no process group (DESIGN.md, section 2).
+Nothing here communicates: no collective, no process group (``docs/design.md``, section 3).
 """
 
 from .attention import attention_with_lse, default_scale, key_parts

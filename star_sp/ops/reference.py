@@ -1,7 +1,7 @@
 """The float64 oracle: dense attention under an explicit mask, and Star Attention's mask ``M_star``.
 
 Star Attention over a whole model equals the ordinary model run once over ``[context ; query]`` with
-the block-sparse mask ``M_star`` (``DESIGN.md``, section 1). For context ``c`` (``Lc`` tokens, blocks
+the block-sparse mask ``M_star`` (``docs/design.md``, section 2). For context ``c`` (``Lc`` tokens, blocks
 of ``b``, anchor of ``a``) followed by ``Lq`` query tokens, row = query token, column = key token::
 
                    B_0     B_1     B_2    query

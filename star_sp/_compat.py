@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+import contextlib
+
 import torch.distributed as dist
 
 
@@ -25,9 +26,6 @@ def global_rank(group: "dist.ProcessGroup", group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
-TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-
-
 # -- transformers ------------------------------------------------------------------------------
 
 def cache_kwarg(model) -> str:
@@ -47,5 +45,17 @@ def set_attn_implementation(model, name: str) -> None:
         model.config._attn_implementation = name
 
 
-def attn_implementation(model) -> str | None:
-    return getattr(model.config, "_attn_implementation", None)
+@contextlib.contextmanager
+def attn_implementation_set(model, name: str):
+    """Switch ``model`` to the attention implementation ``name`` for the ``with`` block, then back to the
+    one it had (``set_attn_implementation`` switches a model for good)."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous == name:
+        yield
+        return
+    set_attn_implementation(model, name)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_attn_implementation(model, previous)

@@ -103,7 +103,7 @@ def test_torchrun_error_exits_1_on_every_rank(dirs):
     (dict(model="no-tokenizer"), "has no tokenizer"),
     (dict(extra=("--query", "")), "the query is empty"),
     (dict(extra=("--block-size", "0")), "block_size must be a positive integer"),
-    (dict(extra=("--block-size", "500", "--anchor-size", "4")), "fits in one block"),
+    (dict(extra=("--block-size", "5", "--anchor-size", "6")), "must not exceed block_size"),
     (dict(model="missing"), "cannot load a causal LM"),
 ])
 def test_cli_errors_on_every_rank(dirs, cluster, case, words):

@@ -167,3 +167,30 @@ def allreduce_merge(group, dtype_name: str) -> dict:
 
     merged, merged_lse = AllReduceMerge(group).merge(*rank_partial(dist.get_rank(group), getattr(torch, dtype_name)))
     return {"out": merged, "lse": merged_lse}
+
+
+class _BrokenTokenizer:
+    """A tokenizer whose decoding fails: the stop-string check runs on the query host only."""
+
+    def batch_decode(self, *args, **kwargs):
+        raise RuntimeError("tokenizer broke while decoding")
+
+
+def generate_with_failing_stop_check(group, timeout_s: float) -> dict:
+    """``generate`` whose stop-string check raises on the query host; every rank must raise the same error
+    promptly (well before ``collective_timeout_s``), not wait out the collective."""
+    import time
+
+    from star_sp import StarConfig, StarEngine
+    from star_sp.testing import build
+
+    model, _ = build("llama", dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=5, anchor_size=2, collective_timeout_s=timeout_s), group)
+    ctx, q = engine_inputs(dict(batch=1, lc=12, lq=2), model.config.vocab_size)
+    context = engine.prefill(ctx)
+    start = time.perf_counter()
+    try:
+        engine.generate(context, q, 4, stop_strings=["zz"], tokenizer=_BrokenTokenizer())
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {"error": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - start}
+    return {"error": None}

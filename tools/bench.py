@@ -132,7 +132,7 @@ def run_plain(model, context, query, decode: int, device, warmup: int):
     """The plain model: SDPA attention, transformers' dynamic cache, greedy decoding."""
     from star_sp import _compat
 
-    _compat.set_attn_implementation(model, "sdpa")  # an engine switches the model to "star"
+    _compat.set_attn_implementation(model, "sdpa")
     name = _compat.cache_kwarg(model)
 
     def sync():
@@ -284,7 +284,10 @@ def project_phase1(model, length: int, hosts: int, anchor_spec: str, backend: st
     ids = _ids(length, cfg.vocab_size, 0, device)
     own, own_pos = ids[:, length - block:], torch.arange(length - block, length)
     akv = (torch.randn(1, kv_heads, anchor, head_dim, dtype=dtype, device=device),) * 2
-    with torch.no_grad():
+    from star_sp import _compat
+    from star_sp.integrations.transformers import ATTENTION_NAME
+
+    with torch.no_grad(), _compat.attn_implementation_set(model, ATTENTION_NAME):  # engine._forward needs it
         ours = _timed(lambda: engine._forward(_HostPass(context, engine.num_layers, 0, akv, backend), own, own_pos),
                       device)
         rows = torch.cat([ids[:, :anchor], own], dim=1)

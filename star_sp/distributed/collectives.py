@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .._compat import global_rank
+from ..errors import StarCollectiveError
 from ..ops.merge import accumulation_dtype, merge_partials
 from .guard import wait
 
@@ -161,14 +162,35 @@ def tie(out: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
     return _Tie.apply(out, *others)
 
 
-def broadcast_tokens(tokens: torch.Tensor, done: torch.Tensor, *, src: int, group: "dist.ProcessGroup",
-                     device: torch.device, timeout_s: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def broadcast_tokens(tokens: torch.Tensor | None, done: torch.Tensor | None, *, src: int,
+                     group: "dist.ProcessGroup", device: torch.device, batch: int, timeout_s: float | None = None,
+                     error: BaseException | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Send the chosen token ids ``(B,)`` and the sequences' stop flags ``(B,)`` from group rank ``src``
-    to every rank, in one broadcast; returns both on CPU."""
+    to every rank, in one broadcast; returns both on CPU. Other ranks pass ``None`` for both.
+
+    ``error``: ``src`` failed while choosing the tokens (sampling, a stop-string check). It still takes
+    part in the broadcast, flagging the failure, and then sends the message, so every rank raises the same
+    ``StarCollectiveError`` at once instead of waiting out the collective's timeout."""
     from .guard import guarded_step
 
+    me = dist.get_rank(group)
     with guarded_step("decode", group):
-        buf = torch.stack([tokens.long(), done.long()]).to(device).contiguous()
+        buf = torch.zeros(3, batch, dtype=torch.long, device=device)
+        if me == src:
+            if error is None:
+                buf[0].copy_(tokens.long())
+                buf[1].copy_(done.long())
+            else:
+                buf[2].fill_(1)
         wait(dist.broadcast(buf, src=global_rank(group, src), group=group, async_op=True), timeout_s, buf)
         buf = buf.cpu()
+        failed = bool(buf[2, 0])
+        if failed:
+            message = [f"{type(error).__name__}: {error}".splitlines()[0][:500] if me == src else None]
+            dist.broadcast_object_list(message, src=global_rank(group, src), group=group)
+    if failed:
+        exc = StarCollectiveError(f"rank {src} (the query host) failed while choosing the next tokens: {message[0]}",
+                                  step="decode", failed_rank=src)
+        exc.on_every_rank = True
+        raise exc from error
     return buf[0], buf[1].bool()

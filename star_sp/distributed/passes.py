@@ -50,6 +50,11 @@ class StarContext:
     group: "dist.ProcessGroup | None" = None
     fingerprint: int = 0
     """A checksum of the context ids, to check that queries come with the context they were made for."""
+    model_spec: dict = field(default_factory=dict)
+    """What the KV was made with (layers, KV heads, head dim, dtype, device), checked against the model
+    that answers a query."""
+    model_id: int = 0
+    """``id()`` of the model that made the KV: a context answers queries only with that model."""
 
     @property
     def context_len(self) -> int:

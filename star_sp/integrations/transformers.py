@@ -1,7 +1,7 @@
 """Star Attention for transformers causal LMs, through transformers' public extension points.
 
 The engine registers one attention function under the name ``"star"`` (``AttentionInterface``),
-switches the model to it, and passes a ``StarPass`` (``distributed/passes.py``) both as the model's
+switches the model to it for the length of each engine call (and back afterwards), and passes a ``StarPass`` (``distributed/passes.py``) both as the model's
 KV cache and as a keyword argument that reaches the attention function. No modeling file is copied
 and no private function is patched; the version differences live in ``star_sp/_compat.py``.
 No mask function is registered: the attention function builds Star's masks itself, and inputs never
@@ -10,6 +10,8 @@ carry padding (every sequence of a batch has the same context and query length).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 import warnings
 from dataclasses import replace
@@ -84,7 +86,7 @@ def _fingerprint(ids: torch.Tensor) -> int:
     return int(((flat + 1) * weights % 2305843009213693951).sum() % 2305843009213693951) ^ hash(tuple(ids.shape))
 
 
-def _check_ids(name: str, ids) -> str | None:
+def _check_ids(name: str, ids, vocab_size: int) -> str | None:
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int, torch.int32):
         return f"{name} must be a LongTensor of token ids, shape (batch, tokens), got {type(ids).__name__}" + (
             f" of {ids.dtype}" if isinstance(ids, torch.Tensor) else "")
@@ -92,7 +94,34 @@ def _check_ids(name: str, ids) -> str | None:
         return f"{name} must have shape (batch, tokens) with batch >= 1, got {tuple(ids.shape)}"
     if ids.shape[1] == 0:
         return f"{name} is empty: pass at least one token"
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        return (f"{name} holds token id {bad}, outside the model's vocabulary of {vocab_size} ids (0 to "
+                f"{vocab_size - 1}); encode the text with the model's own tokenizer")
     return None
+
+
+def _model_spec(model) -> dict:
+    """What a context's KV depends on besides the ids: checked when a context comes back to an engine."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    param = next(model.parameters())
+    return {"layers": cfg.num_hidden_layers, "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
+
+
+def _with_star_attention(method):
+    """Run an engine method with the model switched to the ``star`` attention function, and switch it
+    back afterwards: outside the engine's calls the user's model behaves exactly as it did before."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch.no_grad(), _compat.attn_implementation_set(self.model, ATTENTION_NAME):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class StarEngine:
@@ -105,15 +134,24 @@ class StarEngine:
     ``attention="global"`` is the plain model (one process); ``attention="ring"`` is exact causal
     attention across the hosts (the baseline): the prefill runs ring attention over zigzag shares of
     the context, and queries are answered like Star's phase 2 (each host attends its KV, one merge).
-    ``block_size`` and ``anchor_size`` are unused by both.
+    Neither uses ``block_size`` or ``anchor_size``, so ``config`` is optional for them (the defaults
+    of the other fields apply). A context shorter than the ring's two chunks per host is encoded as
+    one block on the last host (plain causal attention, exact too).
+
+    The model is switched to the ``star`` attention function only while an engine method runs; the
+    user's ``model(...)`` and ``model.generate(...)`` are untouched between calls.
     """
 
-    def __init__(self, model, config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
+    def __init__(self, model, config: StarConfig | None = None, group: "dist.ProcessGroup | None" = None, *,
                  attention: str = "star"):
         if attention not in ("star", "global", "ring"):
             raise StarInputError(f"attention must be 'star', 'global' or 'ring', got {attention!r}")
+        if config is None and attention != "star":
+            config = StarConfig(block_size=1)  # block and anchor are unused by global and ring attention
         if not isinstance(config, StarConfig):
-            raise StarInputError(f"config must be a star_sp.StarConfig, got {type(config).__name__}")
+            hint = (": Star Attention needs one, e.g. StarConfig(block_size=4096, anchor_size=4096)"
+                    if config is None else "")
+            raise StarInputError(f"config must be a star_sp.StarConfig, got {type(config).__name__}{hint}")
         self.world_size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         if attention == "global" and self.world_size > 1:
@@ -121,11 +159,11 @@ class StarEngine:
                                  "(group=None, or a launcher with one process per node)")
         check_model(model)
         _register()
-        _compat.set_attn_implementation(model, ATTENTION_NAME)
         self.model, self.config, self.group, self.attention = model, config, group, attention
         self.base = getattr(model, model.base_model_prefix)
         self.num_layers = model.config.num_hidden_layers
         self._cache_kwarg = _compat.cache_kwarg(self.base)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.stats: dict[str, float] = {}
 
     # -- helpers ------------------------------------------------------------------------------
@@ -145,13 +183,14 @@ class StarEngine:
             with guarded_step(step, self.group):
                 agree(self.group, step, meta, error)
 
-    @property
-    def _ring(self) -> bool:
-        return self.attention == "ring" and self.group is not None
+    def _ring(self, context_len: int) -> bool:
+        """Ring attention for this context: several hosts, each with two non-empty zigzag chunks."""
+        return self.attention == "ring" and self.group is not None and context_len >= 2 * self.world_size
 
     def _config_for(self, context_len: int) -> StarConfig:
-        if self.attention == "global" or (self.attention == "ring" and self.group is None):
-            # one block: phase 1 is plain causal attention (ring attention in one process is just that)
+        if self.attention == "global" or (self.attention == "ring" and not self._ring(context_len)):
+            # one block: phase 1 is plain causal attention (ring attention in one process, or over a
+            # context too short to give every host two chunks, is just that, on the last host)
             return replace(self.config, block_size=context_len, anchor_size=1)
         return self.config
 
@@ -168,27 +207,26 @@ class StarEngine:
 
     # -- phase 1 ------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @_with_star_attention
     def prefill(self, context_ids: torch.Tensor, *, progress=None) -> StarContext:
         """Phase 1: encode ``context_ids: LongTensor[B, Lc]`` (the whole context, on every rank).
 
+        A context of fewer blocks than there are hosts is fine: the hosts past its blocks hold nothing
+        and add nothing to the phase-2 merge (the last host, which answers, always holds the last block).
         ``progress(layer, num_layers)`` is called after each layer's attention."""
-        error = _check_ids("context_ids", context_ids)
+        error = _check_ids("context_ids", context_ids, self.vocab_size)
         fingerprint = _fingerprint(context_ids) if error is None else None
         layout = None
+        ring = error is None and self._ring(context_ids.shape[1])
         if error is None:
             cfg = self._config_for(context_ids.shape[1])
             try:
-                if self._ring:
+                if ring:
                     layout = RingLayout(context_ids.shape[1], self.world_size, self.rank)
                 else:
                     layout = BlockLayout.from_config(cfg, context_ids.shape[1], self.world_size, self.rank)
             except StarInputError as exc:
                 error = str(exc)
-            if isinstance(layout, BlockLayout) and self.world_size > 1 and layout.num_blocks < 2:
-                error = (f"the context ({layout.context_len} tokens) fits in one block of {cfg.block_size}: with "
-                         f"{self.world_size} processes every host but one would be idle. Lower --block-size to "
-                         f"at most {max(1, layout.context_len // self.world_size)} or run one process")
         meta = {"shape": tuple(context_ids.shape) if error is None else None,
                 "ids": fingerprint, "config": self.config.to_dict(),
                 "attention": self.attention}
@@ -197,15 +235,15 @@ class StarEngine:
         recompute = cfg.anchor_source == "recompute"
         context = StarContext(layout=layout, config=cfg, batch_size=context_ids.shape[0],
                               kv=ContextKV(self.num_layers), group=self.group,
-                              fingerprint=fingerprint)
-        state = (RingPrefillPass if self._ring else PrefillPass)(context, self.num_layers, check=True, progress=progress)
+                              fingerprint=fingerprint, model_spec=_model_spec(self.model), model_id=id(self.model))
+        state = (RingPrefillPass if ring else PrefillPass)(context, self.num_layers, check=True, progress=progress)
         self._sync()
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if layout.is_idle:
             self._idle_prefill(state, context_ids.shape[0])
-        elif self._ring:
+        elif ring:
             self._forward(state, layout.shard(context_ids, 1), layout.positions())
         else:
             ids = layout.shard(context_ids, 1)
@@ -236,9 +274,11 @@ class StarEngine:
         return context.group is None or context.layout.is_query_host
 
     def _check_query(self, step: str, context, query_ids, extra_error: str | None = None, **extra_meta) -> None:
-        error = extra_error or _check_ids("query_ids", query_ids)
+        error = extra_error or _check_ids("query_ids", query_ids, self.vocab_size)
         if error is None and not isinstance(context, StarContext):
             error = f"context must be what prefill() returned, got {type(context).__name__}"
+        if error is None:
+            error = self._check_context_model(context)
         if error is None and query_ids.shape[0] != context.batch_size:
             error = (f"query_ids has batch {query_ids.shape[0]} but the context was prefilled with batch "
                      f"{context.batch_size}; pass one query per context sequence")
@@ -249,7 +289,20 @@ class StarEngine:
                 "context": context.fingerprint if error is None else None, **extra_meta}
         self._agree(step, meta, error)
 
-    @torch.no_grad()
+    def _check_context_model(self, context: StarContext) -> str | None:
+        """The context's KV must come from this engine's model (same weights, shapes, dtype, device)."""
+        mine = _model_spec(self.model)
+        if context.model_spec != mine:
+            diff = ", ".join(f"{k} {context.model_spec.get(k)} (here {mine[k]})"
+                             for k in mine if context.model_spec.get(k) != mine[k])
+            return (f"this context was prefilled with another model: {diff}; prefill the context with this "
+                    "engine's model")
+        if context.model_id != id(self.model):
+            return ("this context was prefilled with another model object (same shapes, other weights); "
+                    "prefill the context with this engine's model")
+        return None
+
+    @_with_star_attention
     def score(self, context: StarContext, query_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``FloatTensor[B, Lq, vocab]`` at the query positions; the context is left unchanged."""
         self._check_query("score", context, query_ids)
@@ -259,7 +312,7 @@ class StarEngine:
         positions = torch.arange(context.context_len, context.context_len + lq)
         return self._forward(state, query_ids, positions, logits_to_keep=0).logits.float()
 
-    @torch.no_grad()
+    @_with_star_attention
     def generate(self, context: StarContext, query_ids: torch.Tensor, max_new_tokens: int, *,
                  sampling: SamplingConfig | None = None, eos_token_id: int | list[int] | None = None,
                  stop_strings: list[str] | None = None, tokenizer=None, pad_token_id: int | None = None,
@@ -314,18 +367,24 @@ class StarEngine:
                 out = self._forward(state, ids, positions, **({"logits_to_keep": 1} if holds else {}))
                 logits = out.logits[:, -1] if holds else None
             pos += ids.shape[1]
+            chosen = done = failure = None
             if holds:  # the query host (or the one process) chooses the token and decides who stops
-                chosen = torch.where(finished, pad, next_tokens(logits, sampling, generator).cpu())
-                done = finished.clone()
-                for e in eos:
-                    done |= chosen == e
-                if stop_strings:
-                    done |= self._hit_stop(torch.stack(tokens[-window:] + [chosen], 1), stop_strings, tokenizer)
-            else:  # the other hosts only lend their context KV: no language-model head
-                chosen, done = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.bool)
+                try:
+                    chosen = torch.where(finished, pad, next_tokens(logits, sampling, generator).cpu())
+                    done = finished.clone()
+                    for e in eos:
+                        done |= chosen == e
+                    if stop_strings:
+                        done |= self._hit_stop(torch.stack(tokens[-window:] + [chosen], 1), stop_strings, tokenizer)
+                except Exception as exc:  # noqa: BLE001 - reaches every rank through the broadcast below
+                    if context.group is None:
+                        raise
+                    failure = exc
+            # the other hosts only lend their context KV (no language-model head) and receive the choice
             if context.group is not None:
                 chosen, done = broadcast_tokens(chosen, done, src=self.world_size - 1, group=context.group,
-                                                device=self.device, timeout_s=context.config.collective_timeout_s)
+                                                device=self.device, batch=batch, error=failure,
+                                                timeout_s=context.config.collective_timeout_s)
             finished = done
             tokens.append(chosen)
             if first is None:

@@ -16,10 +16,22 @@ DECODE_GRAPHS: tuple[str, ...] = ("auto", "on", "off", "static")
 DECODE_GRAPH_MIN_TOKENS = 8
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise StarInputError(f"{name} must be a positive integer (a number of tokens), got {value!r}")
-    return value
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_block_anchor(block_size: object, anchor_size: object) -> None:
+    """The one check of block and anchor sizes, used by ``StarConfig``, ``BlockLayout`` and
+    ``ops.star_attention``: ``block_size >= 1`` and ``0 <= anchor_size <= block_size``, both integers
+    (``anchor_size`` 0: no anchor, an ablation). Raises ``StarInputError`` naming the value and the fix."""
+    if not _is_int(block_size) or block_size <= 0:
+        raise StarInputError(f"block_size must be a positive integer (a number of tokens), got {block_size!r}")
+    if not _is_int(anchor_size) or anchor_size < 0:
+        raise StarInputError(f"anchor_size must be a non-negative integer (0: no anchor, an ablation), "
+                             f"got {anchor_size!r}")
+    if anchor_size > block_size:
+        raise StarInputError(f"anchor_size ({anchor_size}) must not exceed block_size ({block_size}); "
+                             "lower anchor_size or raise block_size")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,16 +76,7 @@ class StarConfig:
     device-side positions) run without capture, on any device and any number of processes."""
 
     def __post_init__(self) -> None:
-        _positive_int("block_size", self.block_size)
-        if self.anchor_size is not None:
-            if isinstance(self.anchor_size, bool) or not isinstance(self.anchor_size, int) or self.anchor_size < 0:
-                raise StarInputError(f"anchor_size must be a non-negative integer (0: no anchor, an ablation), "
-                                     f"got {self.anchor_size!r}")
-            if self.anchor_size > self.block_size:
-                raise StarInputError(
-                    f"anchor_size ({self.anchor_size}) must not exceed block_size ({self.block_size}); "
-                    "lower anchor_size or raise block_size"
-                )
+        check_block_anchor(self.block_size, self.block_size if self.anchor_size is None else self.anchor_size)
         if self.anchor_source not in ANCHOR_SOURCES:
             raise StarInputError(f"anchor_source must be one of {ANCHOR_SOURCES}, got {self.anchor_source!r}")
         if self.phase2_merge not in ("allreduce", "allgather"):

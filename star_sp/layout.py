@@ -19,7 +19,7 @@ from functools import cached_property
 
 import torch
 
-from .config import StarConfig
+from .config import StarConfig, check_block_anchor
 from .errors import StarInputError
 
 
@@ -34,17 +34,12 @@ class BlockLayout:
     rank: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.anchor_size, bool) or not isinstance(self.anchor_size, int) or self.anchor_size < 0:
-            raise StarInputError(f"anchor_size must be a non-negative integer, got {self.anchor_size!r}")
-        for name in ("context_len", "block_size", "world_size"):
+        for name in ("context_len", "world_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 hint = " (the context is empty: give at least one token)" if name == "context_len" else ""
                 raise StarInputError(f"{name} must be a positive integer, got {value!r}{hint}")
-        if self.anchor_size > self.block_size:
-            raise StarInputError(
-                f"anchor_size ({self.anchor_size}) must not exceed block_size ({self.block_size})"
-            )
+        check_block_anchor(self.block_size, self.anchor_size)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
             raise StarInputError(f"rank must be in [0, {self.world_size}), got {self.rank!r}")
 

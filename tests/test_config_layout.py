@@ -20,7 +20,28 @@ from star_sp import BlockLayout, StarConfig, StarInputError
 def test_config_rejects_bad_values(kw, words):
     with pytest.raises(StarInputError, match=words):
         StarConfig(**kw)
-    assert issubclass(StarInputError, ValueError)
+
+
+@pytest.mark.parametrize("block, anchor, words", [
+    (0, 0, "block_size must be a positive integer (a number of tokens), got 0"),
+    (2.5, 1, "block_size must be a positive integer (a number of tokens), got 2.5"),
+    (True, 1, "block_size must be a positive integer (a number of tokens), got True"),
+    (8, -1, "anchor_size must be a non-negative integer (0: no anchor, an ablation), got -1"),
+    (8, 1.5, "anchor_size must be a non-negative integer (0: no anchor, an ablation), got 1.5"),
+    (8, False, "anchor_size must be a non-negative integer (0: no anchor, an ablation), got False"),
+    (8, 9, "anchor_size (9) must not exceed block_size (8); lower anchor_size or raise block_size"),
+])
+def test_block_and_anchor_are_checked_in_one_place_with_one_message(block, anchor, words):
+    """StarConfig, BlockLayout and ops.star_attention refuse a bad block or anchor size with the same
+    message (one check, ``config.check_block_anchor``), which names the value and how to fix it."""
+    from star_sp.ops import star_attention
+
+    q = torch.zeros(1, 1, 10, 4)
+    for call in (lambda: StarConfig(block_size=block, anchor_size=anchor), lambda: BlockLayout(10, block, anchor),
+                 lambda: star_attention(q, q, q, context_len=10, block_size=block, anchor_size=anchor)):
+        with pytest.raises(StarInputError) as got:
+            call()
+        assert str(got.value) == words
 
 
 def test_config_defaults():

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..config import check_block_anchor
 from ..errors import StarInputError
 from .attention import default_scale, key_parts
 from .backends import check_qkv, select_kernel
@@ -163,11 +164,7 @@ def star_attention(
     total = q.shape[2]
     if isinstance(context_len, bool) or not isinstance(context_len, int) or not 0 < context_len <= total:
         raise StarInputError(f"context_len must be an integer in [1, {total}] (the tokens of q), got {context_len!r}")
-    for name, value, least in (("block_size", block_size, 1), ("anchor_size", anchor_size, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise StarInputError(f"{name} must be an integer >= {least}, got {value!r}")
-    if anchor_size > block_size:
-        raise StarInputError(f"anchor_size ({anchor_size}) must not exceed block_size ({block_size})")
+    check_block_anchor(block_size, anchor_size)
     kernel = select_kernel(backend, q, k)
     scale = default_scale(q.shape[-1]) if scale is None else scale
     lengths = [min(block_size, context_len - s) for s in range(0, context_len, block_size)]

@@ -111,3 +111,24 @@ def test_valid_keys_attention_matches_oracle(b, h, hkv, sq, cap, filled):
     assert low.dtype == torch.float32 and torch.allclose(low.double(), ref_out, atol=1e-5)
     none, none_lse = valid_keys_attention(q, k, v.nan_to_num(0.0), torch.zeros(cap, dtype=torch.bool), 0.3)
     assert (none == 0).all() and torch.isneginf(none_lse).all()
+
+
+@pytest.mark.parametrize("keep", ["none", "causal", "valid", "empty row"])
+def test_softmax_lse_matches_oracle(keep):
+    """``ops.softmax.softmax_lse``, the one plain softmax (the math kernel's and the decode buffer's):
+    with no mask, a bottom-right causal mask, a key mask, and a row without keys (p = 0, lse = -inf,
+    never NaN); GQA heads; recomputing p from a given lse gives the same p."""
+    from star_sp.ops.softmax import group_heads, softmax_lse
+
+    q, k, v, _ = _inputs(4, 9)
+    masks = {"none": None, "causal": _bottom_right(4, 9), "valid": torch.arange(9) % 3 != 1,
+             "empty row": torch.ones(4, 9, dtype=torch.bool).index_fill_(0, torch.tensor([2]), False)}
+    mask = masks[keep]
+    p, lse = softmax_lse(q, k, 0.3, mask)
+    out = torch.matmul(group_heads(p, k.shape[1]), v).view(q.shape)
+    ref_out, ref_lse = reference_attention(q, k, v, None if mask is None else mask.expand(4, 9), scale=0.3)
+    assert torch.allclose(out, ref_out, atol=1e-12) and torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert torch.allclose(lse[torch.isfinite(lse)], ref_lse[torch.isfinite(ref_lse)], atol=1e-12)
+    assert torch.isfinite(p).all() and (p[:, :, 2] == 0).all() == (keep == "empty row")
+    again, _ = softmax_lse(q, k, 0.3, mask, lse)
+    assert torch.equal(again, p)

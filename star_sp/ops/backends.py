@@ -6,9 +6,12 @@ Every kernel computes, for ``q: (B, H, Sq, D)`` and ``k, v: (B, Hkv, Sk, D)`` wi
     out = softmax(scale * q @ k^T + mask) @ v        (B, H, Sq, D), dtype of q
     lse = logsumexp(scale * q @ k^T + mask, dim=-1)  (B, H, Sq), float32 (float64 for float64 input)
 
-where ``mask`` is empty or, with ``causal=True``, the square causal mask (``Sq == Sk`` is required:
-callers split longer key ranges into an unmasked prefix and a square causal part, see
-``ops/parts.py``). The log is natural. ``backward`` recomputes the probabilities from ``lse`` (which may
+where ``mask`` is empty or, with ``causal=True``, the causal mask aligned bottom-right: row ``i`` of
+``Sq`` sees keys ``0 .. Sk - Sq + i`` (``Sk >= Sq``; the ordinary causal mask when ``Sq == Sk``). Only
+kernels whose ``bottom_right_causal`` probe says they align it so are given ``Sk > Sq`` with
+``causal=True`` (phase 1's fused anchor calls, ``ops.phase1_parts(fuse_anchor=True)``); the others get
+square causal calls only, longer key ranges being split into an unmasked prefix and a square causal
+part (``ops.key_parts``; ``ops/parts.py`` refuses a rectangular causal part for them). The log is natural. ``backward`` recomputes the probabilities from ``lse`` (which may
 be the log-sum-exp of a larger, merged key set) and returns ``(dq, dk, dv)``.
 
 Backends: ``cpu`` (aten's fused CPU flash kernel), ``flash``, ``cudnn``, ``efficient`` (aten's CUDA
@@ -24,6 +27,7 @@ import torch
 
 from ..errors import BackendUnavailableError, StarInputError
 from .merge import accumulation_dtype
+from .softmax import group_heads, softmax_lse
 
 aten = torch.ops.aten
 
@@ -229,9 +233,10 @@ class EfficientKernel(_CudaKernel):
 
 
 class MathKernel(Kernel):
-    """Plain matrix products: scores in the input dtype, softmax statistics in float32 (float64 for
-    float64 input). GQA without copying KV: the query heads of one KV head are stacked as rows. Memory
-    grows as ``H * Sq * Sk``: for tests, tolerances and decode steps (few rows), not long prefills."""
+    """Plain matrix products (``ops/softmax.py``): scores in the input dtype, softmax statistics in
+    float32 (float64 for float64 input). GQA without copying KV: the query heads of one KV head are
+    stacked as rows. Its causal mask is aligned bottom-right for any ``Sk >= Sq``. Memory grows as
+    ``H * Sq * Sk``: for tests, tolerances and decode steps (few rows), not long prefills."""
 
     name = "math"
 
@@ -241,26 +246,14 @@ class MathKernel(Kernel):
         return None
 
     @staticmethod
-    def _grouped(q, k):
-        """``(B, H, Sq, D) -> (B, Hkv, g*Sq, D)``: query head ``h`` reads KV head ``h // g``."""
-        b, h, sq, d = q.shape
-        return q.reshape(b, k.shape[1], (h // k.shape[1]) * sq, d)
-
-    def _probs(self, q, k, lse, causal, scale):
-        acc = accumulation_dtype(q.dtype)
-        b, h, sq, _ = q.shape
-        s = torch.matmul(self._grouped(q, k), k.transpose(-1, -2)).to(acc) * scale
-        s = s.view(b, h, sq, k.shape[2])
-        if causal:  # aligned bottom-right: row i sees keys 0 .. Sk - Sq + i
-            keep = torch.ones(sq, k.shape[2], dtype=torch.bool, device=s.device).tril(k.shape[2] - sq)
-            s = s.masked_fill(~keep, float("-inf"))
-        if lse is None:
-            lse = torch.logsumexp(s, dim=-1)
-        return torch.exp(s - lse.unsqueeze(-1)), lse
+    def _probs(q, k, lse, causal, scale):
+        sq, sk = q.shape[2], k.shape[2]
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq) if causal else None
+        return softmax_lse(q, k, scale, keep, lse)
 
     def _forward(self, q, k, v, causal, scale):
         p, lse = self._probs(q, k, None, causal, scale)
-        out = torch.matmul(self._grouped(p.to(v.dtype), k), v)
+        out = torch.matmul(group_heads(p.to(v.dtype), k.shape[1]), v)
         return out.view(q.shape[:3] + (v.shape[3],)), lse
 
     def forward(self, q, k, v, causal, scale):
@@ -268,16 +261,15 @@ class MathKernel(Kernel):
         return out, lse, None
 
     def backward(self, dout, q, k, v, out, lse, aux, causal, scale):
-        b, h, sq, d = q.shape
         p, _ = self._probs(q, k, lse, causal, scale)
-        acc = p.dtype
-        pg = self._grouped(p.to(dout.dtype), k)                     # (B, Hkv, g*Sq, Sk)
-        dv = torch.matmul(pg.transpose(-1, -2), self._grouped(dout, k))
-        dp = torch.matmul(self._grouped(dout, k), v.transpose(-1, -2)).to(acc).view_as(p)
+        acc, hkv = p.dtype, k.shape[1]
+        pg = group_heads(p.to(dout.dtype), hkv)                       # (B, Hkv, g*Sq, Sk)
+        dv = torch.matmul(pg.transpose(-1, -2), group_heads(dout, hkv))
+        dp = torch.matmul(group_heads(dout, hkv), v.transpose(-1, -2)).to(acc).view_as(p)
         delta = (dout.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)
-        ds = self._grouped((p * (dp - delta) * scale).to(q.dtype), k)
+        ds = group_heads((p * (dp - delta) * scale).to(q.dtype), hkv)
         dq = torch.matmul(ds, k).view_as(q)
-        dk = torch.matmul(ds.transpose(-1, -2), self._grouped(q, k))
+        dk = torch.matmul(ds.transpose(-1, -2), group_heads(q, hkv))
         return dq, dk, dv
 
 

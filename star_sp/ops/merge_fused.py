@@ -1,9 +1,11 @@
 """``merge_into_`` as one fused GPU kernel (Triton), for forward passes on CUDA.
 
 Same contract as ``ops.merge.merge_into_``: ``out_acc: (B, H, S, D)`` and ``lse_acc: (B, H, S)`` are
-updated in place with one more partial ``out: (B, H, S, D)``, ``lse: (B, H, S)``::
+updated in place with one more partial ``out: (B, H, S, D)``, ``lse: (B, H, S)`` (natural-log
+log-sum-exps), by ``ops/merge.py``'s formula with two terms::
 
-    s = logaddexp(s_acc, s_new);  O = exp(s_acc - s) * O_acc + exp(s_new - s) * O_new
+    m = max(s_acc, s_new);  w = exp(s - m) / (exp(s_acc - m) + exp(s_new - m));  O = w_acc O_acc + w_new O_new
+    s = m + log(exp(s_acc - m) + exp(s_new - m))
 
 Any strides (the last dimension of ``out_acc`` and ``out`` contiguous), float16, bfloat16 or float32
 (float64 is left to the torch form, which keeps its precision). The weights and the weighted sum are

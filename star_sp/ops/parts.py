@@ -1,14 +1,14 @@
 """Attention of one query tensor over several key sets, merged, as one autograd function.
 
 A ``Part`` says: query rows ``[row_start, row_end)`` of ``q`` attend keys ``k, v`` (unmasked, or with
-the square causal mask). Parts may cover the same rows (their results are merged with the LSE merge,
+the causal mask aligned bottom-right: square, or with more keys than rows where the kernel aligns it so). Parts may cover the same rows (their results are merged with the LSE merge,
 ``ops/merge.py``) or different rows. ``fold > 1`` cuts the part's rows and keys into ``fold`` equal
 consecutive chunks and lets chunk ``j`` of the rows attend chunk ``j`` of the keys only, as one kernel
 call with the chunks in the batch dimension: this is how equal-sized Star blocks attend themselves
 causally without a Python loop over blocks::
 
     fold = 3, causal:  rows  [ r0 | r1 | r2 ]      keys  [ k0 | k1 | k2 ]
-                       r_j attends k_j under the square causal mask; nothing else.
+                       r_j attends k_j under the causal mask; nothing else.
 
 ``reducer`` (optional) merges the result with other processes' results after the local merge and
 sums the query gradient across them; ``star_sp.distributed`` provides it, so this module needs no

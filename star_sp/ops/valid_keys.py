@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .merge import accumulation_dtype
+from .softmax import group_heads, softmax_lse
 
 
 def valid_keys_attention(
@@ -27,14 +27,9 @@ def valid_keys_attention(
     """``q: (B, H, Sq, D)`` over ``k, v: (B, Hkv, Sk, D)`` (GQA: head ``h`` reads KV head
     ``h // (H / Hkv)``), keys where ``valid: (Sk,)`` (bool) is true. Returns ``(out, lse)``: ``out``
     ``(B, H, Sq, D)`` in q's dtype, ``lse: (B, H, Sq)`` in the accumulation dtype; rows with no valid
-    key get ``out = 0, lse = -inf``. No autograd wanted (decode), no host synchronisation."""
-    b, h, sq, d = q.shape
-    hkv = k.shape[1]
-    acc = accumulation_dtype(q.dtype)
-    grouped = q.reshape(b, hkv, (h // hkv) * sq, d).to(acc)  # consecutive heads share a KV head
-    s = torch.matmul(grouped, k.to(acc).transpose(-1, -2)).mul_(scale)
-    s.masked_fill_(~valid, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    s.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)).exp_()
-    out = torch.matmul(s, torch.where(valid.unsqueeze(-1), v.to(acc), 0.0))  # unwritten slots may hold NaN
-    return out.reshape(b, h, sq, d).to(q.dtype), lse.reshape(b, h, sq)
+    key get ``out = 0, lse = -inf``. The softmax is ``ops/softmax.py``'s, with q and k in the
+    accumulation dtype. No autograd wanted (decode), no host synchronisation."""
+    p, lse = softmax_lse(q, k, scale, valid, upcast=True)
+    v = torch.where(valid.unsqueeze(-1), v.to(p.dtype), 0.0)  # unwritten slots may hold NaN
+    out = torch.matmul(group_heads(p, k.shape[1]), v)
+    return out.view(q.shape).to(q.dtype), lse

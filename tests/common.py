@@ -99,3 +99,20 @@ def assert_close_to_oracle(name: str, got: torch.Tensor, ref: torch.Tensor, plai
         bound = 2 * max_err(plain, ref) + 4 * eps
     assert err <= bound, f"{name}: error {err:.3g} against the float64 oracle exceeds {bound:.3g}"
     return err
+
+
+@torch.no_grad()
+def plain_model_logits(model, context_ids: torch.Tensor, query_ids: torch.Tensor, block: int, anchor: int):
+    """The plain implementation at model level: ``model`` as it is (its dtype and device, SDPA attention)
+    run once over ``[context ; query]`` with the dense ``M_star`` mask; logits of the query positions.
+    Its error against ``model_oracle.oracle_logits`` sets the tolerance of a whole model in that dtype."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    plain.set_attn_implementation("sdpa")
+    ids = torch.cat([context_ids, query_ids], dim=1)
+    lc, total = context_ids.shape[1], ids.shape[1]
+    dtype = next(plain.parameters()).dtype
+    keep = star_mask(lc, block, anchor, total - lc, device=ids.device)
+    mask = torch.zeros(total, total, dtype=dtype, device=ids.device).masked_fill(~keep, float("-inf"))
+    return plain(ids, attention_mask=mask[None, None].expand(ids.shape[0], 1, total, total)).logits[:, lc:]

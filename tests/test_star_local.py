@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common import Case, assert_close_to_oracle, make_qkv, oracle, plain_lowp
+from common import Case, assert_close_to_oracle, make_qkv, oracle, plain_lowp, plain_model_logits
 from star_sp.ops import phase1_parts, phase2_local, reference_attention, star_attention
 
 CASES = [
@@ -182,7 +182,9 @@ def test_fusion_is_chosen_only_without_gradients_and_with_a_bottom_right_kernel(
 
 def test_fused_and_split_prefill_give_the_same_model_outputs(tmp_path):
     """The engine's one-process Star prefill with the math kernel (fused form) and with aten's CPU kernel
-    (split form) answer alike, through a real transformers model."""
+    (split form), through a real transformers model in float32: both within the plain float32 model's
+    error (dense ``M_star`` mask, ``common.plain_model_logits``) of the float64 model-level oracle."""
+    from model_oracle import oracle_logits, reference_model
     from star_sp import StarConfig, StarEngine
     from star_sp.testing import save
 
@@ -191,9 +193,10 @@ def test_fused_and_split_prefill_give_the_same_model_outputs(tmp_path):
     save(tmp_path / "m", "llama", tokenizer=False)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").float().eval()
     ids = torch.randint(4, model.config.vocab_size, (2, 45), generator=torch.Generator().manual_seed(1))
-    query = ids[:, -3:]
-    logits = []
+    context, query = ids[:, :-3], ids[:, -3:]
+    ref = oracle_logits(reference_model(model), context, query, 11, 4)
+    plain = plain_model_logits(model, context, query, 11, 4)
     for backend in ("math", "cpu"):
         engine = StarEngine(model, StarConfig(block_size=11, anchor_size=4, backend=backend))
-        logits.append(engine.score(engine.prefill(ids[:, :-3]), query))
-    assert (logits[0] - logits[1]).abs().max() < 1e-4
+        assert_close_to_oracle(f"{backend} logits", engine.score(engine.prefill(context), query), ref, plain,
+                               torch.float32)

@@ -35,9 +35,9 @@ def _assemble(case, results):
             if j >= anchor_rows:
                 out[:, :, i] = r["out1"][:, :, j].double()
                 seen[i] += 1
+        grads[0][:, :, lc:] += r["dq2"].double()  # each rank's query gradient is its own keys' share
         if r["query_host"]:
             out[:, :, lc:] = r["out2"].double()
-            grads[0][:, :, lc:] += r["dq2"].double()
             grads[1][:, :, lc:] += r["dkq"].double()
             grads[2][:, :, lc:] += r["dvq"].double()
     assert seen[:lc].tolist() == [1] * lc, "every context token is encoded by exactly one rank"
@@ -50,17 +50,6 @@ def _assemble(case, results):
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_two_phases_match_oracle(cluster, world_size, anchor_source, case):
     case = case.but(anchor_source=anchor_source)
-    idle = world_size > -(-case.context_len // case.block_size)
-    if idle and anchor_source == "broadcast":  # gradients are refused there (see the next test)
-        results = cluster(world_size).run(workers.star_layer, case, False)
-        q, k, v, g = make_qkv(case)
-        ref_out = oracle(case, q, k, v, g)[0]
-        for r in results:
-            assert_close_to_oracle("out2", r["out2"], ref_out[:, :, case.context_len:], None, torch.float64)
-            if r["rows"]:  # an idle rank encodes nothing
-                s, e = r["rows"][0], r["rows"][-1] + 1
-                assert_close_to_oracle("out1", r["out1"], ref_out[:, :, s:e], None, torch.float64)
-        return
     _assert_layer_matches_oracle(case, cluster(world_size).run(workers.star_layer, case))
 
 
@@ -73,7 +62,6 @@ def _assert_layer_matches_oracle(case, results):
     for r in results:  # the merged phase-2 result is the same on every rank
         assert_close_to_oracle("out2", r["out2"], ref_out[:, :, case.context_len:], None, torch.float64)
         assert_close_to_oracle("lse2", r["lse2"], ref_lse[:, :, case.context_len:], None, torch.float64)
-        assert_close_to_oracle("dq2", r["dq2"], ref_grads[0][:, :, case.context_len:], None, torch.float64)
     for name, a, b in zip("qkv", grads, ref_grads):
         assert_close_to_oracle(f"d{name}", a, b, None, torch.float64)
 
@@ -84,13 +72,6 @@ def test_paper_form_allgather_merge_matches_oracle(cluster, world_size):
     """The paper's form (anchor recomputed, outputs and LSE all-gathered) is the same function."""
     case = Case(context_len=23, query_len=3, block_size=5, anchor_size=2, anchor_source="recompute", merge="allgather")
     _assert_layer_matches_oracle(case, cluster(world_size).run(workers.star_layer, case))
-
-
-@pytest.mark.slow
-def test_gradients_with_idle_ranks_in_broadcast_mode_are_refused_everywhere(cluster):
-    case = Case(context_len=13, query_len=1, block_size=8, anchor_size=3)
-    raw = cluster(3).run_raw(workers.star_layer, case)
-    _errors_on_every_rank(raw, "use anchor_source='recompute'")
 
 
 @pytest.mark.slow

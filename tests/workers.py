@@ -42,7 +42,10 @@ def star_layer(group, case: Case, with_grad: bool = True) -> dict:
     if with_grad:
         gd = g.to(case.dtype)
         skip = layout.anchor_rows(recompute)  # recomputed anchor rows' outputs are dropped, as in a model
-        loss = (out1[:, :, skip:] * gd[:, :, start:end]).sum() + (out2 * gd[:, :, lc:]).sum()
+        # phase 2's output is the same on every rank: the ranks' losses must add up to the loss, so its
+        # term counts on the query host alone (every rank still runs its backward: weight 0 elsewhere)
+        weight = 1.0 if layout.is_query_host else 0.0
+        loss = (out1[:, :, skip:] * gd[:, :, start:end]).sum() + (out2 * gd[:, :, lc:]).sum() * weight
         loss.backward()
         result.update(dq1=q1.grad, dk1=k1.grad, dv1=v1.grad, dq2=q2.grad)
         if qk is not None:

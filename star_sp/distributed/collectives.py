@@ -23,8 +23,8 @@ class AllReduceMerge:
         O = num / den,  s = m + log(den)
 
     A rank without keys has ``s_h = -inf`` and contributes zeros. As a ``Reducer`` for
-    ``ops.parts_attention`` it also sums the query gradient over the ranks in the backward pass (the
-    query is replicated, each rank holds part of its keys).
+    ``ops.parts_attention`` it also sums the merged result's gradient over the ranks in the backward
+    pass (``sum_output_grad``).
     """
 
     def __init__(self, group: "dist.ProcessGroup", timeout_s: float | None = None):
@@ -48,8 +48,30 @@ class AllReduceMerge:
         # and s = 0 + log 0 = -inf
         return num / den.clamp_min(1.0).unsqueeze(-1), m + torch.log(den)
 
-    def sum_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(grad.contiguous(), dist.ReduceOp.SUM)
+    def sum_output_grad(self, dout: torch.Tensor, dlse: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The backward rule: sum the merged ``(out, lse)``'s gradients over the ranks, in float32 (one
+        packed all-reduce). The merged result on every rank depends on every rank's partial result, so
+        a rank's partial gets the sum of all ranks' gradients; each rank's query gradient is then the share
+        of its own keys (not summed). Hence parameter gradients summed over the ranks are exact when the
+        ranks' losses add up to the loss: a loss computed from the replicated output on every rank is
+        weighted ``1/N`` per rank (``star_sp.training`` does so)."""
+        from .guard import guarded_step
+
+        acc = accumulation_dtype(dout.dtype)
+        with guarded_step("phase2 backward", self.group):
+            packed = torch.empty((*dout.shape[:-1], dout.shape[-1] + 1), dtype=acc, device=dout.device)
+            packed[..., :-1] = dout
+            if dlse is None:
+                packed[..., -1] = 0
+            else:
+                packed[..., -1] = dlse
+            self._all_reduce(packed, dist.ReduceOp.SUM)
+            dlse = packed[..., -1]
+            # a gradient on the merged log-sum-exp costs a kernel backward per part: skip it where no rank
+            # has one (the summed value is the same on every rank, so every rank decides alike)
+            dlse = dlse if bool(dlse.ne(0).any()) else None
+        return packed[..., :-1].to(dout.dtype), dlse
 
 
 class AllGatherMerge(AllReduceMerge):
@@ -66,23 +88,41 @@ class AllGatherMerge(AllReduceMerge):
 
 
 class _BroadcastAnchor(torch.autograd.Function):
-    """Forward: rank ``src`` sends ``kv`` to every rank. Backward: the ranks' gradients are summed
-    onto ``src`` (the anchor's KV is used on every host, but computed on ``src`` alone)."""
+    """Forward: rank ``src`` sends the anchor's packed KV to every rank (one broadcast). Backward: each
+    rank in ``users`` (the ranks whose blocks attend the anchor, ``src`` excluded) sends its gradient of
+    the anchor's KV to ``src`` (point to point, float32); ``src`` adds them up in float32.
+
+    Ranks that do not use the anchor (idle ranks) take part in the forward broadcast only, without
+    gradients, so a backward pass never has to reach them. On a user, the input is ``link``, an empty
+    tensor computed from the rank's own KV: it gives this node the same path to the parameters as the
+    owner's anchor KV has, so ``torch.autograd.grad(loss, params)`` runs it wherever it runs the
+    owner's (a leaf placeholder would be pruned there and leave the owner waiting)."""
 
     @staticmethod
-    def forward(ctx, kv, src, group, timeout_s):
-        kv = kv.contiguous().clone()
+    def forward(ctx, kv_or_link, src, users, shape, group, timeout_s):
+        me = dist.get_rank(group)
+        kv = kv_or_link.contiguous().clone() if me == src else kv_or_link.new_empty(shape)
         wait(dist.broadcast(kv, src=global_rank(group, src), group=group, async_op=True), timeout_s, kv)
-        ctx.src, ctx.group, ctx.timeout_s = src, group, timeout_s
+        ctx.src, ctx.users, ctx.group, ctx.timeout_s = src, users, group, timeout_s
+        ctx.link_shape = kv_or_link.shape
         return kv
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dst = global_rank(ctx.group, ctx.src)
-        wait(dist.reduce(grad, dst=dst, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True), ctx.timeout_s, grad)
-        is_src = dist.get_rank(ctx.group) == ctx.src
-        return (grad if is_src else torch.zeros_like(grad)), None, None, None
+        from .guard import guarded_step
+
+        group, src = ctx.group, ctx.src
+        with guarded_step("phase1 backward", group):
+            if dist.get_rank(group) != src:
+                send = grad.to(accumulation_dtype(grad.dtype)).contiguous()
+                wait(dist.isend(send, dst=global_rank(group, src), group=group), ctx.timeout_s, send)
+                return grad.new_zeros(ctx.link_shape), None, None, None, None, None
+            total = grad.to(accumulation_dtype(grad.dtype), copy=True)
+            for rank in ctx.users:
+                part = torch.empty_like(total)
+                wait(dist.irecv(part, src=global_rank(group, rank), group=group), ctx.timeout_s, part)
+                total += part
+            return total.to(grad.dtype), None, None, None, None, None
 
 
 def broadcast_anchor(
@@ -95,19 +135,28 @@ def broadcast_anchor(
     device: torch.device,
     group: "dist.ProcessGroup",
     timeout_s: float | None = None,
-    requires_grad: bool = False,
+    users: tuple[int, ...] = (),
+    link: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Send the anchor's ``k, v: (B, Hkv, a, D)`` from group rank ``src`` to every rank of ``group``.
 
     On ``src`` pass the tensors; elsewhere pass None and the expected ``shape``, ``dtype``, ``device``.
-    K and V travel as one packed tensor ``(2, B, Hkv, a, D)``, in one broadcast. Differentiable: with
-    ``requires_grad`` (which must be the same on every rank) the backward pass sums the ranks' anchor
-    gradients onto ``src``.
+    K and V travel as one packed tensor ``(2, B, Hkv, a, D)``, in one broadcast.
+
+    Differentiable when ``users`` (the group ranks other than ``src`` whose blocks attend the anchor,
+    the same tuple on every rank) is given: on ``src`` when its KV requires a gradient, and on each
+    user, which passes ``link`` (its own KV, sliced to nothing, see ``_BroadcastAnchor``). The backward
+    pass brings the users' anchor gradients to ``src``, summed in float32. Other ranks get no gradient.
     """
-    kv = _packed_anchor(k, v, src, shape, dtype, device, group)
-    if dist.get_rank(group) != src:  # a placeholder that asks for a gradient where the owner's KV does,
-        kv.requires_grad_(requires_grad)  # so every rank reduces
-    kv = _BroadcastAnchor.apply(kv, src, group, timeout_s)
+    me = dist.get_rank(group)
+    differentiable = torch.is_grad_enabled() and (
+        (me == src and (k.requires_grad or v.requires_grad)) or (me in users and link is not None and link.requires_grad))
+    if not differentiable:
+        kv = _packed_anchor(k, v, src, shape, dtype, device, group)
+        wait(dist.broadcast(kv, src=global_rank(group, src), group=group, async_op=True), timeout_s, kv)
+        return kv[0], kv[1]
+    packed = torch.stack([k, v]) if me == src else link.narrow(2, 0, 0).to(dtype)
+    kv = _BroadcastAnchor.apply(packed, src, tuple(users), (2, *shape), group, timeout_s)
     return kv[0], kv[1]
 
 

@@ -56,16 +56,14 @@ def phase1_attention(
     ``q: (B, H, rows, D)``, ``k, v: (B, Hkv, rows, D)``. Every rank of ``group`` must call this, idle
     ranks too. ``check=True`` first makes the ranks agree on settings and shapes (one small
     all-gather); the engine does that once per prefill and passes ``check=False`` per layer.
+
+    Differentiable (``k, v`` requiring gradients on every rank, idle ranks' empty ones too): in
+    ``"broadcast"`` mode the ranks whose blocks attend the anchor send its gradient back to the owner
+    of block 0 (``collectives.broadcast_anchor``); in ``"recompute"`` mode each host's anchor rows carry
+    their own gradient. Each rank's rows are its own, so their losses simply add up across ranks.
     """
     recompute = anchor_source == "recompute"
     needs_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
-    if needs_grad and not recompute and any(layout.for_rank(r).is_idle for r in range(layout.world_size)):
-        # the anchor's gradient comes back by a reduce that every rank must join, and an idle rank's
-        # (empty) output gives its backward pass no reason to reach it: it would hang
-        raise StarInputError(
-            f"gradients through phase 1 with anchor_source='broadcast' need every rank to hold a block, but "
-            f"{layout.num_blocks} blocks leave ranks idle on {layout.world_size}; use anchor_source='recompute', "
-            "a smaller block size, or fewer ranks")
     with guarded_step("phase1", group):
         if check:
             error = validated(_check_inputs, q, k, v, layout, group, recompute)
@@ -83,8 +81,10 @@ def phase1_attention(
             src_k, src_v = (k[:, :, :a], v[:, :, :a]) if layout.owns_anchor else (None, None)
             where = dict(src=layout.anchor_owner, shape=(b, hkv, a, d), dtype=k.dtype, device=k.device, group=group,
                          timeout_s=timeout_s)
-            if needs_grad:
-                anchor_k, anchor_v = broadcast_anchor(src_k, src_v, requires_grad=True, **where)
+            if needs_grad:  # the users' anchor gradients come back to the owner, point to point
+                users = tuple(r for r in range(layout.world_size) if layout.for_rank(r).needs_anchor)
+                anchor_k, anchor_v = broadcast_anchor(src_k, src_v, users=users,
+                                                      link=k if layout.needs_anchor else None, **where)
             else:  # inference: the blocks' own parts run while the anchor is in flight
                 anchor_k, anchor_v, ready = post_anchor_broadcast(src_k, src_v, **where)
         parts = phase1_parts(

@@ -58,8 +58,10 @@ def phase2_attention(
         x x x x x x x x                x x x x        row Lq-1
 
     ``merge="allgather"`` uses the paper's reference form (gather every rank's output and LSE, merge
-    locally) instead of one max and one sum all-reduce. Gradients: the query gradient is summed over
-    ranks; the loss must be the same on every rank.
+    locally) instead of one max and one sum all-reduce. Gradients: the output's gradient is summed over
+    the ranks and each rank's query gradient is its own keys' share, so parameter gradients summed
+    over the ranks are exact when the ranks' losses add up to the loss (a loss of the replicated output
+    weighted ``1/N`` per rank; ``collectives.AllReduceMerge.sum_output_grad``).
     """
     if merge not in MERGES:
         raise StarInputError(f"merge must be one of {tuple(MERGES)}, got {merge!r}")

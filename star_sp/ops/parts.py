@@ -1,8 +1,9 @@
 """Attention of one query tensor over several key sets, merged, as one autograd function.
 
 A ``Part`` says: query rows ``[row_start, row_end)`` of ``q`` attend keys ``k, v`` (unmasked, or with
-the causal mask aligned bottom-right: square, or with more keys than rows where the kernel aligns it so). Parts may cover the same rows (their results are merged with the LSE merge,
-``ops/merge.py``) or different rows. ``fold > 1`` cuts the part's rows and keys into ``fold`` equal
+the causal mask aligned bottom-right: square, or with more keys than rows where the kernel aligns it
+so). Parts may cover the same rows (their results are merged with the LSE merge, ``ops/merge.py``) or
+different rows. ``fold > 1`` cuts the part's rows and keys into ``fold`` equal
 consecutive chunks and lets chunk ``j`` of the rows attend chunk ``j`` of the keys only, as one kernel
 call with the chunks in the batch dimension: this is how equal-sized Star blocks attend themselves
 causally without a Python loop over blocks::
@@ -10,8 +11,10 @@ causally without a Python loop over blocks::
     fold = 3, causal:  rows  [ r0 | r1 | r2 ]      keys  [ k0 | k1 | k2 ]
                        r_j attends k_j under the causal mask; nothing else.
 
-``reducer`` (optional) merges the result with other processes' results after the local merge and
-sums the query gradient across them; ``star_sp.distributed`` provides it, so this module needs no
+``reducer`` (optional) merges the result with other processes' results after the local merge; in
+the backward pass it sums the gradient of the merged result over the processes (each process's
+merged output depends on every process's parts) before the local parts' backward, so each process's
+query gradient is its own keys' share. ``star_sp.distributed`` provides it, so this module needs no
 collectives. The backward pass runs each part's kernel backward with the *merged* output and
 log-sum-exp (ring-attention style), so no per-part statistics are kept; a gradient arriving on the
 returned log-sum-exp is honoured exactly through one more kernel backward per part.
@@ -60,11 +63,12 @@ class Part:
 
 
 class Reducer(Protocol):
-    """Merges a local ``(out, lse)`` with other processes' and sums gradients across them."""
+    """Merges a local ``(out, lse)`` with other processes'; sums the merged result's gradients over them."""
 
     def merge(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def sum_grad(self, grad: torch.Tensor) -> torch.Tensor: ...
+    def sum_output_grad(self, dout: torch.Tensor, dlse: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 def _fold(x: torch.Tensor, fold: int) -> torch.Tensor:
@@ -188,10 +192,10 @@ class _PartsAttention(torch.autograd.Function):
         q, out, lse, *kvs = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
+        if ctx.reducer is not None:  # every rank's output depends on every rank's parts: sum their gradients
+            dout, dlse = ctx.reducer.sum_output_grad(dout, dlse)
         dq = torch.zeros_like(q, dtype=accumulation_dtype(q.dtype))
         kv_grads = backward_into(dout, dlse, q, out, lse, ctx.metas, kvs, ctx.auxes, ctx.kernel, ctx.scale, dq)
-        if ctx.reducer is not None:
-            dq = ctx.reducer.sum_grad(dq)
         return (dq.to(q.dtype), None, None, None, None, *kv_grads)
 
 

@@ -21,7 +21,11 @@ def tiny(tmp_path_factory):
     return path
 
 
-def _check(out, hosts):
+def _check(out, hosts, model):
+    from transformers import AutoConfig
+
+    bench = _bench()
+    cfg = AutoConfig.from_pretrained(model)
     record = json.loads((out / "bench.json").read_text())
     rows = record["rows"]
     assert record["world_size"] == hosts and record["provenance"]["command"].startswith("tools/bench.py")
@@ -31,9 +35,13 @@ def _check(out, hosts):
             assert "needs CUDA" in r["error"]
             continue
         assert "error" not in r, r
-        assert r["ttft_s"] > r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
+        # time to first token: prefill plus the first step (per rank; the row keeps each figure's slowest rank)
+        assert r["prefill_s"] <= r["ttft_s"] <= r["prefill_s"] + r["first_token_s"]
+        assert r["decode_ms_per_token"] is not None  # --decode 3: every method here decodes
         assert r["hosts"] == (1 if r["method"].endswith("global") else hosts)
-        assert r["floor_s"] > 0
+        # the floor is the busiest host's work for this row's own method, sizes and hosts
+        assert r["floor_s"] == pytest.approx(bench.prefill_floor(cfg, r["method"], r["context"], r["hosts"],
+                                                                 r.get("block"), r.get("anchor"), record["rates"]))
     star = [(r["context"], r["block"], r["anchor"]) for r in rows if r["method"] == "star"]
     assert star == [(64, -(-64 // hosts), -(-64 // hosts) // 4), (64, -(-64 // hosts), -(-64 // hosts)),
                     (101, -(-101 // hosts), -(-101 // hosts) // 4), (101, -(-101 // hosts), -(-101 // hosts))]
@@ -54,7 +62,7 @@ def _check(out, hosts):
                    and (q["context"], q["anchor_spec"]) == (r["context"], r["anchor_spec"])]
             assert r["calibration"] == pytest.approx(measured[key] / own[0]["phase1_s"])
             assert r["phase1_calibrated_s"] == pytest.approx(r["phase1_s"] * r["calibration"])
-        assert r["block"] == -(-r["context"] // r["hosts"]) and r["phase1_compute_s"] > 0
+        assert r["block"] == -(-r["context"] // r["hosts"])
         measured_bcast = r["method"] == "star (projected)" and hosts > 1
         assert (r["anchor_broadcast_s"] is not None) == measured_bcast
         assert r["phase1_s"] == pytest.approx(r["phase1_compute_s"] + (r["anchor_broadcast_s"] or 0))
@@ -97,7 +105,7 @@ def test_calibration_by_hand():
 def test_bench_one_process(tiny, tmp_path):
     bench = _bench()
     assert bench.main(["--model", str(tiny), *ARGS, "--out", str(tmp_path / "one")]) == 0
-    _check(tmp_path / "one", 1)
+    _check(tmp_path / "one", 1, tiny)
 
 
 def test_causal_sdpa_for_context_parallelism_matches_the_model(tiny):
@@ -146,7 +154,7 @@ def test_bench_two_processes(tiny, tmp_path):
     proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                     "tools/bench.py", "--model", str(tiny), *ARGS, "--out", str(tmp_path / "two")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _check(tmp_path / "two", 2)
+    _check(tmp_path / "two", 2, tiny)
 
 
 @pytest.mark.slow
@@ -160,7 +168,9 @@ def test_multi_gpu_check_passes_on_cpu_processes():
 
 
 def test_host_overhead_tool_runs_and_reports(capsys):
-    """tools/host_overhead.py in its smallest form: both figures printed, positive."""
+    """tools/host_overhead.py in its smallest form runs and prints its three figures with the settings
+    it ran (its numbers are timings: a difference of two, the plain model's per-token figure, can be
+    anything on a busy CPU, so only their presence is checked)."""
     import re
 
     spec = importlib.util.spec_from_file_location("host_overhead", os.path.join(ROOT, "tools", "host_overhead.py"))
@@ -169,5 +179,6 @@ def test_host_overhead_tool_runs_and_reports(capsys):
     assert tool.main(["--layers", "2", "--context", "96", "--block", "40", "--anchor", "8", "--tokens", "3",
                       "--repeats", "1", "--device", "cpu"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    plain, prefill, decode = map(float, re.findall(r"(?:ms/token|prefill s) ([0-9.]+)", line))
-    assert plain > 0 and prefill > 0 and decode > 0 and "block 40, anchor 8" in line
+    figures = re.fullmatch(r"plain decode ms/token (-?[0-9.]+); star prefill s ([0-9.]+), decode ms/token ([0-9.]+) "
+                           r"\(2 layers, hidden 64, context 96, block 40, anchor 8, cpu\)", line)
+    assert figures, line

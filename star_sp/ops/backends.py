@@ -11,8 +11,9 @@ where ``mask`` is empty or, with ``causal=True``, the causal mask aligned bottom
 kernels whose ``bottom_right_causal`` probe says they align it so are given ``Sk > Sq`` with
 ``causal=True`` (phase 1's fused anchor calls, ``ops.phase1_parts(fuse_anchor=True)``); the others get
 square causal calls only, longer key ranges being split into an unmasked prefix and a square causal
-part (``ops.key_parts``; ``ops/parts.py`` refuses a rectangular causal part for them). The log is natural. ``backward`` recomputes the probabilities from ``lse`` (which may
-be the log-sum-exp of a larger, merged key set) and returns ``(dq, dk, dv)``.
+part (``ops.key_parts``; ``ops/parts.py`` refuses a rectangular causal part for them). The log is
+natural. ``backward`` recomputes the probabilities from ``lse`` (which may be the log-sum-exp of a
+larger, merged key set) and returns ``(dq, dk, dv)``.
 
 Backends: ``cpu`` (aten's fused CPU flash kernel), ``flash``, ``cudnn``, ``efficient`` (aten's CUDA
 kernels) and ``math`` (plain matrix products, any device and dtype; the honest "plain implementation"

@@ -82,7 +82,7 @@ def rank_partial(rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
 
 
 def assert_close_to_oracle(name: str, got: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor | None,
@@ -116,3 +116,70 @@ def plain_model_logits(model, context_ids: torch.Tensor, query_ids: torch.Tensor
     keep = star_mask(lc, block, anchor, total - lc, device=ids.device)
     mask = torch.zeros(total, total, dtype=dtype, device=ids.device).masked_fill(~keep, float("-inf"))
     return plain(ids, attention_mask=mask[None, None].expand(ids.shape[0], 1, total, total)).logits[:, lc:]
+
+
+def plain_attention(q, k, v, mask, device, dtype):
+    """The plain implementation in ``dtype`` on ``device``: dense attention under ``mask`` (True =
+    attend), products in ``dtype``, softmax in float32."""
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    return torch.softmax(s.masked_fill(~mask.to(device), float("-inf")), dim=-1).to(dtype) @ v
+
+
+def check_phase1_alignment(device, backend, dtype):
+    """What ``tests/gpu/test_cuda.py::test_phase1_causal_alignment`` checks, on any device: the probe's
+    answer (``Kernel.bottom_right_causal``) is what ``backend`` does with more keys than rows; phase 1's
+    split form matches the oracle; the fused form is chosen and exact exactly where the alignment is
+    bottom-right, refused with one clear error elsewhere. On CPU the ``cpu`` (top-left) and ``math``
+    (bottom-right) kernels take both branches (``test_star_local.py``)."""
+    import pytest
+
+    from star_sp import StarInputError
+    from star_sp.ops import KERNELS, local_attention, phase1_parts
+    from star_sp.ops.star import can_fuse_anchor
+
+    kernel = KERNELS[backend]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 300, 128, generator=gen, dtype=torch.float64) for h in (8, 2, 2))
+    xs = [t.to(device, dtype) for t in (q, k, v)]
+    assert kernel.unsupported(xs[0], xs[1]) is None, kernel.unsupported(xs[0], xs[1])
+    eps = torch.finfo(dtype).eps
+    aligned = kernel.bottom_right_causal(xs[0].device, dtype)
+
+    # the probe's answer is what the kernel does with 64 rows over 160 keys under causal=True
+    rows, keys, scale = 64, 160, 128 ** -0.5
+    masks = {"bottom-right": torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows),
+             "top-left": torch.ones(rows, keys, dtype=torch.bool).tril()}
+    args = (q[:, :, :rows], k[:, :, :keys], v[:, :, :keys])
+    try:
+        got = kernel.forward(xs[0][:, :, :rows], xs[1][:, :, :keys], xs[2][:, :, :keys], True, scale)[0]
+    except RuntimeError:
+        got = None  # refused: the probe must have said top-left
+    within = {}
+    for name, mask in masks.items():
+        ref = reference_attention(*args, mask, scale)[0]
+        bound = 2 * max_err(plain_attention(*args, mask, device, dtype), ref) + 4 * eps
+        within[name] = got is not None and max_err(got, ref) <= bound
+    assert within["bottom-right"] == aligned, f"{backend}: the probe says bottom-right {aligned}, the kernel differs"
+    if got is not None and not aligned:
+        assert within["top-left"], f"{backend} aligns a rectangular causal mask neither way"
+
+    # phase 1: the split form always, the fused form exactly where the kernel aligns bottom-right
+    lengths, anchor = [64, 64, 64, 64, 44], 32
+    mask = star_mask(300, 64, anchor)
+    ref = reference_attention(q, k, v, mask)[0]
+    bound = 2 * max_err(plain_attention(q, k, v, mask, device, dtype), ref) + 4 * eps
+    with torch.no_grad():
+        assert can_fuse_anchor(*xs, backend) == aligned
+        split, _ = local_attention(xs[0], phase1_parts(xs[1], xs[2], lengths, has_block0=True, anchor_len=anchor),
+                                   scale=None, backend=backend)
+        assert max_err(split, ref) <= bound
+        fused_parts = phase1_parts(xs[1], xs[2], lengths, has_block0=True, anchor_len=anchor, fuse_anchor=True)
+        if aligned:
+            fused, _ = local_attention(xs[0], fused_parts, scale=None, backend=backend)
+            assert max_err(fused, ref) <= bound
+        else:
+            with pytest.raises(StarInputError, match="does not align a causal mask bottom-right"):
+                local_attention(xs[0], fused_parts, scale=None, backend=backend)

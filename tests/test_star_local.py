@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from common import Case, assert_close_to_oracle, make_qkv, oracle, plain_lowp, plain_model_logits
+from common import (Case, assert_close_to_oracle, check_phase1_alignment, make_qkv, oracle, plain_lowp,
+                    plain_model_logits)
 from star_sp.ops import phase1_parts, phase2_local, reference_attention, star_attention
 
 CASES = [
@@ -168,6 +169,15 @@ def test_fused_anchor_parts_match_the_split_form_and_the_oracle(lengths, anchor,
     out32, _ = local_attention(q32, phase1_parts(k32, v32, lengths, has_block0=True, anchor_len=anchor,
                                                  fuse_anchor=True), scale=None, backend="math")
     assert out32.dtype == torch.float32 and (out32.double() - ref_out).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cpu", "math"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phase1_causal_alignment_on_cpu(backend, dtype):
+    """The GPU test's check (``common.check_phase1_alignment``) on the CPU kernels, one of each alignment:
+    the probe tells what the kernel does, the split form is exact, the fused form is taken (math) or
+    refused with one clear error (aten's CPU kernel, top-left)."""
+    check_phase1_alignment("cpu", backend, dtype)
 
 
 def test_fusion_is_chosen_only_without_gradients_and_with_a_bottom_right_kernel():

@@ -95,66 +95,6 @@ def test_star_attention_cuda_matches_oracle(dtype, sizes):
         assert _err(a, r) <= 2 * _err(p, r) + 8 * eps * r.abs().max().item()
 
 
-def _plain(q, k, v, mask, device, dtype):
-    """The plain implementation in ``dtype`` on ``device``: dense attention under ``mask`` (True =
-    attend), products in ``dtype``, softmax in float32."""
-    q, k, v = (t.to(device, dtype) for t in (q, k, v))
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    s = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    return torch.softmax(s.masked_fill(~mask.to(device), float("-inf")), dim=-1).to(dtype) @ v
-
-
-def check_phase1_alignment(device, backend, dtype):
-    """What ``test_phase1_causal_alignment`` checks, on any device (on CPU with the ``cpu`` kernel,
-    top-left, and ``math``, bottom-right, it checks itself)."""
-    from star_sp import StarInputError
-    from star_sp.ops import KERNELS, local_attention, phase1_parts
-    from star_sp.ops.star import can_fuse_anchor
-
-    kernel = KERNELS[backend]
-    q, k, v, _, _ = _inputs(2, 8, 2, 300, 300, 128)
-    xs = [t.to(device, dtype) for t in (q, k, v)]
-    assert kernel.unsupported(xs[0], xs[1]) is None, kernel.unsupported(xs[0], xs[1])
-    eps = torch.finfo(dtype).eps
-    aligned = kernel.bottom_right_causal(xs[0].device, dtype)
-
-    # the probe's answer is what the kernel does with 64 rows over 160 keys under causal=True
-    rows, keys, scale = 64, 160, 128 ** -0.5
-    masks = {"bottom-right": torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows),
-             "top-left": torch.ones(rows, keys, dtype=torch.bool).tril()}
-    args = (q[:, :, :rows], k[:, :, :keys], v[:, :, :keys])
-    try:
-        got = kernel.forward(xs[0][:, :, :rows], xs[1][:, :, :keys], xs[2][:, :, :keys], True, scale)[0]
-    except RuntimeError:
-        got = None  # refused: the probe must have said top-left
-    within = {}
-    for name, mask in masks.items():
-        ref = reference_attention(*args, mask, scale)[0]
-        within[name] = got is not None and _err(got, ref) <= 2 * _err(_plain(*args, mask, device, dtype), ref) + 4 * eps
-    assert within["bottom-right"] == aligned, f"{backend}: the probe says bottom-right {aligned}, the kernel differs"
-    if got is not None and not aligned:
-        assert within["top-left"], f"{backend} aligns a rectangular causal mask neither way"
-
-    # phase 1: the split form always, the fused form exactly where the kernel aligns bottom-right
-    lengths, anchor = [64, 64, 64, 64, 44], 32
-    mask = star_mask(300, 64, anchor)
-    ref = reference_attention(q, k, v, mask)[0]
-    bound = 2 * _err(_plain(q, k, v, mask, device, dtype), ref) + 4 * eps
-    with torch.no_grad():
-        assert can_fuse_anchor(*xs, backend) == aligned
-        split, _ = local_attention(xs[0], phase1_parts(xs[1], xs[2], lengths, has_block0=True, anchor_len=anchor),
-                                   scale=None, backend=backend)
-        assert _err(split, ref) <= bound
-        fused_parts = phase1_parts(xs[1], xs[2], lengths, has_block0=True, anchor_len=anchor, fuse_anchor=True)
-        if aligned:
-            fused, _ = local_attention(xs[0], fused_parts, scale=None, backend=backend)
-            assert _err(fused, ref) <= bound
-        else:
-            with pytest.raises(StarInputError, match="does not align a causal mask bottom-right"):
-                local_attention(xs[0], fused_parts, scale=None, backend=backend)
-
-
 @pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_phase1_causal_alignment(backend, dtype):
@@ -164,6 +104,8 @@ def test_phase1_causal_alignment(backend, dtype):
     [anchor ; block] per block) is chosen exactly where the alignment is bottom-right and matches the
     oracle there, and a top-left kernel refuses it with one clear error. Bounds: twice the plain
     implementation's error in the same dtype, plus 4 eps."""
+    from common import check_phase1_alignment
+
     check_phase1_alignment("cuda", backend, dtype)
 
 

@@ -37,6 +37,15 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def gradient_checkpointing_on(model) -> bool:
+    """Whether a transformers model recomputes its layers in the backward pass (the property is
+    ``is_activation_checkpointing`` from transformers 5.2x, ``is_gradient_checkpointing`` before)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in dir(type(model)):
+            return bool(getattr(model, name))
+    return False
+
+
 def set_attn_implementation(model, name: str) -> None:
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:

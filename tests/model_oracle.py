@@ -42,3 +42,22 @@ def oracle_greedy(ref, context_ids, query_ids, block, anchor, steps):
         logits = ref(ids, attention_mask=_mask(lc, block, anchor, ids.shape[1], ids.shape[0])).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids[:, lc + query_ids.shape[1]:]
+
+
+def oracle_train(model, context_ids, target_ids, labels, block, anchor, context_loss_weight):
+    """The training loss of ``star_sp.training.star_train_loss`` for the plain model in float64 under
+    the dense ``M_star`` mask over ``[context ; target]``, and every parameter's gradient by name."""
+    import torch.nn.functional as F
+
+    ref = reference_model(model)
+    ids = torch.cat([context_ids, target_ids], dim=1)
+    lc, lt = context_ids.shape[1], target_ids.shape[1]
+    logits = ref(ids, attention_mask=_mask(lc, block, anchor, lc + lt, ids.shape[0])).logits
+    n = (labels != -100).sum()
+    loss = F.cross_entropy(logits[:, lc - 1: lc + lt - 1].flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           reduction="sum") / n.clamp_min(1)
+    if context_loss_weight:
+        loss = loss + context_loss_weight * F.cross_entropy(
+            logits[:, : lc - 1].flatten(0, 1), context_ids[:, 1:].flatten(), reduction="sum") / (ids.shape[0] * (lc - 1))
+    names = [name for name, _ in ref.named_parameters()]
+    return loss.detach(), dict(zip(names, torch.autograd.grad(loss, list(ref.parameters()))))

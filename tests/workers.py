@@ -197,3 +197,37 @@ def generate_with_failing_stop_check(group, timeout_s: float) -> dict:
     except Exception as exc:  # noqa: BLE001 - reported to the test
         return {"error": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - start}
     return {"error": None}
+
+
+def train_inputs(spec: dict, vocab: int):
+    """Context, target and labels (some -100) from a seed: the same on every rank."""
+    gen = torch.Generator().manual_seed(spec.get("seed", 7))
+    ctx = torch.randint(4, vocab, (spec["batch"], spec["lc"]), generator=gen)
+    tgt = torch.randint(4, vocab, (spec["batch"], spec["lt"]), generator=gen)
+    labels = tgt.clone()
+    labels[torch.rand(labels.shape, generator=gen) < spec.get("ignore", 0.3)] = -100
+    labels[0, -1] = tgt[0, -1]  # at least one labelled token
+    return ctx, tgt, labels
+
+
+def train_step(group, spec: dict) -> dict:
+    """``star_train_loss`` + backward (or ``autograd.grad``) + ``reduce_gradients`` on a tiny float64
+    model with exact norms; returns the loss and every parameter's summed gradient."""
+    from star_sp import StarConfig
+    from star_sp.testing import build, exact_norms
+    from star_sp.training import reduce_gradients, star_train_loss
+
+    model, _ = build(spec["family"], dtype=torch.float64, **spec.get("model", {}))
+    exact_norms(model)
+    ctx, tgt, labels = train_inputs(spec, model.config.vocab_size)
+    cfg = StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], anchor_source=spec["anchor_source"],
+                     collective_timeout_s=spec.get("timeout", 60))
+    loss = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=spec["weight"])
+    params = [p for p in model.parameters()]
+    if spec.get("autograd_grad"):
+        for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+            p.grad = g
+    else:
+        loss.backward()
+    reduce_gradients(model, group)
+    return {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}

@@ -37,6 +37,19 @@ class ContextKV:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
+class TrainingQueryKV:
+    """The query host's query KV in a training forward: the target rows' own KV of each layer, passed
+    through unchanged (kept in the autograd graph, never copied into a buffer)."""
+
+    def __init__(self, num_layers: int):
+        self.length = [0] * num_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.length[layer] == 0, "a training forward passes the target rows once"
+        self.length[layer] = k.shape[2]
+        return k, v
+
+
 class QueryKV:
     """Per-layer KV of the query and generated tokens, appended in place."""
 

@@ -88,7 +88,9 @@ class _Pass:
 
 
 class PrefillPass(_Pass):
-    """Phase 1 over this host's rows."""
+    """Phase 1 over this host's rows. ``keep_alive``: see ``phase1_attention`` (training sets it)."""
+
+    keep_alive: list | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
         skip = self.context.layout.anchor_rows(self.context.config.anchor_source == "recompute")
@@ -100,7 +102,7 @@ class PrefillPass(_Pass):
         if self.distributed:
             out, _ = phase1_attention(q, k, v, layout, group=self.group, anchor_source=cfg.anchor_source,
                                       scale=scale, backend=cfg.backend, check=self.check and layer == 0,
-                                      timeout_s=cfg.collective_timeout_s)
+                                      timeout_s=cfg.collective_timeout_s, keep_alive=self.keep_alive)
         else:
             parts = phase1_parts(k, v, layout.block_lengths, has_block0=True, anchor_len=layout.anchor_len,
                                  fuse_anchor=can_fuse_anchor(q, k, v, cfg.backend))

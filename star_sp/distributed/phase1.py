@@ -48,6 +48,7 @@ def phase1_attention(
     backend: str = "auto",
     check: bool = True,
     timeout_s: float | None = None,
+    keep_alive: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's phase-1 attention on this host; returns ``(out, lse)`` for the rows given.
 
@@ -61,6 +62,10 @@ def phase1_attention(
     ``"broadcast"`` mode the ranks whose blocks attend the anchor send its gradient back to the owner
     of block 0 (``collectives.broadcast_anchor``); in ``"recompute"`` mode each host's anchor rows carry
     their own gradient. Each rank's rows are its own, so their losses simply add up across ranks.
+    The owner's and the users' backward of the broadcast must both run: by default the broadcast's
+    result is tied into ``out`` (enough when every rank's loss uses ``out``); a model, whose last
+    layer's output may reach no loss on some rank, passes ``keep_alive`` (a list) instead, collects
+    the tensors and ties them into its loss (``collectives.tie``).
     """
     recompute = anchor_source == "recompute"
     needs_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
@@ -97,5 +102,8 @@ def phase1_attention(
         if ready is not None:
             ready()  # the owner's send and an idle rank's receive end here
         if anchor_k is not None and needs_grad:
-            out = tie(out, anchor_k, anchor_v)
+            if keep_alive is not None:
+                keep_alive += [anchor_k, anchor_v]
+            else:
+                out = tie(out, anchor_k, anchor_v)
         return out, lse

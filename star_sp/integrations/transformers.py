@@ -261,8 +261,9 @@ class StarEngine:
         heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         dtype = next(self.model.parameters()).dtype
-        q = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=self.device)
-        kv = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=self.device)
+        grad = torch.is_grad_enabled()  # in training every rank's phase-1 tensors require gradients alike
+        q = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=self.device, requires_grad=grad)
+        kv = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=self.device, requires_grad=grad)
         scale = self._scale()
         for layer in range(self.num_layers):
             state.update(kv, kv, layer)

@@ -1,0 +1,190 @@
+"""The training forward under the anchor pattern: ``star_train_loss``.
+
+One step over a context and the segment after it (question and answer), on ``N`` hosts::
+
+    context  [ B_0 | B_1 | ... | B_{n-1} ]   one contiguous run of blocks per host, each block i > 0
+                                              encoded behind the anchor (phase 1, ``PrefillPass``)
+    target   [ t_0 ... t_{Lt-1} ]             on every host; attends every host's context KV and,
+                                              causally, its own KV (phase 2, ``QueryPass``)
+
+It is exactly the plain model run once over ``[context ; target]`` under the dense ``M_star`` mask
+(``docs/design.md``): a context token of block ``i > 0`` sees the anchor and the earlier tokens of its
+block, a target token sees every earlier token.
+
+The loss (the same value on every rank)::
+
+    loss = CE(labelled target tokens) / n_labelled  +  w * CE(context tokens 1 .. Lc-1) / (B * (Lc-1))
+
+``labels[:, t]`` is target token ``t``'s label, predicted from the position before it (for ``t = 0``
+the last context token, on the last host); ``-100`` is ignored. The context term predicts token
+``i + 1`` from position ``i`` under the Star pattern.
+
+The gradient contract: each rank's backward covers its share of the loss (its own context rows'
+terms, and the target rows' terms on the last host alone: every host computes the same target rows,
+and their gradient reaches the other hosts through phase 2's backward). So after ``loss.backward()``
+on every rank, the parameter gradients summed over the group (``reduce_gradients``) are exactly the
+gradient of the loss for the plain model under ``M_star``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import _compat
+from ..config import StarConfig
+from ..distributed.collectives import tie
+from ..distributed.guard import guarded_step, wait
+from ..distributed.kv_cache import ContextKV, TrainingQueryKV
+from ..distributed.passes import PrefillPass, QueryPass, StarContext
+from ..errors import StarInputError
+from ..integrations.transformers import ATTENTION_NAME, StarEngine, _check_ids, _fingerprint
+from ..layout import BlockLayout
+
+IGNORE_INDEX = -100
+
+
+def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | None:
+    error = _check_ids("context_ids", context_ids, vocab) or _check_ids("target_ids", target_ids, vocab)
+    if error:
+        return error
+    if context_ids.shape[0] != target_ids.shape[0]:
+        return (f"context_ids has batch {context_ids.shape[0]} but target_ids has batch {target_ids.shape[0]}; "
+                "pass one target segment per context")
+    if not isinstance(labels, torch.Tensor) or labels.shape != target_ids.shape or labels.is_floating_point():
+        return (f"labels must be a LongTensor of target_ids' shape {tuple(target_ids.shape)} (token ids, -100 where "
+                f"ignored), got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))]
+    if bad.numel():
+        return (f"labels hold token id {int(bad[0])}, outside the model's vocabulary of {vocab} ids; use token ids "
+                f"or {IGNORE_INDEX} for positions without a loss")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        return f"context_loss_weight must be a finite number >= 0, got {weight!r}"
+    if not bool((labels != IGNORE_INDEX).any()) and (weight == 0 or context_ids.shape[1] < 2):
+        return ("nothing to learn from: every label is -100 and there is no context loss (context_loss_weight 0, "
+                "or a one-token context); label at least one target token")
+    if _compat.gradient_checkpointing_on(model):
+        return ("star_train_loss does not support gradient checkpointing (recomputing a layer in the backward pass "
+                "would repeat its collectives out of order); call model.gradient_checkpointing_disable()")
+    return None
+
+
+class _RankShare(torch.autograd.Function):
+    """Forward: ``replicated + sum over ranks of local`` (the same value on every rank). Backward: the
+    replicated term's gradient times ``weight`` (1 on one rank, 0 elsewhere), the local term's as is."""
+
+    @staticmethod
+    def forward(ctx, replicated, local, weight, group, timeout_s):
+        ctx.weight = weight
+        total = local.detach().clone().contiguous()
+        if group is not None:
+            with guarded_step("loss", group):
+                wait(dist.all_reduce(total, group=group, async_op=True), timeout_s, total)
+        return replicated.detach() + total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.weight, grad, None, None, None
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in float32 or better (``logits (B, S, V)``, ``targets (B, S)``, -100 ignored)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
+                    config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
+                    context_loss_weight: float = 0.0) -> torch.Tensor:
+    """The loss of one training step under the anchor pattern (module docstring), differentiable.
+
+    ``context_ids: LongTensor[B, Lc]``, ``target_ids, labels: LongTensor[B, Lt]``, the full tensors on
+    every rank of ``group`` (``None``: one process holds every block). Every rank calls it with the same
+    arguments and then ``loss.backward()`` (or ``torch.autograd.grad``); then ``reduce_gradients(model,
+    group)`` sums the parameter gradients over the group. Any bad argument raises the same
+    ``StarInputError`` on every rank. Gradient checkpointing is refused.
+    """
+    engine = StarEngine(model, config, group)  # checks the model and the config
+    vocab = engine.vocab_size
+    error = _check(model, context_ids, target_ids, labels, context_loss_weight, vocab)
+    meta = {"shapes": (tuple(context_ids.shape), tuple(target_ids.shape)) if error is None else None,
+            "ids": (_fingerprint(context_ids), _fingerprint(target_ids), _fingerprint(labels + 100))
+            if error is None else None,
+            "config": config.to_dict(), "context_loss_weight": context_loss_weight,
+            "grad": torch.is_grad_enabled()}
+    engine._agree("train", meta, error)
+
+    batch, lc = context_ids.shape
+    lt = target_ids.shape[1]
+    layout = BlockLayout.from_config(config, lc, engine.world_size, engine.rank)
+    context = StarContext(layout=layout, config=config, batch_size=batch, kv=ContextKV(engine.num_layers),
+                          group=group)
+    n_labelled = int((labels != IGNORE_INDEX).sum())
+    device = engine.device
+    with _compat.attn_implementation_set(model, ATTENTION_NAME):
+        local = _context_stream(engine, context, context_ids, labels, n_labelled, context_loss_weight)
+        # phase 2: the target rows on every rank; their logits predict labels[:, 1:]
+        state = QueryPass(context, engine.num_layers, TrainingQueryKV(engine.num_layers) if layout.is_query_host
+                          else None, check=True)
+        positions = torch.arange(lc, lc + lt)
+        if lt > 1 and n_labelled:
+            keep = torch.arange(lt - 1, device=device)
+            logits = engine._forward(state, target_ids, positions, logits_to_keep=keep).logits
+            replicated = _ce_sum(logits, labels[:, 1:]) / n_labelled
+        else:  # no target logits are needed, but every rank still runs phase 2's collectives
+            engine._forward(state, target_ids, positions)
+            replicated = torch.zeros((), dtype=local.dtype, device=device)
+    weight = 1.0 if layout.is_query_host else 0.0
+    if group is None:
+        return replicated + local
+    return _RankShare.apply(replicated, local.to(replicated.dtype), weight, group, config.collective_timeout_s)
+
+
+def _context_stream(engine: StarEngine, context: StarContext, context_ids, labels, n_labelled: int,
+                    weight: float) -> torch.Tensor:
+    """Phase 1 over this rank's rows, with the loss terms its rows own: the context loss of its
+    positions ``i < Lc - 1`` and, on the last host, ``labels[:, 0]`` from the last context token."""
+    state = PrefillPass(context, engine.num_layers, check=True)
+    state.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
+    loss = _context_stream_loss(engine, state, context_ids, labels, n_labelled, weight)
+    return tie(loss, *state.keep_alive)
+
+
+def _context_stream_loss(engine: StarEngine, state: PrefillPass, context_ids, labels, n_labelled: int,
+                         weight: float) -> torch.Tensor:
+    layout, config = state.context.layout, state.context.config
+    device = engine.device
+    zero = torch.zeros((), dtype=torch.float64 if next(engine.model.parameters()).dtype == torch.float64
+                       else torch.float32, device=device)
+    if layout.is_idle:
+        engine._idle_prefill(state, context_ids.shape[0])
+        return zero
+    recompute = config.anchor_source == "recompute"
+    skip = layout.anchor_rows(recompute)
+    start, end = layout.token_range
+    ids = layout.shard(context_ids, 1)
+    if skip:
+        ids = torch.cat([context_ids[:, :skip], ids], dim=1)
+    lc = layout.context_len
+    predicting = range(start, min(end, lc - 1)) if weight > 0 else range(0)  # position i predicts token i + 1
+    rows = [skip + i - start for i in predicting]
+    last = layout.is_query_host and n_labelled > 0  # position Lc - 1 predicts labels[:, 0]
+    if last:
+        rows.append(skip + lc - 1 - start)
+    if not rows:
+        engine._forward(state, ids, layout.positions(recompute))
+        return zero
+    logits = engine._forward(state, ids, layout.positions(recompute),
+                             logits_to_keep=torch.tensor(rows, device=device)).logits
+    loss = zero
+    if predicting:
+        targets = context_ids[:, predicting.start + 1: predicting.stop + 1]
+        loss = loss + weight * _ce_sum(logits[:, : len(predicting)], targets) / (context_ids.shape[0] * (lc - 1))
+    if last:
+        loss = loss + _ce_sum(logits[:, -1:], labels[:, :1]) / n_labelled
+    return loss

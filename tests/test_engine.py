@@ -286,6 +286,7 @@ def test_decode_step_guards_and_capture_fallback(monkeypatch):
     past its capacity, a decode step refuses more than one token, and a bad context is a clear error."""
     from star_sp.distributed.kv_cache import StaticQueryKV
     from star_sp.distributed.passes import DecodeStepPass
+    from star_sp.integrations.decode_step import DecodeStep
 
     model, _ = build("llama", dtype=torch.float64)
     ctx, q = _ids(2, 19, 41, model.config.vocab_size), _ids(2, 2, 42, model.config.vocab_size)
@@ -300,8 +301,13 @@ def test_decode_step_guards_and_capture_fallback(monkeypatch):
     insist = StarEngine(model, StarConfig(block_size=6, anchor_size=3, decode_graphs="on"))
     with pytest.raises(Exception) as failed:
         insist.generate(insist.prefill(ctx), q, 9)
-    assert not isinstance(failed.value, StarInputError)
     monkeypatch.undo()
+    try:  # 'on' lets the capture's own failure through, unchanged
+        DecodeStep(plain, plain.prefill(ctx), None, 2, 21, capture=True)
+    except Exception as exc:  # noqa: BLE001
+        assert type(failed.value) is type(exc) and str(failed.value) == str(exc), (failed.value, exc)
+    else:
+        raise AssertionError("capturing a decode step on CPU should fail")
 
     kv = StaticQueryKV(2, 3, torch.device("cpu"))
     kv.append(0, torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from .._compat import global_rank
 from ..errors import StarCollectiveError
-from ..ops.merge import accumulation_dtype, merge_partials
+from ..ops.merge import accumulation_dtype, merge_finish, merge_partials, merge_shift
 from .guard import wait
 
 
@@ -38,15 +38,12 @@ class AllReduceMerge:
     def merge(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Called in a forward pass that keeps no graph (``ops.parts_attention``), so it works in place."""
         acc = accumulation_dtype(out.dtype)
-        m = self._all_reduce(lse.to(acc, copy=True), dist.ReduceOp.MAX).nan_to_num_(neginf=0.0)  # keyless rows: 0
+        m = merge_shift(self._all_reduce(lse.to(acc, copy=True), dist.ReduceOp.MAX))
         packed = out.new_empty((*out.shape[:-1], out.shape[-1] + 1), dtype=acc)
         w = torch.exp(lse - m, out=packed[..., -1]).unsqueeze(-1)
         torch.mul(out, w, out=packed[..., :-1])
         self._all_reduce(packed, dist.ReduceOp.SUM)
-        num, den = packed[..., :-1], packed[..., -1]
-        # den >= 1 in a row with keys (its largest term is exp(0)); 0 in a keyless row, which gets O = 0
-        # and s = 0 + log 0 = -inf
-        return num / den.clamp_min(1.0).unsqueeze(-1), m + torch.log(den)
+        return merge_finish(packed[..., :-1], packed[..., -1], m)
 
     def sum_output_grad(self, dout: torch.Tensor, dlse: torch.Tensor | None
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:

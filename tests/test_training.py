@@ -91,3 +91,23 @@ def test_bad_training_inputs_are_refused():
     model.gradient_checkpointing_enable()
     with pytest.raises(StarInputError, match="call model.gradient_checkpointing_disable()"):
         star_train_loss(model, ctx, tgt, tgt, cfg)
+
+
+@pytest.mark.slow
+def test_a_rank_failing_mid_backward_stops_every_rank_with_its_error():
+    """Rank 1 raises in its backward pass; the others wait in phase 2's backward all-reduce and, by the
+    collective timeout, raise the same error naming rank 1 and its message. A fresh pool: the group is
+    not to be used after a failure."""
+    from cluster import Cluster
+
+    timeout_s = 5.0
+    spec = dict(family="llama", lc=13, lt=3, block=4, anchor=2, batch=1, bad_rank=1, timeout=timeout_s)
+    pool = Cluster(3)
+    try:
+        results = pool.run(workers.train_step_failing, spec, timeout_s=60)
+    finally:
+        pool.close(force=True)
+    for rank, r in enumerate(results):
+        assert r["error"] == "StarCollectiveError", (rank, r)
+        assert "rank 1" in r["message"] and "RuntimeError: injected failure in a backward hook" in r["message"], r
+        assert r["seconds"] < timeout_s + 10, r  # by the collective's timeout, not the pool's

@@ -231,3 +231,28 @@ def train_step(group, spec: dict) -> dict:
         loss.backward()
     reduce_gradients(model, group)
     return {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}
+
+
+def train_step_failing(group, spec: dict) -> dict:
+    """A training step whose backward raises on group rank ``spec["bad_rank"]`` (a hook on the last
+    layer's MLP, which runs early in the backward pass); returns what each rank raised and when."""
+    import time
+
+    from star_sp import StarConfig
+    from star_sp.testing import build
+    from star_sp.training import guarded_backward, star_train_loss
+
+    model, _ = build("llama", dtype=torch.float64)
+    ctx, tgt, labels = train_inputs(spec, model.config.vocab_size)
+    cfg = StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], collective_timeout_s=spec["timeout"])
+    if dist.get_rank(group) == spec["bad_rank"]:
+        def fail(*args):
+            raise RuntimeError("injected failure in a backward hook")
+        model.model.layers[-1].mlp.down_proj.register_full_backward_hook(fail)
+    loss = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=0.5)
+    start = time.perf_counter()
+    try:
+        guarded_backward(loss, group)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {"error": type(exc).__name__, "message": str(exc).splitlines()[0], "seconds": time.perf_counter() - start}
+    return {"error": None}

@@ -1,0 +1,147 @@
+"""One training step (forward + backward) under Star Attention against global attention, one GPU.
+
+    python tools/bench_train.py --layers 4 --contexts 16k,32k,64k --out runs/bench-train
+
+Model: the Llama-3.1-8B shape (``configs/models/llama-3.1-8b``) with ``--layers`` layers (what fits in
+memory at the longest context) and random weights in ``--dtype`` (bf16). Step: a context of ``L``
+tokens and a target of ``--target`` tokens after it, the loss on the target tokens (the context's own
+next-token loss too with ``--context-loss-weight > 0``), then ``backward()``; gradients are dropped
+between steps (no optimizer: the optimizer's cost is the same for every method).
+
+- ``global``: the plain transformers model over ``[context ; target]`` (SDPA, causal), the same loss;
+- ``star``: ``star_sp.training.star_train_loss`` in one process (phase 1 block-sparse, phase 2 over the
+  whole context), for each ``--blocks`` x ``--anchors`` setting (``1/4``: block = L/4).
+
+Each row: the best of ``--repeats`` timed steps after one warm-up, and the peak memory of the GPU.
+Rows that do not fit are recorded as out of memory and the run goes on. Writes ``OUT/bench_train.json``
+(records with hardware, versions, date, command) and ``OUT/bench_train.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (tools/bench.py: model, ids, timing and provenance helpers)
+
+from star_sp import StarConfig  # noqa: E402
+from star_sp.eval.runner import parse_length  # noqa: E402
+from star_sp.training import star_train_loss  # noqa: E402
+
+
+def _global_step(model, ctx, tgt, weight: float) -> None:
+    ids = torch.cat([ctx, tgt], dim=1)
+    lc, lt = ctx.shape[1], tgt.shape[1]
+    if weight:  # every position's logits: positions lc-1 .. lc+lt-2 predict the target, 0 .. lc-2 the context
+        logits = model(input_ids=ids, logits_to_keep=0).logits
+        target_logits, context_logits = logits[:, lc - 1: lc + lt - 1], logits[:, : lc - 1]
+    else:  # the last lt + 1 positions, lc-1 .. lc+lt-1; all but the last predict the target
+        target_logits = model(input_ids=ids, logits_to_keep=lt + 1).logits[:, :lt]
+    loss = F.cross_entropy(target_logits.float().flatten(0, 1), tgt.flatten())
+    if weight:
+        loss = loss + weight * F.cross_entropy(context_logits.float().flatten(0, 1), ctx[:, 1:].flatten())
+    loss.backward()
+
+
+def _star_step(model, ctx, tgt, config: StarConfig, weight: float) -> None:
+    star_train_loss(model, ctx, tgt, tgt, config, context_loss_weight=weight).backward()
+
+
+def _measure(step, model, device, repeats: int) -> dict:
+    def once():
+        step()
+        model.zero_grad(set_to_none=True)
+
+    bench._reset(device)
+    try:
+        seconds = bench._timed(once, device, repeats=repeats)
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        bench._reset(device)
+        return {"status": "out of memory"}
+    peak = bench._peak(device)
+    return {"status": "ok", "step_s": round(seconds, 4), "peak_gb": None if peak is None else round(peak, 2)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| context | method | block | anchor | step s | vs global | peak GiB |", "|---|---|---|---|---|---|---|"]
+    base = {r["context"]: r.get("step_s") for r in rows if r["method"] == "global"}
+    for r in rows:
+        ok = r["status"] == "ok"
+        ratio = f"{base[r['context']] / r['step_s']:.2f}x" if ok and base.get(r["context"]) else "-"
+        lines.append(f"| {r['context']} | {r['method']} | {r.get('block', '-')} | {r.get('anchor', '-')} | "
+                     f"{r['step_s'] if ok else r['status']} | {ratio} | {r.get('peak_gb', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="configs/models/llama-3.1-8b", help="model config directory")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers kept (the 8B model has 32)")
+    p.add_argument("--contexts", default="16k,32k,64k")
+    p.add_argument("--target", type=int, default=256, help="target tokens after the context")
+    p.add_argument("--blocks", default="1/4,1/8", help="block sizes: 1/k of the context, or a length")
+    p.add_argument("--anchors", default="block,block/4")
+    p.add_argument("--methods", default="global,star")
+    p.add_argument("--context-loss-weight", type=float, default=0.0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default="runs/bench-train")
+    args = p.parse_args(argv)
+
+    import transformers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    config.num_hidden_layers = args.layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype),
+                                                              attn_implementation="sdpa")
+    model.train()
+    methods = args.methods.split(",")
+    rows: list[dict] = []
+    os.makedirs(args.out, exist_ok=True)
+    for spec in args.contexts.split(","):
+        length = parse_length(spec)
+        ctx = bench._ids(length, config.vocab_size, 0, device)
+        tgt = bench._ids(args.target, config.vocab_size, 1, device)
+        common = {"context": length, "target": args.target, "layers": args.layers, "dtype": args.dtype,
+                  "context_loss_weight": args.context_loss_weight}
+        if "global" in methods:
+            row = {**common, "method": "global", **_measure(
+                lambda: _global_step(model, ctx, tgt, args.context_loss_weight), model, device, args.repeats)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if "star" in methods:
+            for block_spec in args.blocks.split(","):
+                block = bench._size(block_spec, length, 1)
+                for anchor_spec in args.anchors.split(","):
+                    anchor = bench._size(anchor_spec, length, 1, block)
+                    cfg = StarConfig(block_size=block, anchor_size=anchor)
+                    row = {**common, "method": "star", "block": block, "anchor": anchor, "block_spec": block_spec,
+                           "anchor_spec": anchor_spec, **_measure(
+                               lambda: _star_step(model, ctx, tgt, cfg, args.context_loss_weight), model, device,
+                               args.repeats)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    provenance = bench._provenance(device, argv)
+    provenance["command"] = " ".join(["tools/bench_train.py", *argv])
+    with open(os.path.join(args.out, "bench_train.json"), "w") as f:
+        json.dump({"provenance": provenance, "rows": rows}, f, indent=1)
+    md = f"# One training step, {provenance['device']}\n\n{json.dumps(provenance)}\n\n" + table(rows)
+    with open(os.path.join(args.out, "bench_train.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

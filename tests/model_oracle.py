@@ -20,9 +20,9 @@ def reference_model(model):
     return ref
 
 
-def _mask(context_len, block, anchor, total, batch):
-    keep = star_mask(context_len, block, anchor, total - context_len)
-    add = torch.zeros(total, total, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+def _mask(context_len, block, anchor, total, batch, device=None):
+    keep = star_mask(context_len, block, anchor, total - context_len, device=device)
+    add = torch.zeros(total, total, dtype=torch.float64, device=device).masked_fill(~keep, float("-inf"))
     return add[None, None].expand(batch, 1, total, total)
 
 
@@ -30,7 +30,7 @@ def _mask(context_len, block, anchor, total, batch):
 def oracle_logits(ref, context_ids, query_ids, block, anchor):
     ids = torch.cat([context_ids, query_ids], dim=1)
     lc = context_ids.shape[1]
-    out = ref(ids, attention_mask=_mask(lc, block, anchor, ids.shape[1], ids.shape[0]))
+    out = ref(ids, attention_mask=_mask(lc, block, anchor, ids.shape[1], ids.shape[0], ids.device))
     return out.logits[:, lc:]
 
 
@@ -39,7 +39,7 @@ def oracle_greedy(ref, context_ids, query_ids, block, anchor, steps):
     ids = torch.cat([context_ids, query_ids], dim=1)
     lc = context_ids.shape[1]
     for _ in range(steps):
-        logits = ref(ids, attention_mask=_mask(lc, block, anchor, ids.shape[1], ids.shape[0])).logits[:, -1]
+        logits = ref(ids, attention_mask=_mask(lc, block, anchor, ids.shape[1], ids.shape[0], ids.device)).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids[:, lc + query_ids.shape[1]:]
 
@@ -52,7 +52,7 @@ def oracle_train(model, context_ids, target_ids, labels, block, anchor, context_
     ref = reference_model(model)
     ids = torch.cat([context_ids, target_ids], dim=1)
     lc, lt = context_ids.shape[1], target_ids.shape[1]
-    logits = ref(ids, attention_mask=_mask(lc, block, anchor, lc + lt, ids.shape[0])).logits
+    logits = ref(ids, attention_mask=_mask(lc, block, anchor, lc + lt, ids.shape[0], ids.device)).logits
     n = (labels != -100).sum()
     loss = F.cross_entropy(logits[:, lc - 1: lc + lt - 1].flatten(0, 1), labels.flatten(), ignore_index=-100,
                            reduction="sum") / n.clamp_min(1)

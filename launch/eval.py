@@ -2,12 +2,17 @@
 
     torchrun --nproc_per_node N launch/eval.py [star-sp eval flags]
     deepspeed --num_gpus N launch/eval.py [star-sp eval flags]
+
+Exit codes as for ``launch/infer.py``: 0, 1 after a user error, 2 for a bad flag, 130 after Ctrl-C.
 """
 
+import os
+import signal
 import sys
 
-from star_sp.cli import main
-
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while torch is being imported
+    from star_sp.cli import main
+
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     sys.exit(main(["eval", *argv]))

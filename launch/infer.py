@@ -7,12 +7,19 @@ Both launchers set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; the command jo
 (NCCL on GPUs, gloo on CPUs) and runs ``star-sp generate``. DeepSpeed's own communication layer is not
 used (inference needs only torch.distributed), so none of its extensions is built. The deepspeed
 launcher appends ``--local_rank=N``, which is accepted and ignored (LOCAL_RANK is read instead).
+
+Exit codes: 0, 1 after a user error (one line, printed by the first process of each host; under
+torchrun it is also the root cause at the end of torchrun's failure report), 2 for a bad flag, 130
+after Ctrl-C.
 """
 
+import os
+import signal
 import sys
 
-from star_sp.cli import main
-
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while torch is being imported
+    from star_sp.cli import main
+
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     sys.exit(main(["generate", *argv]))

@@ -194,7 +194,9 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
         state = share(state)
     done, error = state
     if error:
-        raise StarInputError(error)
+        exc = StarInputError(error)
+        exc.on_every_rank = True  # every rank has the writer's verdict: one process reports it
+        raise exc
     if is_writer:
         os.makedirs(out_dir, exist_ok=True)
         if settings is not None:

@@ -34,8 +34,44 @@ def reference_model_path() -> str:
     return path
 
 
-def resolve_model(name: str | None) -> str | None:
-    """``name`` unchanged, unless it names a shipped model and no such directory exists here."""
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+"""Files, one of which a model directory in the transformers layout holds its weights in."""
+
+
+def resolve_model(name: str, *, weights: bool = True) -> str:
+    """The directory of the model ``name``: a shipped model (``reference``), a directory in the
+    transformers layout, or a hub-style name (``org/model``) already in the local hub cache.
+
+    Raises ``StarInputError`` naming what is missing: the directory, its ``config.json``, or (when
+    ``weights``) its weight files. Nothing is downloaded.
+    """
     if name in SHIPPED and not os.path.isdir(name):
-        return reference_model_path() if name == "reference" else SHIPPED[name]
-    return name
+        return reference_model_path()
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path):
+        path = _cached_hub_model(name)
+    if path is None:
+        what = "is a file, not a directory" if os.path.exists(name) else "does not exist"
+        raise StarInputError(f"model directory {name} {what}: pass a directory in the transformers layout "
+                             "(config.json, weights, tokenizer) or 'reference' for the model shipped with star-sp")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise StarInputError(f"model directory {name} has no config.json: it is not a model in the transformers "
+                             "layout (save one with model.save_pretrained(DIR))")
+    if weights and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+        raise StarInputError(f"model directory {name} has no weights ({' or '.join(WEIGHT_FILES[::2])}): add "
+                             "them, or pass --random-weights to run the model with random weights (timings only)")
+    return path
+
+
+def _cached_hub_model(name: str) -> str | None:
+    """The local snapshot of hub model ``org/model`` if the hub cache holds one (no network)."""
+    parts = name.split("/")
+    if len(parts) != 2 or not all(parts) or name.startswith((".", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not installed, not a valid name, or not cached: no such model here
+        return None

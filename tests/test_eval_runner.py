@@ -8,6 +8,7 @@ import pytest
 
 import workers
 from star_sp.cli import main
+from star_sp.eval.plots import BASELINE_ZORDER, block_anchor_figure, length_figure, method_label
 from star_sp.eval.runner import Method, parse_methods, summarize
 from star_sp.testing import save
 
@@ -43,6 +44,8 @@ def test_eval_writes_rows_summary_plots_and_resumes(model_dir, tmp_path, capsys)
     assert all(0 <= r["score"] <= 100 and r["answers"] and r["context_tokens"] > 100 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert "| average |" in printed and "star / global" not in printed or summary["ratio_to_global"] == {}
+    assert printed.strip().splitlines()[-1] == f"summary: {out / 'summary.md'}"  # the last line, as the README says
+    assert (out / "summary.md").read_text().startswith("| family |")
     for png in ("accuracy_vs_length.png", "accuracy_vs_block_anchor.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resume: nothing to do, nothing appended
@@ -119,3 +122,67 @@ def test_methods_and_summary():
     assert summary["by_family"]["niah_single|4096|global"] == 90
     assert summary["average"]["4096|global"] == 70 and summary["average"]["4096|star_b1/4_ablock"] == 62.5
     assert summary["ratio_to_global"]["4096|star_b1/4_ablock"] == pytest.approx(62.5 / 70)
+
+
+@pytest.mark.parametrize("name, label", [
+    ("star_b1/2_ablock", "block L/2, anchor = block"), ("star_b1/4_a0", "block L/4, no anchor"),
+    ("star_b1/8_ablock/4", "block L/8, anchor = block/4"), ("star_b2048_a512", "block 2048, anchor 512"),
+    ("global", "global"), ("ring", "ring"),
+])
+def test_method_labels_read_as_words(name, label):
+    assert method_label(name) == label
+
+
+def _plot_summary():
+    """Three lengths; one star setting scores exactly as global does (the case that hid global), and
+    every bar is near 100 so that a legend anywhere inside the axes would cover one."""
+    lengths, methods = [2048, 4096, 8192], ["global", "star_b1/2_a0", "star_b1/2_ablock"]
+    scores = {"global": [99.0, 97.0, 95.0], "star_b1/2_ablock": [99.0, 97.0, 95.0], "star_b1/2_a0": [96.0, 94.0, 98.0]}
+    return {"methods": methods, "lengths": lengths,
+            "average": {f"{n}|{m}": scores[m][i] for m in methods for i, n in enumerate(lengths)}}
+
+
+def test_length_plot_draws_the_baseline_on_top_and_reads_lengths_in_k():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    fig = length_figure(_plot_summary())
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    base, same = lines["global (exact)"], lines["block L/2, anchor = block"]
+    assert list(base.get_ydata()) == list(same.get_ydata())  # identical scores: only style and order tell them apart
+    others = [line for line in ax.get_lines() if line is not base]
+    assert base.get_zorder() == BASELINE_ZORDER > max(line.get_zorder() for line in others)
+    assert ax.get_lines()[-1] is base  # drawn last
+    assert base.get_linestyle() == "--" and all(line.get_linestyle() == "-" for line in others)
+    assert to_rgba(base.get_color()) == to_rgba("black") and base.get_markerfacecolor() == "none"
+    assert base.get_markersize() > max(line.get_markersize() for line in others)  # the ring encloses their dots
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2K", "4K", "8K"]
+    assert not any(t.get_text() for t in ax.xaxis.get_minorticklabels())
+    plt.close(fig)
+
+
+def test_block_anchor_plot_has_words_a_label_and_a_legend_beside_the_bars():
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    summary = _plot_summary()
+    fig = block_anchor_figure(summary)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("Star Attention setting")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["block L/2,\nno anchor", "block L/2,\nanchor = block"]
+    marks = [c for c in ax.collections if isinstance(c, LineCollection)]  # global's score over each bar
+    assert len(marks) == len(summary["lengths"])
+    for mark, n in zip(marks, summary["lengths"]):
+        assert {round(float(y), 6) for seg in mark.get_segments() for _, y in seg} == {summary["average"][f"{n}|global"]}
+        assert mark.get_zorder() == BASELINE_ZORDER
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = fig.legends + ([ax.get_legend()] if ax.get_legend() else [])
+    assert len(legends) == 1
+    box = legends[0].get_window_extent(renderer)
+    bars = [p for p in ax.patches]
+    assert len(bars) == len(summary["lengths"]) * 2
+    assert not any(box.overlaps(bar.get_window_extent(renderer)) for bar in bars)
+    plt.close(fig)

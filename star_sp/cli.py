@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-ids", help="file of whitespace-separated token ids (no tokenizer needed)")
     g.add_argument("--random-context", type=int, metavar="N", help="N random token ids (timings)")
     g.add_argument("--query", help="query text, appended after the context")
-    g.add_argument("--query-file", help="text file holding the query")
+    g.add_argument("--query-file", help="text file holding the query (its final newlines dropped)")
     g.add_argument("--query-ids", help="whitespace-separated token ids of the query")
     g.add_argument("--random-query", type=int, metavar="N", help="N random token ids as the query (timings)")
     g = gen.add_argument_group("star attention")
@@ -277,6 +277,8 @@ def _read_ids(what: str, args, tokenizer, vocab: int, seed: int) -> list[int]:
                              "tokenizer files to it or pass token ids (--context-ids / --query-ids)")
     if text_file is not None:
         text = _read_file(text_file, source)
+        if what == "query":  # an editor's final newline is no part of the question (as with "$(cat FILE)")
+            text = text.rstrip("\r\n")
         source = f"{source} {text_file}"
     encoded = tokenizer(text, add_special_tokens=what == "context", return_special_tokens_mask=True)
     ids, special = encoded["input_ids"], encoded["special_tokens_mask"]

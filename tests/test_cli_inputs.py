@@ -134,3 +134,16 @@ def test_quiet_silences_the_weights_loading_bar(dirs, capfd):
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "] layer 1/" not in err  # no bar for loading or prefill
     assert hf_logging.is_progress_bar_enabled()  # restored for whoever runs next in this process
+
+
+def test_a_query_file_reads_as_the_query_text(dirs, capsys):
+    """--query-file FILE asks what --query "$(cat FILE)" asks: the file's final newline is dropped (the
+    reference model's byte-level tokenizer would read it as a token before the answer)."""
+    (dirs / "query.txt").write_text("What is the secret key of the city? The secret key of the city is\n")
+    common = ["--model", "reference", "--context-file", str(dirs / "context.txt"), "--max-new-tokens", "3", "--json"]
+    code, by_file, err = _run(capsys, *common, "--query-file", str(dirs / "query.txt"))
+    assert code == 0, err
+    code, by_text, err = _run(capsys, *common, "--query", (dirs / "query.txt").read_text().rstrip("\n"))
+    assert code == 0, err
+    assert json.loads(by_file)["tokens"] == json.loads(by_text)["tokens"]
+    assert json.loads(by_file)["context_tokens"] == json.loads(by_text)["context_tokens"]

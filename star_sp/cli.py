@@ -530,8 +530,10 @@ def _exit_on_interrupt():
     not the usual KeyboardInterrupt: that exception can be lost (raised inside a ``__del__`` it is only
     printed) and a rank that goes on alone keeps its peers waiting until the launcher kills them."""
     try:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started to ignore Ctrl-C (nohup, cmd &): keep it so
+            raise ValueError
         previous = signal.signal(signal.SIGINT, _interrupted)
-    except ValueError:  # not the main thread: signals are not ours to handle
+    except ValueError:  # that, or not the main thread: signals are not ours to handle
         yield
         return
     try:

@@ -97,12 +97,13 @@ def test_torchrun_user_error_is_told_once_first_and_last(model_dirs, bare_failur
     assert len(set(pids)) == NPROC and _gone(pids), text
 
 
-def _interrupt_after(cmd, ready: str, env=None):
+def _interrupt_after(cmd, ready: str, env=None, ignore_sigint: bool = False, wait_s: float = SHUTDOWN_S + 30):
     """Start ``cmd`` in its own session, wait until its output holds ``ready``, send SIGINT to the
     session's process group (as Ctrl-C does to a terminal's foreground group); returns (exit code,
     output, seconds from SIGINT to exit, pids of every process it had started)."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ignore)
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: [chunks.append(c) for c in iter(lambda: proc.stdout.read1(4096), b"")])
     reader.start()
@@ -115,7 +116,10 @@ def _interrupt_after(cmd, ready: str, env=None):
         pids = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
-        code = proc.wait(timeout=SHUTDOWN_S + 30)
+        try:
+            code = proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            code = None  # still running
         elapsed = time.monotonic() - sent
     finally:
         if proc.poll() is None:
@@ -161,3 +165,13 @@ def test_deepspeed_user_error_is_told_once(model_dirs):
     assert proc.returncode == 1, text
     assert text.count("block_size must be a positive integer") == 1, text
     assert "Traceback" not in text, text
+
+
+@pytest.mark.slow
+def test_a_command_started_to_ignore_ctrl_c_keeps_ignoring_it():
+    """``star-sp ... &`` in a script, or under nohup, starts with SIGINT ignored: star-sp leaves it so."""
+    code, out, _, _ = _interrupt_after(
+        [os.path.join(BIN, "star-sp"), "generate", "--model", "configs/models/tiny-llama", "--random-weights",
+         "--random-context", "1024", "--random-query", "4", "--block-size", "256", "--max-new-tokens", "100000"],
+        ready="layer 4/4", ignore_sigint=True, wait_s=3)
+    assert code is None and "interrupted" not in out, out

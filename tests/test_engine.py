@@ -362,6 +362,13 @@ def test_engine_leaves_the_users_model_as_it_was():
         assert torch.equal(model.generate(ctx, max_new_tokens=3, do_sample=False), generated_before)
 
 
+def test_one_new_token_has_no_decode_rate():
+    model, _ = build("llama", dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=4))
+    engine.generate(engine.prefill(_ids(1, 9, 3, model.config.vocab_size)), _ids(1, 2, 4, model.config.vocab_size), 1)
+    assert engine.stats["new_tokens"] == 1 and engine.stats["decode_tokens_per_s"] is None  # not NaN
+
+
 def test_engine_restores_the_model_when_a_call_fails():
     model, _ = build("llama", dtype=torch.float64)
     before = model.config._attn_implementation

@@ -399,7 +399,7 @@ class StarEngine:
         n = len(tokens)
         decode_s = end - first - setup_s  # per-token rate: without the one-off capture
         self.stats.update({"first_token_s": first - start, "new_tokens": n,
-                           "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan"),
+                           "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
                            "generate_s": end - start, "decode_mode": mode if step_fn is not None else "plain",
                            "decode_setup_s": setup_s})
         if self.device.type == "cuda":

@@ -1,0 +1,21 @@
+"""Entry point for launchers: fine-tuning under the anchor pattern, one process per GPU (or CPU process).
+
+    deepspeed --num_gpus N launch/finetune.py --config configs/finetune-reference.toml
+    torchrun --nproc_per_node N launch/finetune.py --config configs/finetune-reference.toml --deepspeed ''
+    python launch/finetune.py --config configs/finetune-tiny-cpu.toml --deepspeed ''    # one process
+
+``--help`` lists every setting (each key of the TOML config has a flag). The deepspeed launcher appends
+``--local_rank=N``, which is accepted and ignored (LOCAL_RANK is read instead). Exit codes: 0, 1 after
+an error (one line), 2 for a bad flag, 130 after Ctrl-C. The job itself is ``star_sp.training.job``.
+"""
+
+import os
+import signal
+import sys
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while torch is being imported
+    from star_sp.training.job import main
+
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    sys.exit(main(argv))

@@ -1,0 +1,199 @@
+"""The configuration of a fine-tuning job (``launch/finetune.py``): a TOML file, then flags on top.
+
+Every key is a field of ``FinetuneConfig``; its ``help`` text is both the documentation and the
+``--help`` line of the flag that overrides it (``--sp-size`` for ``sp_size``). Every bad value raises
+``StarInputError`` naming the key, the value and the fix. ``configs/finetune-*.toml`` are examples.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+
+from ..config import ANCHOR_SOURCES, BACKENDS
+from ..errors import StarInputError
+
+DTYPES = ("auto", "float32", "bfloat16")
+ATTENTIONS = ("star", "global")
+
+
+def _help(text: str, default=None, **kw):
+    if "default_factory" not in kw:
+        kw["default"] = default
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """One fine-tuning run. The batch of one optimizer step is ``gradient_accumulation_steps`` samples
+    per data-parallel group (``world_size / sp_size`` groups): one sample per micro-batch, because
+    samples differ in length and ``star_train_loss`` takes no padding mask."""
+
+    # -- model and parallelism -----------------------------------------------------------------------
+    model: str = _help("model directory in the transformers layout with tokenizer files, or 'reference'", "")
+    out: str = _help("output folder: checkpoint-NNNNNNN/ folders, train_log.jsonl, wandb/", "runs/finetune")
+    attention: str = _help(
+        "star: the anchor pattern (phase 1 per host, phase 2 across the sequence-parallel group); global: "
+        "the plain model with a causal mask over [context ; target], the control. Under global every rank "
+        "of a sequence-parallel group runs the plain model on the group's sample and the group's first "
+        "rank alone carries its gradient, so the same launch and data give the control", "star")
+    sp_size: int = _help("ranks per sequence-parallel group (consecutive ranks); the world size must be a "
+                         "multiple of it; the groups are data-parallel to each other", 1)
+    deepspeed: str = _help("DeepSpeed config (JSON, configs/deepspeed/zero*.json) for a ZeRO stage 0-3 engine; "
+                           "empty: plain PyTorch (gradients summed over the sequence-parallel group, averaged "
+                           "over the data-parallel groups)", "")
+    dtype: str = _help("auto: bfloat16 on CUDA (float32 master weights), float32 on CPU", "auto")
+    device: str = _help("auto (CUDA if present, one GPU per process), cpu or cuda", "auto")
+    anchor_source: str = _help("broadcast or recompute (see star-sp generate --help)", "broadcast")
+    backend: str = _help("attention kernel: auto, cpu, flash, cudnn, efficient, math", "auto")
+    collective_timeout_s: float = _help("seconds a collective may wait before every rank stops with an error", 600.0)
+
+    # -- optimization --------------------------------------------------------------------------------
+    steps: int = _help("optimizer steps in the whole run (a resumed run continues up to it)", 100)
+    gradient_accumulation_steps: int = _help("micro-batches (one sample each) per optimizer step and group", 1)
+    lr: float = _help("peak learning rate (AdamW)", 1e-4)
+    warmup_steps: int = _help("steps of linear warm-up from 0 to lr", 0)
+    min_lr_ratio: float = _help("the cosine decay ends at lr x this after the last step", 0.1)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    adam_betas: list = _help("AdamW betas", default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = _help("AdamW epsilon", 1e-8)
+    max_grad_norm: float = _help("clip the gradient's global norm to this (0: no clipping)", 1.0)
+    context_loss_weight: float = _help("weight of the mean next-token loss on context tokens beside the mean "
+                                       "loss on answer tokens", 0.0)
+
+    # -- data ----------------------------------------------------------------------------------------
+    data: str = _help("'tasks' (the RULER-style generators, answers as targets) or a JSONL file of "
+                      "{context, query, answer} records", "tasks")
+    tasks: list = _help("task data: tasks or families (see star-sp eval), or all", default_factory=lambda: ["all"])
+    lengths: list = _help("task data: [shortest, longest] sample length in tokens, drawn per sample",
+                          default_factory=lambda: [1024, 4096])
+    blocks: list = _help("[fewest, most] blocks the context is cut into, drawn per sample (block size = "
+                         "context length / blocks, rounded up)", default_factory=lambda: [2, 8])
+    anchor_fraction: list = _help("[least, most] anchor size as a fraction of the block size, drawn per sample "
+                                  "(0: no anchor)", default_factory=lambda: [0.25, 1.0])
+    seed: int = _help("seed of the data and of the run; training samples use seeds evaluation never uses", 0)
+    num_workers: int = _help("background processes that generate samples (0: in the training process)", 0)
+
+    # -- checkpoints, logging, evaluation ------------------------------------------------------------
+    save_every: int = _help("save a checkpoint every N steps (0: only at the end)", 0)
+    keep_last: int = _help("checkpoints to keep (older ones are deleted; 0 keeps all)", 2)
+    resume: bool = _help("continue from the last complete checkpoint in out, if there is one", True)
+    log_every: int = _help("steps between log lines (loss parts, W&B)", 1)
+    wandb: str = _help("W&B project to log to (offline without an API key); empty: no W&B", "")
+    eval_after: bool = _help("after training, run star-sp eval on the saved model (star against global) and "
+                             "log its table and plots to W&B", False)
+    eval_tasks: str = _help("--eval-after: tasks", "niah_single_2,vt")
+    eval_lengths: str = _help("--eval-after: lengths", "4k")
+    eval_samples: int = _help("--eval-after: samples per task and length", 4)
+    eval_block_size: str = _help("--eval-after: block sizes (tokens or 1/k of the length)", "1/4,1/8")
+    eval_anchor_size: str = _help("--eval-after: anchor sizes (tokens, block, block/k or 0)", "block,block/4")
+    quiet: bool = _help("no progress bar", False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise StarInputError("no model given: pass --model DIR (or 'reference') or set model in --config")
+        _choice("attention", self.attention, ATTENTIONS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("anchor_source", self.anchor_source, ANCHOR_SOURCES)
+        _choice("backend", self.backend, BACKENDS)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise StarInputError(f"device must be auto, cpu or cuda, got {self.device!r} (one GPU per process "
+                                 "is picked from LOCAL_RANK)")
+        for name in ("sp_size", "steps", "gradient_accumulation_steps", "log_every"):
+            _integer(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "save_every", "keep_last", "num_workers", "eval_samples"):
+            _integer(name, getattr(self, name), 0)
+        _integer("seed", self.seed, None)
+        _number("lr", self.lr, positive=True)
+        _number("collective_timeout_s", self.collective_timeout_s, positive=True)
+        for name in ("weight_decay", "max_grad_norm", "context_loss_weight", "min_lr_ratio"):
+            _number(name, getattr(self, name))
+        _number("adam_eps", self.adam_eps, positive=True)
+        if self.min_lr_ratio > 1:
+            raise StarInputError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio!r}")
+        betas = _pair("adam_betas", self.adam_betas, float)
+        if not all(0 <= b < 1 for b in betas):
+            raise StarInputError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        lo, hi = _pair("lengths", self.lengths, int)
+        if lo < 64:
+            raise StarInputError(f"lengths must be at least 64 tokens (the tasks' smallest samples), got "
+                                 f"{self.lengths!r}")
+        lo, hi = _pair("blocks", self.blocks, int)
+        if lo < 1:
+            raise StarInputError(f"blocks must be at least 1 (one block: plain causal attention), got {self.blocks!r}")
+        lo, hi = _pair("anchor_fraction", self.anchor_fraction, float)
+        if lo < 0 or hi > 1:
+            raise StarInputError(f"anchor_fraction must lie in [0, 1] (a fraction of the block), got "
+                                 f"{self.anchor_fraction!r}")
+        if not isinstance(self.tasks, list) or not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
+            raise StarInputError(f"tasks must be a list of task or family names (or ['all']), got {self.tasks!r}")
+        if not isinstance(self.data, str) or not self.data:
+            raise StarInputError("data must be 'tasks' or the path of a JSONL file of {context, query, answer} records")
+        for name in ("resume", "eval_after", "quiet"):
+            if not isinstance(getattr(self, name), bool):
+                raise StarInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.eval_after and self.eval_samples < 1:
+            raise StarInputError(f"eval_samples must be at least 1 with eval_after, got {self.eval_samples}")
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return bool(self.deepspeed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, path: str | None, overrides: dict) -> "FinetuneConfig":
+        """Values from the TOML file at ``path`` (if any), then every override that is not None."""
+        values: dict = {}
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    values = tomllib.load(f)
+            except FileNotFoundError:
+                raise StarInputError(f"config file {path} does not exist") from None
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise StarInputError(f"config file {path} cannot be read as TOML: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise StarInputError(f"config file {path} has unknown keys {unknown}; known keys: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None and k in known})
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a key given a table instead of a value, and the like
+            raise StarInputError(f"config: {exc}") from None
+
+
+# Keys a resumed run may change; any other difference from the checkpoint's config is refused.
+RESUMABLE_CHANGES = ("steps", "save_every", "keep_last", "resume", "log_every", "wandb", "eval_after", "eval_tasks",
+                     "eval_lengths", "eval_samples", "eval_block_size", "eval_anchor_size", "quiet", "num_workers",
+                     "collective_timeout_s", "out")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise StarInputError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _integer(name: str, value, least: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+        what = "an integer" if least is None else f"an integer >= {least}"
+        raise StarInputError(f"{name} must be {what}, got {value!r}")
+
+
+def _number(name: str, value, positive: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise StarInputError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def _pair(name: str, value, kind) -> tuple:
+    """``[low, high]`` of ``kind`` (int or float), ``low <= high``."""
+    good = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        not isinstance(v, bool) and isinstance(v, int if kind is int else (int, float)) for v in value)
+    if not good or value[0] > value[1]:
+        kind_name = "integers" if kind is int else "numbers"
+        raise StarInputError(f"{name} must be two {kind_name} [low, high] with low <= high, got {value!r}")
+    return tuple(kind(v) for v in value)

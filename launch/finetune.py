@@ -14,7 +14,8 @@ import signal
 import sys
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # Ctrl-C while torch is being imported
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C while torch is being imported
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     from star_sp.training.job import main
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]

@@ -109,7 +109,9 @@ def _report(line: str, *, everywhere: bool) -> None:
 def main(argv: list[str] | None = None, *, inspect=None) -> int:
     """``launch/finetune.py``. ``inspect(step, grads)``, if given, sees every parameter's full gradient
     (by name, float32) at each step's boundary, before clipping and the update."""
-    previous = signal.signal(signal.SIGINT, _interrupted) if _main_thread() else None
+    # Ctrl-C: one line and exit code 130 on every rank; a process started to ignore it (nohup) keeps so
+    ours = _main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, _interrupted) if ours else None
     try:
         args = build_parser().parse_args(argv)
         overrides = {k: v for k, v in vars(args).items() if k != "config"}

@@ -1,0 +1,106 @@
+"""``star-sp generate``: answer one query over a long context, in one process or one per host, and print
+the answer (text or one JSON record) and a one-line timing summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .cli_inputs import read_inputs
+from .cli_model import load_model, load_tokenizer, model_config
+from .cli_report import everyone, same_everywhere, speaks
+
+
+class _Progress:
+    def __init__(self, enabled: bool, label: str):
+        self.enabled, self.label, self.start = enabled, label, time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * done // total
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] layer {done}/{total} "
+                         f"{time.perf_counter() - self.start:6.1f}s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def generate(args) -> int:
+    from .distributed.process_group import init_from_env
+    from .runconfig import RunConfig
+
+    overrides = {k: getattr(args, k, None) for k in (
+        "model", "random_weights", "dtype", "device", "attention", "block_size", "anchor_size", "anchor_source",
+        "phase2_merge", "backend", "collective_timeout_s", "decode_graphs", "max_new_tokens", "do_sample",
+        "temperature", "top_p", "top_k", "seed", "stop")}
+    cfg = same_everywhere(lambda: RunConfig.load(args.config, overrides))
+    group, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)
+    try:
+        return _generate(args, cfg, group, device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _generate(args, cfg, group, device) -> int:
+    from .integrations.transformers import StarEngine
+
+    rank = dist.get_rank(group) if group is not None else 0
+    world = dist.get_world_size(group) if group is not None else 1
+    show = speaks(rank) and not args.quiet and not args.json
+    path, config = everyone(group, "model config", lambda: model_config(cfg))
+    tokenizer = load_tokenizer(path)
+    context_ids, query_ids = read_inputs(args, cfg, tokenizer, config.vocab_size, group)  # before the weights load
+    model = everyone(group, "load model", lambda: load_model(cfg, path, config, device, progress=show))
+    engine = everyone(group, "engine", lambda: StarEngine(model, cfg.star_config(), group, attention=cfg.attention))
+    if args.warmup:
+        engine.generate(engine.prefill(context_ids), query_ids, cfg.max_new_tokens, sampling=cfg.sampling())
+    context = engine.prefill(context_ids, progress=_Progress(show, f"prefill {context_ids.shape[1]} tokens"))
+    prefill_s = engine.stats["prefill_s"]
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    tokens = engine.generate(context, query_ids, cfg.max_new_tokens, sampling=cfg.sampling(), eos_token_id=eos,
+                             stop_strings=cfg.stop or None, tokenizer=tokenizer if cfg.stop else None)
+    stats = dict(engine.stats, prefill_s=prefill_s, peak_memory_gb=_peak_memory_gb(device), world_size=world,
+                 attention=cfg.attention, block_size=cfg.block_size, anchor_size=cfg.anchor_size or cfg.block_size)
+    if rank == 0:
+        ids = tokens[0].tolist()
+        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
+        stats = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in stats.items()}
+        if args.json:  # a stat that cannot be measured (decode speed of one new token) is null
+            print(json.dumps({"tokens": ids, "text": text, **stats}, allow_nan=False))
+        else:
+            print(text if text is not None else " ".join(map(str, ids)))
+            print(_stats_line(cfg, world, context_ids.shape[1], stats), file=sys.stderr)
+    return 0
+
+
+def _stats_line(cfg, world: int, context_len: int, stats: dict) -> str:
+    """The one-line timing summary; a stat that is None (not measurable) reads n/a."""
+    def num(key, fmt):
+        return "n/a" if stats.get(key) is None else format(stats[key], fmt)
+
+    speed = stats.get("decode_tokens_per_s")
+    decode = f"{speed:.1f} tokens/s" if speed is not None else \
+        f"decode speed n/a ({stats.get('new_tokens', 0)} new token(s))"
+    sizes = f", block {cfg.block_size}, anchor {stats['anchor_size']}" if cfg.attention == "star" else ""
+    return (f"[star-sp] {cfg.attention} attention, {world} process(es), context {context_len} tokens{sizes}: "
+            f"prefill {num('prefill_s', '.3f')} s, "
+            f"first token {num('first_token_s', '.3f')} s, {decode}, "
+            f"peak memory {num('peak_memory_gb', '.2f')} GB (rank 0)")

@@ -1,0 +1,91 @@
+"""The token ids of a ``star-sp generate`` request: its context and its query, each from the one source
+given for it (a text file, a file or string of ids, random ids, or ``--query`` text), checked against
+the model's vocabulary. Rank 0 reads them and sends them to every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .cli_report import on_every_rank
+from .errors import StarInputError
+
+_SOURCES = {"context": ("--context-file", "--context-ids", "--random-context"),
+            "query": ("--query-file", "--query-ids", "--random-query", "--query")}
+
+
+def _read_ids(what: str, args, tokenizer, vocab: int, seed: int) -> list[int]:
+    """The token ids of the context or the query, from the one source given for it."""
+    text_file, ids_source, random_n = (getattr(args, f.lstrip("-").replace("-", "_")) for f in _SOURCES[what][:3])
+    text = getattr(args, "query", None) if what == "query" else None
+    given = [f for f, v in zip(_SOURCES[what], (text_file, ids_source, random_n, text)) if v is not None]
+    if len(given) != 1:
+        flags = ", ".join(_SOURCES[what][:-1]) + " or " + _SOURCES[what][-1]
+        raise StarInputError(f"give exactly one {what} source ({flags}); got "
+                             + (" and ".join(given) if given else "none"))
+    source = given[0]
+    if random_n is not None:
+        if random_n < 1:
+            raise StarInputError(f"{source} must be a positive number of tokens, got {random_n}")
+        gen = torch.Generator().manual_seed(seed + (0 if what == "context" else 1))
+        return torch.randint(0, vocab, (random_n,), generator=gen).tolist()
+    if ids_source is not None:
+        if what == "context":
+            source = f"--context-ids file {ids_source}"
+            ids_source = _read_file(ids_source, "--context-ids")
+        try:
+            ids = [int(t) for t in ids_source.split()]
+        except ValueError:
+            raise StarInputError(f"{source}: token ids must be whitespace-separated integers") from None
+        if not ids:
+            raise StarInputError(f"the {what} is empty: {source} holds no token ids")
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise StarInputError(f"{source}: token id {bad} is outside the model's vocabulary of {vocab} ids "
+                                 f"(0 to {vocab - 1}); give ids of this model's tokenizer")
+        return ids
+    if tokenizer is None:
+        raise StarInputError(f"the model directory has no tokenizer, so {what} text cannot be read; add "
+                             "tokenizer files to it or pass token ids (--context-ids / --query-ids)")
+    if text_file is not None:
+        text = _read_file(text_file, source)
+        if what == "query":  # an editor's final newline is no part of the question (as with "$(cat FILE)")
+            text = text.rstrip("\r\n")
+        source = f"{source} {text_file}"
+    encoded = tokenizer(text, add_special_tokens=what == "context", return_special_tokens_mask=True)
+    ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
+    if not text.strip() or all(special):  # blank, or nothing but the tokenizer's own BOS/EOS
+        raise StarInputError(f"the {what} is empty: {source} holds no text; give it the text to "
+                             + ("answer from" if what == "context" else "ask"))
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise StarInputError(f"the tokenizer gives token id {bad} for the {what}, outside the model's vocabulary "
+                             f"of {vocab} ids: the tokenizer does not belong to this model")
+    return ids
+
+
+def _read_file(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StarInputError(f"cannot read {flag}: {exc}") from None
+
+
+def read_inputs(args, cfg, tokenizer, vocab: int, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0 reads the inputs; every rank gets the same ids (or the same error)."""
+    payload: list = [None]
+    if group is None or dist.get_rank(group) == 0:
+        try:
+            ctx = _read_ids("context", args, tokenizer, vocab, cfg.seed)
+            qry = _read_ids("query", args, tokenizer, vocab, cfg.seed)
+            payload = [(ctx, qry, None)]
+        except StarInputError as exc:
+            payload = [(None, None, str(exc))]
+    if group is not None:
+        dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
+    ctx, qry, error = payload[0]
+    if error:
+        raise on_every_rank(StarInputError(error))
+    return torch.tensor([ctx]), torch.tensor([qry])

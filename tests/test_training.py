@@ -29,8 +29,9 @@ def _assert_matches_oracle(results, spec):
     ref_loss, ref_grads = oracle_train(model, ctx, tgt, labels, spec["block"], spec["anchor"], spec["weight"])
     for rank, r in enumerate(results):
         assert abs(r["loss"].item() - ref_loss.item()) <= RTOL * abs(ref_loss.item()), (rank, r["loss"], ref_loss)
-        for name, ref in ref_grads.items():
-            got = r["grads"][name]
+        assert set(r["grads"]) == {n for n in ref_grads if workers.trains(spec, n)}
+        for name in r["grads"]:
+            got, ref = r["grads"][name], ref_grads[name]
             assert got is not None, f"rank {rank}: {name} has no gradient"
             err = ((got - ref).norm() / ref.norm()).item()
             assert err <= RTOL, f"rank {rank}: {name} off by {err:.2e} relative"
@@ -68,6 +69,25 @@ def test_more_hosts_than_blocks_and_autograd_grad(cluster, world_size, lc, block
     """One block on three hosts (two idle), and ``torch.autograd.grad`` instead of ``backward``."""
     spec = dict(family="llama", lc=lc, lt=3, block=block, anchor=2, batch=2, weight=0.5, anchor_source="broadcast",
                 autograd_grad=True)
+    _assert_matches_oracle(cluster(world_size).run(workers.train_step, spec), spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size, change", [
+    (2, dict(trainable=["q_proj", "v_proj"])),  # LoRA's usual choice: K frozen, V trains
+    (3, dict(trainable=["q_proj", "v_proj"], lc=7, block=3)),  # ... with an idle rank
+    (3, dict(trainable=["layers.1", "lm_head"], lc=7, block=3)),  # embeddings and layer 0 frozen, idle rank
+    (3, dict(trainable=["layers.0.self_attn.v_proj"], lc=7, block=3, autograd_grad=True)),  # grad of one weight
+    (2, dict(lt=1, anchor_source="recompute")),  # one target token: only the last context row predicts
+    (3, dict(lt=1, lc=7, block=3)),
+    (3, dict(ignore_all=True, weight=0.5, lc=7, block=3)),  # no label: the context loss alone
+], ids=str)
+def test_frozen_parameters_one_target_token_and_no_labels(cluster, world_size, change):
+    """Parameter subsets (frozen layers, LoRA-like Q/V), ``autograd.grad`` of one weight, a one-token
+    target and all labels ignored, with idle ranks: every rank runs the same collectives in backward
+    (none hangs) and the trained parameters' gradients match the oracle."""
+    spec = dict(family="llama", lc=13, lt=3, block=4, anchor=2, batch=2, weight=0.0, anchor_source="broadcast",
+                timeout=20) | change
     _assert_matches_oracle(cluster(world_size).run(workers.train_step, spec), spec)
 
 
@@ -111,3 +131,11 @@ def test_a_rank_failing_mid_backward_stops_every_rank_with_its_error():
         assert r["error"] == "StarCollectiveError", (rank, r)
         assert "rank 1" in r["message"] and "RuntimeError: injected failure in a backward hook" in r["message"], r
         assert r["seconds"] < timeout_s + 10, r  # by the collective's timeout, not the pool's
+
+
+@pytest.mark.slow
+def test_attention_dropout_is_refused_on_every_rank(cluster):
+    for message in cluster(3).run(workers.train_with_attention_dropout, timeout_s=30):
+        assert message == ("StarInputError: the model is in training mode with attention_dropout=0.1, which Star "
+                           "Attention does not apply; set model.config.attention_dropout = 0.0 (or call model.eval() "
+                           "for inference)"), message

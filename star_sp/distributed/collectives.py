@@ -51,8 +51,9 @@ class AllReduceMerge:
         packed all-reduce). The merged result on every rank depends on every rank's partial result, so
         a rank's partial gets the sum of all ranks' gradients; each rank's query gradient is then the share
         of its own keys (not summed). Hence parameter gradients summed over the ranks are exact when the
-        ranks' losses add up to the loss: a loss computed from the replicated output on every rank is
-        weighted ``1/N`` per rank (``star_sp.training`` does so)."""
+        ranks' losses add up to the loss: a loss computed from the replicated output counts on one
+        rank (``star_sp.training`` counts it on the query host, weight 0 elsewhere) or ``1/N`` on each.
+        Every rank must still run this backward (it is a collective)."""
         from .guard import guarded_step
 
         acc = accumulation_dtype(dout.dtype)
@@ -91,8 +92,9 @@ class _BroadcastAnchor(torch.autograd.Function):
 
     Ranks that do not use the anchor (idle ranks) take part in the forward broadcast only, without
     gradients, so a backward pass never has to reach them. On a user, the input is ``link``, an empty
-    tensor computed from the rank's own KV: it gives this node the same path to the parameters as the
-    owner's anchor KV has, so ``torch.autograd.grad(loss, params)`` runs it wherever it runs the
+    tensor computed from the rank's own K and V: it gives this node the same path to the parameters as
+    the owner's anchor KV has (and needs a gradient exactly when the owner's does, also when only the
+    V projection trains), so ``torch.autograd.grad(loss, params)`` runs it wherever it runs the
     owner's (a leaf placeholder would be pruned there and leave the owner waiting)."""
 
     @staticmethod
@@ -152,7 +154,7 @@ def broadcast_anchor(
         kv = _packed_anchor(k, v, src, shape, dtype, device, group)
         wait(dist.broadcast(kv, src=global_rank(group, src), group=group, async_op=True), timeout_s, kv)
         return kv[0], kv[1]
-    packed = torch.stack([k, v]) if me == src else link.narrow(2, 0, 0).to(dtype)
+    packed = torch.stack([k, v]) if me == src else link
     kv = _BroadcastAnchor.apply(packed, src, tuple(users), (2, *shape), group, timeout_s)
     return kv[0], kv[1]
 
@@ -233,7 +235,8 @@ def broadcast_tokens(tokens: torch.Tensor | None, done: torch.Tensor | None, *, 
         failed = bool(buf[2, 0])
         if failed:
             message = [f"{type(error).__name__}: {error}".splitlines()[0][:500] if me == src else None]
-            dist.broadcast_object_list(message, src=global_rank(group, src), group=group)
+            dist.broadcast_object_list(message, src=global_rank(group, src), group=group,
+                                       device=device if device.type == "cuda" else None)
     if failed:
         exc = StarCollectiveError(f"rank {src} (the query host) failed while choosing the next tokens: {message[0]}",
                                   step="decode", failed_rank=src)

@@ -53,8 +53,8 @@ class StarContext:
     model_spec: dict = field(default_factory=dict)
     """What the KV was made with (layers, KV heads, head dim, dtype, device), checked against the model
     that answers a query."""
-    model_id: int = 0
-    """``id()`` of the model that made the KV: a context answers queries only with that model."""
+    model_ref: "Callable[[], object] | None" = None
+    """A weak reference to the model that made the KV: a context answers queries only with that model."""
 
     @property
     def context_len(self) -> int:
@@ -88,17 +88,31 @@ class _Pass:
 
 
 class PrefillPass(_Pass):
-    """Phase 1 over this host's rows. ``keep_alive``: see ``phase1_attention`` (training sets it)."""
+    """Phase 1 over this host's rows. ``keep_alive``: see ``phase1_attention`` (training sets it).
+
+    An idle host (no block) runs the model over one stand-in row, the context's first token: its
+    layers run as everywhere else (so ZeRO-3 gathers the same parameters, and the empty KV it keeps
+    and hands to ``phase1_attention`` is its own projections' output, sliced to nothing, needing a
+    gradient exactly where the other hosts' KV does); the row attends itself only, and its output
+    is thrown away."""
 
     keep_alive: list | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
-        skip = self.context.layout.anchor_rows(self.context.config.anchor_source == "recompute")
+        layout = self.context.layout
+        skip = k.shape[2] if layout.is_idle else layout.anchor_rows(self.context.config.anchor_source == "recompute")
         self.context.kv.store(layer, k[:, :, skip:], v[:, :, skip:])
         return k, v
 
     def attend(self, layer: int, q, k, v, scale: float | None):
         cfg, layout = self.context.config, self.context.layout
+        if layout.is_idle:  # the stand-in row: phase 1's collectives with no rows, then the row alone
+            phase1_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], layout, group=self.group,
+                             anchor_source=cfg.anchor_source, scale=scale, backend=cfg.backend,
+                             check=self.check and layer == 0, timeout_s=cfg.collective_timeout_s,
+                             keep_alive=self.keep_alive)
+            self._tick(layer)
+            return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1).to(q.dtype)  # softmax over one key
         if self.distributed:
             out, _ = phase1_attention(q, k, v, layout, group=self.group, anchor_source=cfg.anchor_source,
                                       scale=scale, backend=cfg.backend, check=self.check and layer == 0,

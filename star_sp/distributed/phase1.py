@@ -88,8 +88,8 @@ def phase1_attention(
                          timeout_s=timeout_s)
             if needs_grad:  # the users' anchor gradients come back to the owner, point to point
                 users = tuple(r for r in range(layout.world_size) if layout.for_rank(r).needs_anchor)
-                anchor_k, anchor_v = broadcast_anchor(src_k, src_v, users=users,
-                                                      link=k if layout.needs_anchor else None, **where)
+                link = torch.cat([k[:, :, :0], v[:, :, :0]], dim=2) if layout.needs_anchor else None
+                anchor_k, anchor_v = broadcast_anchor(src_k, src_v, users=users, link=link, **where)
             else:  # inference: the blocks' own parts run while the anchor is in flight
                 anchor_k, anchor_v, ready = post_anchor_broadcast(src_k, src_v, **where)
         parts = phase1_parts(

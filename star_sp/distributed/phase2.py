@@ -61,7 +61,7 @@ def phase2_attention(
     locally) instead of one max and one sum all-reduce. Gradients: the output's gradient is summed over
     the ranks and each rank's query gradient is its own keys' share, so parameter gradients summed
     over the ranks are exact when the ranks' losses add up to the loss (a loss of the replicated output
-    weighted ``1/N`` per rank; ``collectives.AllReduceMerge.sum_output_grad``).
+    counted on one rank, or ``1/N`` on each; ``collectives.AllReduceMerge.sum_output_grad``).
     """
     if merge not in MERGES:
         raise StarInputError(f"merge must be one of {tuple(MERGES)}, got {merge!r}")

@@ -10,9 +10,9 @@ carry padding (every sequence of a batch has the same context and query length).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
+import weakref
 import warnings
 from dataclasses import replace
 
@@ -42,7 +42,8 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
         raise StarInputError("attn_implementation 'star' runs only inside star_sp.StarEngine (it needs the "
                              "engine's per-pass state); use the engine's prefill/score/generate")
     if dropout:
-        raise StarInputError("attention dropout is not supported under Star Attention; call model.eval()")
+        raise StarInputError("attention dropout is not supported under Star Attention; set "
+                             "model.config.attention_dropout = 0.0 (or call model.eval() for inference)")
     return state.attend(module.layer_idx, query, key, value, scaling).transpose(1, 2), None
 
 
@@ -78,6 +79,16 @@ def check_model(model) -> None:
         raise StarInputError(f"{name} soft-caps attention logits, which Star Attention does not support")
     if not hasattr(model, "lm_head") and not hasattr(model, "get_output_embeddings"):
         raise StarInputError(f"{name} has no language-model head; pass a *ForCausalLM model")
+
+
+def dropout_error(model) -> str | None:
+    """Star Attention applies no attention dropout: a model in training mode with some is refused (checked
+    up front, on every rank alike, not inside the first attention call that an idle host never makes)."""
+    rate = getattr(model.config, "attention_dropout", 0.0) or 0.0
+    if model.training and rate:
+        return (f"the model is in training mode with attention_dropout={rate}, which Star Attention does not "
+                "apply; set model.config.attention_dropout = 0.0 (or call model.eval() for inference)")
+    return None
 
 
 def _fingerprint(ids: torch.Tensor) -> int:
@@ -199,12 +210,6 @@ class StarEngine:
         return fn(input_ids=ids.to(self.device), position_ids=positions.to(self.device).unsqueeze(0),
                   use_cache=True, star=state, **{self._cache_kwarg: state}, **kw)
 
-    def _scale(self) -> float | None:
-        for module in self.base.modules():
-            if hasattr(module, "layer_idx") and hasattr(module, "scaling"):
-                return module.scaling
-        return None
-
     # -- phase 1 ------------------------------------------------------------------------------
 
     @_with_star_attention
@@ -214,7 +219,7 @@ class StarEngine:
         A context of fewer blocks than there are hosts is fine: the hosts past its blocks hold nothing
         and add nothing to the phase-2 merge (the last host, which answers, always holds the last block).
         ``progress(layer, num_layers)`` is called after each layer's attention."""
-        error = _check_ids("context_ids", context_ids, self.vocab_size)
+        error = _check_ids("context_ids", context_ids, self.vocab_size) or dropout_error(self.model)
         fingerprint = _fingerprint(context_ids) if error is None else None
         layout = None
         ring = error is None and self._ring(context_ids.shape[1])
@@ -235,14 +240,14 @@ class StarEngine:
         recompute = cfg.anchor_source == "recompute"
         context = StarContext(layout=layout, config=cfg, batch_size=context_ids.shape[0],
                               kv=ContextKV(self.num_layers), group=self.group,
-                              fingerprint=fingerprint, model_spec=_model_spec(self.model), model_id=id(self.model))
+                              fingerprint=fingerprint, model_spec=_model_spec(self.model), model_ref=weakref.ref(self.model))
         state = (RingPrefillPass if ring else PrefillPass)(context, self.num_layers, check=True, progress=progress)
         self._sync()
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if layout.is_idle:
-            self._idle_prefill(state, context_ids.shape[0])
+            self._idle_prefill(state, context_ids)
         elif ring:
             self._forward(state, layout.shard(context_ids, 1), layout.positions())
         else:
@@ -255,19 +260,10 @@ class StarEngine:
                       "local_tokens": layout.num_tokens, "context_kv_bytes": context.kv.nbytes()}
         return context
 
-    def _idle_prefill(self, state: PrefillPass, batch: int) -> None:
-        """An idle host holds no block but takes part in each layer's collectives."""
-        cfg = self.model.config
-        heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        dtype = next(self.model.parameters()).dtype
-        grad = torch.is_grad_enabled()  # in training every rank's phase-1 tensors require gradients alike
-        q = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=self.device, requires_grad=grad)
-        kv = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=self.device, requires_grad=grad)
-        scale = self._scale()
-        for layer in range(self.num_layers):
-            state.update(kv, kv, layer)
-            state.attend(layer, q, kv, kv, scale)
+    def _idle_prefill(self, state: PrefillPass, context_ids: torch.Tensor) -> None:
+        """An idle host holds no block but takes part in each layer's collectives: it runs the model over
+        one stand-in row (``PrefillPass`` keeps none of it)."""
+        self._forward(state, context_ids[:, :1], torch.arange(1))
 
     # -- phase 2 ------------------------------------------------------------------------------
 
@@ -275,7 +271,7 @@ class StarEngine:
         return context.group is None or context.layout.is_query_host
 
     def _check_query(self, step: str, context, query_ids, extra_error: str | None = None, **extra_meta) -> None:
-        error = extra_error or _check_ids("query_ids", query_ids, self.vocab_size)
+        error = extra_error or _check_ids("query_ids", query_ids, self.vocab_size) or dropout_error(self.model)
         if error is None and not isinstance(context, StarContext):
             error = f"context must be what prefill() returned, got {type(context).__name__}"
         if error is None:
@@ -298,7 +294,7 @@ class StarEngine:
                              for k in mine if context.model_spec.get(k) != mine[k])
             return (f"this context was prefilled with another model: {diff}; prefill the context with this "
                     "engine's model")
-        if context.model_id != id(self.model):
+        if context.model_ref is None or context.model_ref() is not self.model:
             return ("this context was prefilled with another model object (same shapes, other weights); "
                     "prefill the context with this engine's model")
         return None

@@ -41,7 +41,7 @@ from ..distributed.guard import guarded_step, wait
 from ..distributed.kv_cache import ContextKV, TrainingQueryKV
 from ..distributed.passes import PrefillPass, QueryPass, StarContext
 from ..errors import StarInputError
-from ..integrations.transformers import ATTENTION_NAME, StarEngine, _check_ids, _fingerprint
+from ..integrations.transformers import ATTENTION_NAME, StarEngine, _check_ids, _fingerprint, dropout_error
 from ..layout import BlockLayout
 
 IGNORE_INDEX = -100
@@ -66,6 +66,9 @@ def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | 
     if not bool((labels != IGNORE_INDEX).any()) and (weight == 0 or context_ids.shape[1] < 2):
         return ("nothing to learn from: every label is -100 and there is no context loss (context_loss_weight 0, "
                 "or a one-token context); label at least one target token")
+    dropout = dropout_error(model)
+    if dropout:
+        return dropout
     if _compat.gradient_checkpointing_on(model):
         return ("star_train_loss does not support gradient checkpointing (recomputing a layer in the backward pass "
                 "would repeat its collectives out of order); call model.gradient_checkpointing_disable()")
@@ -132,13 +135,13 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
         state = QueryPass(context, engine.num_layers, TrainingQueryKV(engine.num_layers) if layout.is_query_host
                           else None, check=True)
         positions = torch.arange(lc, lc + lt)
+        keep = torch.arange(max(lt - 1, 1), device=device)
+        logits = engine._forward(state, target_ids, positions, logits_to_keep=keep).logits
         if lt > 1 and n_labelled:
-            keep = torch.arange(lt - 1, device=device)
-            logits = engine._forward(state, target_ids, positions, logits_to_keep=keep).logits
             replicated = _ce_sum(logits, labels[:, 1:]) / n_labelled
-        else:  # no target logits are needed, but every rank still runs phase 2's collectives
-            engine._forward(state, target_ids, positions)
-            replicated = torch.zeros((), dtype=local.dtype, device=device)
+        else:  # no target row predicts a label, but every rank must still run phase 2's backward (its
+            # collectives): the target rows stay in the graph with weight 0
+            replicated = 0 * logits.sum().to(local.dtype)
     weight = 1.0 if layout.is_query_host else 0.0
     if group is None:
         return replicated + local
@@ -162,7 +165,7 @@ def _context_stream_loss(engine: StarEngine, state: PrefillPass, context_ids, la
     zero = torch.zeros((), dtype=torch.float64 if next(engine.model.parameters()).dtype == torch.float64
                        else torch.float32, device=device)
     if layout.is_idle:
-        engine._idle_prefill(state, context_ids.shape[0])
+        engine._idle_prefill(state, context_ids)
         return zero
     recompute = config.anchor_source == "recompute"
     skip = layout.anchor_rows(recompute)

@@ -53,10 +53,23 @@ def _star_step(model, ctx, tgt, config: StarConfig, weight: float) -> None:
     star_train_loss(model, ctx, tgt, tgt, config, context_loss_weight=weight).backward()
 
 
-def _measure(step, model, device, repeats: int) -> dict:
+def _measure(step, model, device, repeats: int, profile: str | None = None, label: str = "") -> dict:
     def once():
         step()
         model.zero_grad(set_to_none=True)
+
+    if profile:  # one extra step under the profiler: where the time goes, by operator
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        once()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profiler(activities=activities) as prof:
+            once()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        with open(profile, "a") as f:
+            f.write(f"## {label}\n{prof.key_averages().table(sort_by=key, row_limit=20)}\n"
+                    f"{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=12)}\n")
 
     bench._reset(device)
     try:
@@ -70,13 +83,15 @@ def _measure(step, model, device, repeats: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| context | method | block | anchor | step s | vs global | peak GiB |", "|---|---|---|---|---|---|---|"]
-    base = {r["context"]: r.get("step_s") for r in rows if r["method"] == "global"}
+    lines = ["| context | batch | method | block | anchor | step s | tokens/s | vs global | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {r["context"]: r.get("step_s") for r in rows if r["method"] == "global"}  # one batch size per run
     for r in rows:
         ok = r["status"] == "ok"
         ratio = f"{base[r['context']] / r['step_s']:.2f}x" if ok and base.get(r["context"]) else "-"
-        lines.append(f"| {r['context']} | {r['method']} | {r.get('block', '-')} | {r.get('anchor', '-')} | "
-                     f"{r['step_s'] if ok else r['status']} | {ratio} | {r.get('peak_gb', '-')} |")
+        rate = f"{r['tokens_per_step'] / r['step_s']:,.0f}" if ok else "-"
+        lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r.get('block', '-')} | {r.get('anchor', '-')} | "
+                     f"{r['step_s'] if ok else r['status']} | {rate} | {ratio} | {r.get('peak_gb', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -84,7 +99,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="configs/models/llama-3.1-8b", help="model config directory")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers kept (the 8B model has 32)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers kept (the 8B model has 32; 0: all)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (each of the same length)")
     p.add_argument("--contexts", default="16k,32k,64k")
     p.add_argument("--target", type=int, default=256, help="target tokens after the context")
     p.add_argument("--blocks", default="1/4,1/8", help="block sizes: 1/k of the context, or a length")
@@ -94,13 +110,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default="runs/bench-train")
+    p.add_argument("--profile", action="store_true", help="also write OUT/profile.txt (one profiled step per row)")
     args = p.parse_args(argv)
 
     import transformers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = transformers.AutoConfig.from_pretrained(args.model)
-    config.num_hidden_layers = args.layers
+    config.num_hidden_layers = args.layers or config.num_hidden_layers
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype),
@@ -109,15 +126,18 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     rows: list[dict] = []
     os.makedirs(args.out, exist_ok=True)
+    profile = os.path.join(args.out, "profile.txt") if args.profile else None
     for spec in args.contexts.split(","):
         length = parse_length(spec)
-        ctx = bench._ids(length, config.vocab_size, 0, device)
-        tgt = bench._ids(args.target, config.vocab_size, 1, device)
-        common = {"context": length, "target": args.target, "layers": args.layers, "dtype": args.dtype,
+        ctx = torch.cat([bench._ids(length, config.vocab_size, i, device) for i in range(args.batch)])
+        tgt = torch.cat([bench._ids(args.target, config.vocab_size, 100 + i, device) for i in range(args.batch)])
+        common = {"context": length, "target": args.target, "layers": config.num_hidden_layers, "dtype": args.dtype,
+                  "batch": args.batch, "tokens_per_step": args.batch * (length + args.target),
                   "context_loss_weight": args.context_loss_weight}
         if "global" in methods:
             row = {**common, "method": "global", **_measure(
-                lambda: _global_step(model, ctx, tgt, args.context_loss_weight), model, device, args.repeats)}
+                lambda: _global_step(model, ctx, tgt, args.context_loss_weight), model, device, args.repeats,
+                profile, f"global, context {length}, batch {args.batch}")}
             rows.append(row)
             print(json.dumps(row), flush=True)
         if "star" in methods:
@@ -129,7 +149,8 @@ def main(argv=None) -> int:
                     row = {**common, "method": "star", "block": block, "anchor": anchor, "block_spec": block_spec,
                            "anchor_spec": anchor_spec, **_measure(
                                lambda: _star_step(model, ctx, tgt, cfg, args.context_loss_weight), model, device,
-                               args.repeats)}
+                               args.repeats, profile, f"star, context {length}, batch {args.batch}, block {block}, "
+                               f"anchor {anchor}")}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     provenance = bench._provenance(device, argv)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The anchor-tuned reference model and its control, side by side on one GPU (the model is small, the two
+# runs share the GPU): the shipped reference model fine-tuned under the anchor pattern (random block
+# 1/2..1/8 of the context, anchor 1/4..1 of the block, per sample) and, on the same data and schedule,
+# with global attention. Both stop at STEPS or after SECONDS; then the last step that both reached
+# and saved is exported in bf16 to OUT/reference-anchor and OUT/reference-global-control.
+#   bash tools/finetune_reference.sh OUT [STEPS] [SECONDS]
+# FINETUNE_ARGS adds flags to both runs (e.g. "--lengths 512,1024" for a quick CPU check).
+set -uo pipefail
+out=$1 steps=${2:-400} seconds=${3:-420}
+export PYTHON=${PYTHON:-python3} PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
+mkdir -p "$out"
+common=(--config configs/finetune-reference.toml --deepspeed '' --wandb '' --steps "$steps" --save-every ${SAVE_EVERY:-25}
+        --keep-last 1000 --log-every 10 --quiet ${FINETUNE_ARGS:-})
+timeout "$seconds" $PYTHON launch/finetune.py "${common[@]}" --attention star --out "$out/star" > "$out/star.log" 2>&1 &
+timeout "$seconds" $PYTHON launch/finetune.py "${common[@]}" --attention global --out "$out/global" > "$out/global.log" 2>&1 &
+wait
+$PYTHON - "$out" <<'PY'
+import glob, json, os, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out = sys.argv[1]
+steps = lambda run: {int(p.rsplit("-", 1)[1]) for p in glob.glob(f"{out}/{run}/checkpoint-*")}
+common = sorted(steps("star") & steps("global"))
+assert common, "no step was saved by both runs"
+step = common[-1]
+for run, name in (("star", "reference-anchor"), ("global", "reference-global-control")):
+    src = f"{out}/{run}/checkpoint-{step:07d}"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model.save_pretrained(f"{out}/{name}")
+    AutoTokenizer.from_pretrained(src).save_pretrained(f"{out}/{name}")
+    rows = [json.loads(l) for l in open(f"{out}/{run}/train_log.jsonl")]
+    with open(f"{out}/{name}/training_log.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+    json.dump({"run": run, "step": step, "from": "star_sp/models/reference", "command": " ".join(sys.argv)},
+              open(f"{out}/{name}/recipe.json", "w"))
+    print(name, "step", step, "MB", round(os.path.getsize(f"{out}/{name}/model.safetensors") / 2**20, 1))
+PY

@@ -139,3 +139,20 @@ def test_attention_dropout_is_refused_on_every_rank(cluster):
         assert message == ("StarInputError: the model is in training mode with attention_dropout=0.1, which Star "
                            "Attention does not apply; set model.config.attention_dropout = 0.0 (or call model.eval() "
                            "for inference)"), message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_loss_parts_match_oracle(cluster, world_size):
+    """``return_parts``: the answer part and the context's mean loss, the same on every rank, equal the
+    oracle's (its loss with weight 0, and the difference that weight 1 makes)."""
+    spec = dict(family="qwen3", lc=11, lt=4, block=3, anchor=2, batch=2, weight=0.25, anchor_source="broadcast")
+    results = [workers.train_parts(None, spec)] if world_size == 1 else cluster(world_size).run(workers.train_parts, spec)
+    model, _ = build("qwen3", dtype=torch.float64)
+    exact_norms(model)
+    ctx, tgt, labels = workers.train_inputs(spec, model.config.vocab_size)
+    answer = oracle_train(model, ctx, tgt, labels, 3, 2, 0.0)[0].item()
+    context = oracle_train(model, ctx, tgt, labels, 3, 2, 1.0)[0].item() - answer
+    for r in results:
+        assert abs(r["answer"] - answer) <= RTOL * answer and abs(r["context"] - context) <= RTOL * context, r
+        assert abs(r["loss"] - (answer + 0.25 * context)) <= RTOL * r["loss"], r

@@ -282,3 +282,18 @@ def train_with_attention_dropout(group) -> str:
     except Exception as exc:  # noqa: BLE001 - reported to the test
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def train_parts(group, spec: dict) -> dict:
+    """``star_train_loss(..., return_parts=True)``: the loss and its two parts on this rank."""
+    from star_sp import StarConfig
+    from star_sp.testing import build, exact_norms
+    from star_sp.training import star_train_loss
+
+    model, _ = build(spec["family"], dtype=torch.float64)
+    exact_norms(model)
+    ctx, tgt, labels = train_inputs(spec, model.config.vocab_size)
+    cfg = StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], collective_timeout_s=60)
+    loss, parts = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=spec["weight"],
+                                  return_parts=True)
+    return {"loss": loss.item(), "answer": parts["answer"].item(), "context": parts["context"].item()}

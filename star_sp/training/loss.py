@@ -76,21 +76,24 @@ def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | 
 
 
 class _RankShare(torch.autograd.Function):
-    """Forward: ``replicated + sum over ranks of local`` (the same value on every rank). Backward: the
-    replicated term's gradient times ``weight`` (1 on one rank, 0 elsewhere), the local term's as is."""
+    """Forward: ``replicated + sum over ranks of (answer + w * context)``, and the loss's two parts, the
+    same on every rank (one all-reduce of two numbers). Backward: the replicated term's gradient times
+    ``weight`` (1 on one rank, 0 elsewhere), the local terms' as they are."""
 
     @staticmethod
-    def forward(ctx, replicated, local, weight, group, timeout_s):
-        ctx.weight = weight
-        total = local.detach().clone().contiguous()
+    def forward(ctx, replicated, answer, context, weight, context_weight, group, timeout_s):
+        ctx.weight, ctx.context_weight = weight, context_weight
+        local = torch.stack([answer.detach(), context.detach()]).to(replicated.dtype)
         if group is not None:
             with guarded_step("loss", group):
-                wait(dist.all_reduce(total, group=group, async_op=True), timeout_s, total)
-        return replicated.detach() + total
+                wait(dist.all_reduce(local, group=group, async_op=True), timeout_s, local)
+        answer_total = replicated.detach() + local[0]
+        ctx.mark_non_differentiable(answer_total, local[1])
+        return answer_total + context_weight * local[1], answer_total, local[1].clone()
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.weight, grad, None, None, None
+    def backward(ctx, grad, *unused):
+        return grad * ctx.weight, grad, grad * ctx.context_weight, None, None, None, None
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -103,7 +106,7 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
                     config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
-                    context_loss_weight: float = 0.0) -> torch.Tensor:
+                    context_loss_weight: float = 0.0, return_parts: bool = False):
     """The loss of one training step under the anchor pattern (module docstring), differentiable.
 
     ``context_ids: LongTensor[B, Lc]``, ``target_ids, labels: LongTensor[B, Lt]``, the full tensors on
@@ -111,6 +114,10 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     arguments and then ``loss.backward()`` (or ``torch.autograd.grad``); then ``reduce_gradients(model,
     group)`` sums the parameter gradients over the group. Any bad argument raises the same
     ``StarInputError`` on every rank. Gradient checkpointing is refused.
+
+    ``return_parts=True`` returns ``(loss, {"answer": ..., "context": ...})``: the answer part (the target
+    tokens' mean loss) and the context's mean next-token loss (unweighted; 0 when the weight is 0, as
+    it is not computed then), detached, the same on every rank.
     """
     engine = StarEngine(model, config, group)  # checks the model and the config
     vocab = engine.vocab_size
@@ -130,7 +137,7 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     n_labelled = int((labels != IGNORE_INDEX).sum())
     device = engine.device
     with _compat.attn_implementation_set(model, ATTENTION_NAME):
-        local = _context_stream(engine, context, context_ids, labels, n_labelled, context_loss_weight)
+        answer, context_mean = _context_stream(engine, context, context_ids, labels, n_labelled, context_loss_weight)
         # phase 2: the target rows on every rank; their logits predict labels[:, 1:]
         state = QueryPass(context, engine.num_layers, TrainingQueryKV(engine.num_layers) if layout.is_query_host
                           else None, check=True)
@@ -141,53 +148,50 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
             replicated = _ce_sum(logits, labels[:, 1:]) / n_labelled
         else:  # no target row predicts a label, but every rank must still run phase 2's backward (its
             # collectives): the target rows stay in the graph with weight 0
-            replicated = 0 * logits.sum().to(local.dtype)
-    weight = 1.0 if layout.is_query_host else 0.0
-    if group is None:
-        return replicated + local
-    return _RankShare.apply(replicated, local.to(replicated.dtype), weight, group, config.collective_timeout_s)
+            replicated = 0 * logits.sum().to(answer.dtype)
+    loss, answer_part, context_part = _RankShare.apply(
+        replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, float(context_loss_weight), group,
+        config.collective_timeout_s)
+    return (loss, {"answer": answer_part, "context": context_part}) if return_parts else loss
 
 
 def _context_stream(engine: StarEngine, context: StarContext, context_ids, labels, n_labelled: int,
-                    weight: float) -> torch.Tensor:
-    """Phase 1 over this rank's rows, with the loss terms its rows own: the context loss of its
-    positions ``i < Lc - 1`` and, on the last host, ``labels[:, 0]`` from the last context token."""
+                    weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 1 over this rank's rows, with the loss terms its rows own: ``(answer, context)``, the first
+    label's term (on the last host: ``labels[:, 0]`` from the last context token, over ``n_labelled``)
+    and the context's mean next-token loss over its positions ``i < Lc - 1`` (when ``weight > 0``).
+
+    Every rank runs the same modules in forward and backward (ZeRO-3 gathers parameters per module):
+    an idle rank runs one stand-in row, and logits of at least one row always join the loss, with
+    weight 0 where no term needs them."""
     state = PrefillPass(context, engine.num_layers, check=True)
     state.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
-    loss = _context_stream_loss(engine, state, context_ids, labels, n_labelled, weight)
-    return tie(loss, *state.keep_alive)
-
-
-def _context_stream_loss(engine: StarEngine, state: PrefillPass, context_ids, labels, n_labelled: int,
-                         weight: float) -> torch.Tensor:
-    layout, config = state.context.layout, state.context.config
+    layout, config = context.layout, context.config
     device = engine.device
     zero = torch.zeros((), dtype=torch.float64 if next(engine.model.parameters()).dtype == torch.float64
                        else torch.float32, device=device)
-    if layout.is_idle:
-        engine._idle_prefill(state, context_ids)
-        return zero
-    recompute = config.anchor_source == "recompute"
-    skip = layout.anchor_rows(recompute)
-    start, end = layout.token_range
-    ids = layout.shard(context_ids, 1)
-    if skip:
-        ids = torch.cat([context_ids[:, :skip], ids], dim=1)
     lc = layout.context_len
-    predicting = range(start, min(end, lc - 1)) if weight > 0 else range(0)  # position i predicts token i + 1
-    rows = [skip + i - start for i in predicting]
-    last = layout.is_query_host and n_labelled > 0  # position Lc - 1 predicts labels[:, 0]
-    if last:
-        rows.append(skip + lc - 1 - start)
-    if not rows:
-        engine._forward(state, ids, layout.positions(recompute))
-        return zero
-    logits = engine._forward(state, ids, layout.positions(recompute),
-                             logits_to_keep=torch.tensor(rows, device=device)).logits
-    loss = zero
+    if layout.is_idle:  # one stand-in row (PrefillPass keeps none of it)
+        ids, positions, predicting, last = context_ids[:, :1], torch.arange(1), range(0), False
+        rows = [0]
+    else:
+        recompute = config.anchor_source == "recompute"
+        skip = layout.anchor_rows(recompute)
+        start, end = layout.token_range
+        ids = layout.shard(context_ids, 1)
+        if skip:
+            ids = torch.cat([context_ids[:, :skip], ids], dim=1)
+        positions = layout.positions(recompute)
+        predicting = range(start, min(end, lc - 1)) if weight > 0 else range(0)  # position i predicts i + 1
+        rows = [skip + i - start for i in predicting]
+        last = layout.is_query_host and n_labelled > 0  # position Lc - 1 predicts labels[:, 0]
+        if last:
+            rows.append(skip + lc - 1 - start)
+        rows = rows or [ids.shape[1] - 1]
+    logits = engine._forward(state, ids, positions, logits_to_keep=torch.tensor(rows, device=device)).logits
+    answer = _ce_sum(logits[:, -1:], labels[:, :1]) / n_labelled if last else 0 * logits.sum().to(zero.dtype)
+    context_mean = zero
     if predicting:
         targets = context_ids[:, predicting.start + 1: predicting.stop + 1]
-        loss = loss + weight * _ce_sum(logits[:, : len(predicting)], targets) / (context_ids.shape[0] * (lc - 1))
-    if last:
-        loss = loss + _ce_sum(logits[:, -1:], labels[:, :1]) / n_labelled
-    return loss
+        context_mean = _ce_sum(logits[:, : len(predicting)], targets) / (context_ids.shape[0] * (lc - 1))
+    return tie(answer, *state.keep_alive), context_mean

@@ -64,18 +64,27 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | None, overrides: dict) -> "RunConfig":
         """Values from the TOML file at ``path`` (if any), then every override that is not None."""
-        values: dict = {}
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    values = tomllib.load(f)
-            except FileNotFoundError:
-                raise StarInputError(f"config file {path} does not exist") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise StarInputError(f"config file {path} is not valid TOML: {exc}") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise StarInputError(f"config file {path} has unknown keys {unknown}; known keys: {sorted(known)}")
-        values.update({k: v for k, v in overrides.items() if v is not None and k in known})
+        return load_config(cls, path, overrides)
+
+
+def load_config(cls, path: str | None, overrides: dict):
+    """A config dataclass ``cls`` from the TOML file at ``path`` (if any), then every override that is not
+    None; any problem with the file or a value is one ``StarInputError`` line naming it."""
+    values: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise StarInputError(f"config file {path} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise StarInputError(f"config file {path} cannot be read as TOML: {exc}") from None
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise StarInputError(f"config file {path} has unknown keys {unknown}; known keys: {sorted(known)}")
+    values.update({k: v for k, v in overrides.items() if v is not None and k in known})
+    try:
         return cls(**values)
+    except TypeError as exc:  # a key given a table instead of a value, and the like
+        raise StarInputError(f"config: {exc}") from None

@@ -8,11 +8,11 @@ Every key is a field of ``FinetuneConfig``; its ``help`` text is both the docume
 from __future__ import annotations
 
 import math
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from ..config import ANCHOR_SOURCES, BACKENDS
 from ..errors import StarInputError
+from ..runconfig import load_config
 
 DTYPES = ("auto", "float32", "bfloat16")
 ATTENTIONS = ("star", "global")
@@ -146,24 +146,7 @@ class FinetuneConfig:
     @classmethod
     def load(cls, path: str | None, overrides: dict) -> "FinetuneConfig":
         """Values from the TOML file at ``path`` (if any), then every override that is not None."""
-        values: dict = {}
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    values = tomllib.load(f)
-            except FileNotFoundError:
-                raise StarInputError(f"config file {path} does not exist") from None
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise StarInputError(f"config file {path} cannot be read as TOML: {exc}") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise StarInputError(f"config file {path} has unknown keys {unknown}; known keys: {sorted(known)}")
-        values.update({k: v for k, v in overrides.items() if v is not None and k in known})
-        try:
-            return cls(**values)
-        except TypeError as exc:  # a key given a table instead of a value, and the like
-            raise StarInputError(f"config: {exc}") from None
+        return load_config(cls, path, overrides)
 
 
 # Keys a resumed run may change; any other difference from the checkpoint's config is refused.

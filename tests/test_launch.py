@@ -53,8 +53,20 @@ def _record(proc):
 
 
 def test_generate_one_process(dirs, capsys):
+    """The command's tokens are the float64 oracle's greedy tokens for the same ids (the context with the
+    tokenizer's special tokens, the query without) under the same block and anchor."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model_oracle import oracle_greedy, reference_model
+
     star = _single(dirs, capsys)
-    assert len(star["tokens"]) == 6 and star["world_size"] == 1 and star["prefill_s"] > 0
+    tok = AutoTokenizer.from_pretrained(dirs / "tiny")
+    ctx = torch.tensor([tok(CONTEXT)["input_ids"]])
+    query = torch.tensor([tok("what is the secret key ?", add_special_tokens=False)["input_ids"]])
+    model = reference_model(AutoModelForCausalLM.from_pretrained(dirs / "tiny"))
+    assert star["tokens"] == oracle_greedy(model, ctx, query, 9, 4, 6)[0].tolist()
+    assert star["world_size"] == 1 and star["context_tokens"] == ctx.shape[1]
     glob = _single(dirs, capsys, "--attention", "global")
     assert glob["attention"] == "global" and len(glob["tokens"]) == 6
 

@@ -375,6 +375,37 @@ def test_global_loss_matches_the_oracle(tiny_dir):
                 assert (p.grad - ref_grads[name]).norm() <= 1e-9 * ref_grads[name].norm(), name
 
 
+def test_star_loss_parts_come_from_the_one_training_forward(tiny_dir):
+    """``TrainModule`` logs the answer and context parts of star's loss from the training forward itself
+    (``star_train_loss(return_parts=True)``), not from a second forward: the decoder runs as often as for
+    the loss alone, and the parts are the float64 oracle's (1e-9 relative, as in test_training: both
+    sides in float64 with exact RMSNorm, differing only in summation order)."""
+    from transformers import AutoModelForCausalLM
+
+    from star_sp.training import star_train_loss
+    from star_sp.training.objective import TrainModule
+
+    model = exact_norms(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64))
+    runs = []
+    model.model.register_forward_pre_hook(lambda module, args: runs.append(1))
+    weight = 0.5
+    s = _samples(tiny_dir, 0, 1, [0])[0]
+    cfg = StarConfig(block_size=s.block_size, anchor_size=s.anchor_size)
+    star_train_loss(model, s.context_ids, s.target_ids, s.labels, cfg, context_loss_weight=weight)
+    alone, runs[:] = len(runs), []
+    module = TrainModule(model, attention="star", sp=None, sp_rank=0, context_loss_weight=weight)
+    share, info = module(s)
+    assert len(runs) == alone, f"the decoder ran {len(runs)} times for the loss and its parts, {alone} for the loss"
+    answer, _ = oracle_train(model, s.context_ids, s.target_ids, s.labels, s.block_size, s.anchor_size, 0.0)
+    total, _ = oracle_train(model, s.context_ids, s.target_ids, s.labels, s.block_size, s.anchor_size, weight)
+    context = (total - answer) / weight
+    assert abs(info["loss"] - total.item()) <= 1e-9 * total.item() and float(share.detach()) == info["loss"]
+    assert abs(info["answer_loss"] - answer.item()) <= 1e-9 * answer.item()
+    assert abs(info["context_loss"] - context.item()) <= 1e-9 * context.item()
+    assert TrainModule(model, attention="star", sp=None, sp_rank=0, context_loss_weight=0.0)(s)[1]["context_loss"] \
+        is None
+
+
 def test_samples_are_drawn_from_the_step_and_never_from_evaluation_seeds(tiny_dir, monkeypatch):
     import random
 
@@ -479,6 +510,49 @@ def test_bad_settings_give_one_line(tiny_dir, tmp_path, capsys):
     assert _run(["--model", tiny_dir, *COMMON, "--deepspeed", ds, "--sp-size", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ZeRO stage 3" in err[0] and "use ZeRO stage 2" in err[0], err
+
+
+def test_errors_and_ctrl_c_are_told_as_the_cli_tells_them_with_the_job_name(monkeypatch, tmp_path, capsys):
+    """The job reports through ``star_sp.cli_report`` under its own name: an error of one rank is marked
+    with that rank, on stderr and in torchrun's error file; an error every rank has is printed by the
+    host's first process alone; Ctrl-C is one line and exit code 130."""
+    from star_sp import StarError
+    from star_sp.cli_report import on_every_rank, report
+    from star_sp.training import job
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def fails(exc):
+        def run(cfg, inspect=None):
+            raise exc
+        return run
+
+    monkeypatch.setattr(job, "run", fails(StarError("the disk is full")))
+    assert job.main(["--model", "m"]) == 1
+    line = "star-sp finetune (rank 1): error: the disk is full"
+    assert capsys.readouterr().err == line + "\n"
+    assert json.loads(error_file.read_text())["message"]["message"] == line
+    monkeypatch.setattr(job, "run", fails(on_every_rank(StarError("the same on every rank"))))
+    assert job.main(["--model", "m"]) == 1 and capsys.readouterr().err == ""  # LOCAL_RANK 0 says it
+    report("star-sp finetune: error: x", everywhere=False, prog="star-sp finetune")
+    report("star-sp: error: x", everywhere=False)  # the command's name by default
+    assert capsys.readouterr().err == "star-sp finetune (rank 1): error: x\nstar-sp (rank 1): error: x\n"
+
+    script = ("import os, signal, sys, time\n"
+              "from star_sp.training import job\n"
+              "def run(cfg, inspect=None):\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(60)\n"
+              "job.run = run\n"
+              "sys.exit(job.main(['--model', 'm']))\n")
+    env = {k: v for k, v in _env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_ERROR_FILE")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=dict(env, PYTHONPATH=REPO),
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "star-sp finetune: interrupted\n"), result
 
 
 def finetune_rank(group, argv: list[str]) -> tuple[int, str]:

@@ -23,7 +23,6 @@ import glob
 import json
 import os
 import resource
-import signal
 import sys
 import time
 from dataclasses import fields
@@ -31,6 +30,7 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
+from ..cli_report import everyone, exit_on_interrupt, on_every_rank, report, same_everywhere
 from ..errors import StarError, StarInputError
 from .settings import FinetuneConfig
 
@@ -77,74 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        _report(f"{PROG}: error: {message} (see --help)", everywhere=True)
+        report(f"{PROG}: error: {message} (see --help)", everywhere=True, prog=PROG)
         raise SystemExit(2)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
-def _local_speaker() -> bool:
-    """Whether this process prints what every process knows: the first process of its host."""
-    return int(os.environ.get("LOCAL_RANK", _rank())) == 0
-
-
-def _report(line: str, *, everywhere: bool) -> None:
-    """One line on stderr: once per host when every rank has the same line, else on each rank, marked
-    with its rank. Under torchrun also this rank's error file (torchrun shows it as the root cause)."""
-    rank = _rank()
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    if not everywhere and world > 1:
-        line = line.replace(f"{PROG}:", f"{PROG} (rank {rank}):", 1)
-    if not everywhere or _local_speaker():
-        print(line, file=sys.stderr, flush=True)
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
-        with contextlib.suppress(OSError), open(error_file, "w") as f:
-            json.dump(record, f)
 
 
 def main(argv: list[str] | None = None, *, inspect=None) -> int:
     """``launch/finetune.py``. ``inspect(step, grads)``, if given, sees every parameter's full gradient
     (by name, float32) at each step's boundary, before clipping and the update."""
     # Ctrl-C: one line and exit code 130 on every rank; a process started to ignore it (nohup) keeps so
-    ours = _main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
-    previous = signal.signal(signal.SIGINT, _interrupted) if ours else None
-    try:
+    with exit_on_interrupt(PROG):
         args = build_parser().parse_args(argv)
         overrides = {k: v for k, v in vars(args).items() if k != "config"}
         try:
-            cfg = _same_everywhere(lambda: FinetuneConfig.load(args.config, overrides))
+            cfg = same_everywhere(lambda: FinetuneConfig.load(args.config, overrides))
             return run(cfg, inspect=inspect)
         except StarError as exc:
-            _report(f"{PROG}: error: {exc}", everywhere=getattr(exc, "on_every_rank", False))
+            report(f"{PROG}: error: {exc}", everywhere=getattr(exc, "on_every_rank", False), prog=PROG)
             return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _same_everywhere(fn):
-    """``fn()``, which reads only the command line and the files it names (the same on every rank): an
-    error it raises is every rank's, so one process per host reports it."""
-    try:
-        return fn()
-    except StarInputError as exc:
-        exc.on_every_rank = True
-        raise
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _interrupted(signum, frame) -> None:
-    _report(f"{PROG}: interrupted", everywhere=True)
-    os._exit(130)
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -175,21 +124,6 @@ def _quiet_transformers():
     finally:
         if was:
             hf_logging.enable_progress_bar()
-
-
-def _everyone(world, step: str, fn):
-    """``fn()`` on every rank; an input error on any rank is raised on every rank."""
-    from ..distributed.agreement import agree
-
-    try:
-        result, error = fn(), None
-    except StarInputError as exc:
-        if world is None:
-            raise
-        result, error = None, str(exc)
-    if world is not None:
-        agree(world, step, {}, error)
-    return result
 
 
 def _share(world, obj):
@@ -251,19 +185,19 @@ def _run(cfg: FinetuneConfig, world, device: torch.device, inspect) -> int:
     from .tracking import TrainTracker
 
     dtype = _dtype(cfg, device)
-    ds_config = _same_everywhere(lambda: deepspeed_config(cfg.deepspeed, cfg, dtype)) if cfg.uses_deepspeed else None
+    ds_config = same_everywhere(lambda: deepspeed_config(cfg.deepspeed, cfg, dtype)) if cfg.uses_deepspeed else None
     if cfg.uses_deepspeed and world is None:
         raise StarInputError("a DeepSpeed run needs a launcher: deepspeed --num_gpus N launch/finetune.py ... (or "
                              "set deepspeed = '' for plain PyTorch in one process)")
     groups = TrainGroups.create(world, cfg.sp_size, cfg.collective_timeout_s)
     layout = groups.layout
     rank = layout.rank
-    tokenizer, model = _everyone(world, "load model", lambda: _load(cfg, device))
-    data = _everyone(world, "data", lambda: open_data(cfg, tokenizer, layout.dp_size))
+    tokenizer, model = everyone(world, "load model", lambda: _load(cfg, device))
+    data = everyone(world, "data", lambda: open_data(cfg, tokenizer, layout.dp_size))
     if cfg.wandb:
         from ..tracking import Tracker
 
-        _everyone(world, "wandb", Tracker.require)
+        everyone(world, "wandb", Tracker.require)
 
     def find_resume():  # on rank 0, which alone reads the out folder
         found = complete_checkpoints(cfg.out)
@@ -278,9 +212,7 @@ def _run(cfg: FinetuneConfig, world, device: torch.device, inspect) -> int:
 
     resume, error = _share(world, find_resume() if rank == 0 else None)
     if error:
-        exc = StarInputError(error)
-        exc.on_every_rank = True
-        raise exc
+        raise on_every_rank(StarInputError(error))
 
     module = TrainModule(model, attention=cfg.attention, sp=groups.sp, sp_rank=layout.sp_rank,
                          context_loss_weight=cfg.context_loss_weight, anchor_source=cfg.anchor_source,
@@ -332,7 +264,7 @@ def _run(cfg: FinetuneConfig, world, device: torch.device, inspect) -> int:
         for micro in range(gas):
             sample = next(stream)
             hook = None if inspect is None else (lambda grads, s=step: inspect(s, grads))
-            info = stepper.micro_step(sample, boundary=micro == gas - 1, parts=log_now, inspect=hook)
+            info = stepper.micro_step(sample, boundary=micro == gas - 1, inspect=hook)
             sums += torch.tensor([info["loss"], info.get("answer_loss") or 0.0, info.get("context_loss") or 0.0,
                                   info.get("context_loss") is not None, sample.tokens], dtype=torch.float64)
         sums = _sum_over(groups.dp, sums, device)  # every group's sample once: its SP ranks share it

@@ -49,17 +49,17 @@ def global_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor
 
 
 class TrainModule(torch.nn.Module):
-    """``forward(sample, parts)`` -> ``(share, info)``: this rank's share of the sample's loss (to
-    backpropagate) and ``info`` (floats: ``loss``, and with ``parts`` ``answer_loss`` and
-    ``context_loss``, the same on every rank of the group).
+    """``forward(sample)`` -> ``(share, info)``: this rank's share of the sample's loss (to
+    backpropagate) and ``info`` (floats: ``loss``, ``answer_loss`` and ``context_loss``, None when
+    ``context_loss_weight`` is 0; the same on every rank of the group).
 
     ``attention="star"``: ``star_train_loss`` over the group ``sp``. ``"global"``: every rank of the
     group runs the plain model on the same sample; the group's first rank carries the whole loss and
     the others a zero share, so the gradients summed over the group are the loss's gradient, as for
     star, and every step after it (DeepSpeed's scaling, the sums and averages) is the same.
 
-    Star's loss comes as one number; its parts cost one more forward pass without gradients (the
-    answer part alone, ``context_loss_weight=0``), so they are computed only when asked for.
+    Star's parts come with its loss (``return_parts``: one all-reduce of two numbers it makes anyway),
+    so every step has them at no extra cost.
     """
 
     def __init__(self, model, *, attention: str, sp, sp_rank: int, context_loss_weight: float,
@@ -72,7 +72,7 @@ class TrainModule(torch.nn.Module):
     def star_config(self, sample) -> StarConfig:
         return StarConfig(block_size=sample.block_size, anchor_size=sample.anchor_size, **self.star)
 
-    def forward(self, sample, parts: bool = False):
+    def forward(self, sample):
         ctx, tgt, labels = sample.context_ids, sample.target_ids, sample.labels
         if self.attention == "global":
             loss, answer, context = global_train_loss(self.model, ctx, tgt, labels, context_loss_weight=self.weight)
@@ -81,13 +81,8 @@ class TrainModule(torch.nn.Module):
                     "context_loss": None if context is None else float(context)}
             return share, info
         config = self.star_config(sample)
-        loss = star_train_loss(self.model, ctx, tgt, labels, config, self.sp, context_loss_weight=self.weight)
-        info = {"loss": float(loss.detach())}
-        if parts:
-            if self.weight:
-                with torch.no_grad():
-                    answer = float(star_train_loss(self.model, ctx, tgt, labels, config, self.sp).detach())
-                info.update(answer_loss=answer, context_loss=(info["loss"] - answer) / self.weight)
-            else:
-                info.update(answer_loss=info["loss"], context_loss=None)
+        loss, parts = star_train_loss(self.model, ctx, tgt, labels, config, self.sp, context_loss_weight=self.weight,
+                                      return_parts=True)
+        info = {"loss": float(loss.detach()), "answer_loss": float(parts["answer"]),
+                "context_loss": float(parts["context"].detach()) if self.weight else None}
         return loss, info

@@ -6,7 +6,7 @@
   on CUDA; on float32 the masters are the parameters).
 - ``DeepSpeedStepper``: a DeepSpeed engine (ZeRO stage 0-3 from ``configs/deepspeed/*.json``).
 
-Both: ``micro_step(sample, boundary, parts, inspect)`` runs one micro-batch (``inspect(grads)`` sees
+Both: ``micro_step(sample, boundary, inspect)`` runs one micro-batch (``inspect(grads)`` sees
 every parameter's full gradient, by name, at the step's boundary before clipping and the update),
 then ``stats()`` gives the step's gradient norm and learning rate; ``save(dir)`` / ``load(dir)``
 write and read the optimizer state, ``save_model(dir)`` the model in the transformers layout.
@@ -67,8 +67,8 @@ class TorchStepper:
     def separate_masters(self) -> bool:
         return self.masters is not self.params
 
-    def micro_step(self, sample, *, boundary: bool, parts: bool = False, inspect=None) -> dict:
-        share, info = self.module(sample, parts)
+    def micro_step(self, sample, *, boundary: bool, inspect=None) -> dict:
+        share, info = self.module(sample)
         # the mean over the step's micro-batches: each backward adds share / accumulation
         guarded_backward(share / self.cfg.gradient_accumulation_steps, self.groups.sp)
         if self.separate_masters:
@@ -201,8 +201,8 @@ class DeepSpeedStepper:
         self.names = [n for n, _ in _named_trainable(module)]
         self._stats: dict = {}
 
-    def micro_step(self, sample, *, boundary: bool, parts: bool = False, inspect=None) -> dict:
-        share, info = self.engine(sample, parts)
+    def micro_step(self, sample, *, boundary: bool, inspect=None) -> dict:
+        share, info = self.engine(sample)
         with guarded_step("backward", self.groups.sp):
             self.engine.backward(share * self.groups.layout.sp_size)  # see the class docstring
         if boundary:

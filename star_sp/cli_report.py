@@ -3,12 +3,14 @@
 A user error becomes the same error on every rank (``everyone``, ``same_everywhere``), is printed as one
 line, once, by the first process of each host (``report``), and under torchrun is also the root cause at
 the end of torchrun's failure report. Ctrl-C ends every process at once with exit code 130
-(``exit_on_interrupt``).
+(``exit_on_interrupt``). Lines start with the program's name, ``prog``: ``star-sp`` for the command,
+``star-sp finetune`` for the fine-tuning job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -18,6 +20,8 @@ import time
 import torch.distributed as dist
 
 from .errors import StarInputError
+
+PROG = "star-sp"
 
 
 def everyone(group, step: str, fn):
@@ -65,13 +69,13 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def report(line: str, *, everywhere: bool) -> None:
-    """Print ``line`` on stderr: once when every rank has the same line, else on each rank, marked with
-    its rank. Under torchrun the line also goes to this rank's error file, which torchrun shows as the
-    root cause at the end of its failure report."""
+def report(line: str, *, everywhere: bool, prog: str = PROG) -> None:
+    """Print ``line`` (``"{prog}: ..."``) on stderr: once when every rank has the same line, else on each
+    rank, marked with its rank (``"{prog} (rank 1): ..."``). Under torchrun the line also goes to this
+    rank's error file, which torchrun shows as the root cause at the end of its failure report."""
     rank = _rank()
     if not everywhere and _world() > 1:
-        line = line.replace("star-sp:", f"star-sp (rank {rank}):", 1)
+        line = line.replace(f"{prog}:", f"{prog} (rank {rank}):", 1)
     if not everywhere or speaks(rank):
         print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -81,22 +85,23 @@ def report(line: str, *, everywhere: bool) -> None:
             json.dump(record, f)
 
 
-def _interrupted(signum, frame) -> None:
-    report("star-sp: interrupted", everywhere=True)
+def _interrupted(prog: str, signum, frame) -> None:
+    report(f"{prog}: interrupted", everywhere=True, prog=prog)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     os._exit(130)
 
 
 @contextlib.contextmanager
-def exit_on_interrupt():
-    """Ctrl-C ends the command at once: one line, exit code 130, on every rank. A handler that exits,
-    not the usual KeyboardInterrupt: that exception can be lost (raised inside a ``__del__`` it is only
-    printed) and a rank that goes on alone keeps its peers waiting until the launcher kills them."""
+def exit_on_interrupt(prog: str = PROG):
+    """Ctrl-C ends the command at once: one line (``"{prog}: interrupted"``), exit code 130, on every
+    rank. A handler that exits, not the usual KeyboardInterrupt: that exception can be lost (raised
+    inside a ``__del__`` it is only printed) and a rank that goes on alone keeps its peers waiting
+    until the launcher kills them."""
     try:
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started to ignore Ctrl-C (nohup, cmd &): keep it so
             raise ValueError
-        previous = signal.signal(signal.SIGINT, _interrupted)
+        previous = signal.signal(signal.SIGINT, functools.partial(_interrupted, prog))
     except ValueError:  # that, or not the main thread: signals are not ours to handle
         yield
         return

@@ -6,7 +6,8 @@ Checks, on every rank, against the float64 oracle computed on the CPU: exact rin
 log-sum-exp and gradients) and the two Star phases (output), in float32 and bfloat16, each within a
 bound derived from the plain implementation's error in the same dtype (``_bound``); then the
 engine: greedy tokens of a tiny float32 model under Star (anchor broadcast and recomputed) and ring
-attention equal those of one process. Prints one line per check and exits 1 if any fails. Without
+attention equal those of one process; and training: ``star_train_loss`` + ``reduce_gradients``, every
+parameter gradient against the float64 oracle (``check_training``). Prints one line per check and exits 1 if any fails. Without
 CUDA it runs on gloo and the CPU (float64 and float32), which is how it is tested.
 """
 
@@ -153,6 +154,71 @@ def check_engine(group, device) -> list[tuple[str, float, float]]:
     return found
 
 
+def _train_loss_dense(model, ctx, tgt, labels, block, anchor):
+    """The plain model under the dense ``M_star`` mask (its own dtype and device): the training loss
+    of ``star_train_loss`` with context_loss_weight 0.5."""
+    import torch.nn.functional as F
+
+    ids = torch.cat([ctx, tgt], dim=1)
+    lc, total = ctx.shape[1], ids.shape[1]
+    dtype = next(model.parameters()).dtype
+    keep = star_mask(lc, block, anchor, total - lc, device=ids.device)
+    mask = torch.zeros(total, total, dtype=dtype, device=ids.device).masked_fill(~keep, float("-inf"))
+    logits = model(ids, attention_mask=mask[None, None].expand(ids.shape[0], 1, total, total)).logits
+    logits = logits.float() if dtype != torch.float64 else logits
+    loss = F.cross_entropy(logits[:, lc - 1: total - 1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return loss + 0.5 * F.cross_entropy(logits[:, : lc - 1].flatten(0, 1), ctx[:, 1:].flatten())
+
+
+def check_training(group, device, dtype) -> list[tuple[str, float, float]]:
+    """``star_train_loss`` + ``reduce_gradients`` across the group: every parameter gradient (norm-wise
+    relative error) against the float64 oracle on the CPU, within twice the plain model's error in
+    the same dtype on this device plus 4 eps (float64, with RMSNorm in float64 too: 1e-10)."""
+    import copy
+
+    from star_sp.testing import build, exact_norms
+    from star_sp.training import reduce_gradients, star_train_loss
+
+    def copy_in(model, dtype):  # float64 runs keep their norms in float64 too (the oracle's precision)
+        out = copy.deepcopy(model).to(device=device, dtype=dtype)
+        return exact_norms(out) if dtype == torch.float64 else out
+
+    world = dist.get_world_size(group)
+    base, _ = build("llama", dtype=torch.float64, head_dim=16)
+    gen = torch.Generator().manual_seed(5)
+    vocab = base.config.vocab_size
+    ctx = torch.randint(4, vocab, (2, 37 * world + 5), generator=gen)
+    tgt = torch.randint(4, vocab, (2, 9), generator=gen)
+    labels = tgt.clone()
+    labels[:, ::4] = -100
+    block, anchor = 37, 11
+
+    def grads(model, loss):
+        names = [n for n, _ in model.named_parameters()]
+        return dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+
+    oracle = exact_norms(copy.deepcopy(base))
+    oracle.set_attn_implementation("sdpa")
+    ref = grads(oracle, _train_loss_dense(oracle, ctx, tgt, labels, block, anchor))
+    plain = copy_in(base, dtype)
+    plain.set_attn_implementation("sdpa")
+    plain_grads = grads(plain, _train_loss_dense(plain, ctx.to(device), tgt.to(device), labels.to(device), block,
+                                                 anchor))
+    rel = lambda a, b: ((a.double().cpu() - b).norm() / b.norm()).item()  # noqa: E731
+    found = []
+    for source in ("broadcast", "recompute"):
+        model = copy_in(base, dtype)
+        cfg = StarConfig(block_size=block, anchor_size=anchor, anchor_source=source)
+        star_train_loss(model, ctx.to(device), tgt.to(device), labels.to(device), cfg, group,
+                        context_loss_weight=0.5).backward()
+        reduce_gradients(model, group)
+        worst = max(((rel(p.grad, ref[n]), 2 * rel(plain_grads[n], ref[n]) + 4 * torch.finfo(dtype).eps)
+                     for n, p in model.named_parameters()), key=lambda eb: eb[0] - eb[1])
+        bound = 1e-10 if dtype == torch.float64 else worst[1]
+        found.append((f"training {source}: worst parameter gradient", worst[0], bound))
+    return found
+
+
 def main() -> int:
     group, device, created = init_from_env(300.0)
     if group is None:
@@ -162,7 +228,7 @@ def main() -> int:
     results = []
     for dtype in dtypes:
         for name, err, bound in check_ring(group, device, dtype) + check_star(group, device, dtype, "broadcast") + \
-                check_star(group, device, dtype, "recompute"):
+                check_star(group, device, dtype, "recompute") + check_training(group, device, dtype):
             results.append((f"{name} [{str(dtype)[6:]}]", err, bound))
     results += check_engine(group, device)
     gathered = [None] * dist.get_world_size(group)

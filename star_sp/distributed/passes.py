@@ -39,6 +39,17 @@ from .phase2 import MERGES, phase2_attention
 from .ring import ring_attention
 
 
+def _same_backward(out: torch.Tensor, *unused: torch.Tensor) -> torch.Tensor:
+    """``out``, with tensors this host computed but does not use joined at weight 0 when gradients are
+    on: so that every host runs the same modules' backward (ZeRO-3 gathers a module's parameters in its
+    backward, on every rank alike; a projection whose output reaches no loss on one host would break
+    that). In training, a host without the query KV drops the target rows' K and V; an idle host's
+    stand-in row drops its Q and K."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in unused):
+        return out
+    return out + sum(0 * t.sum() for t in unused).to(out.dtype)
+
+
 @dataclass
 class StarContext:
     """What phase 1 made: this host's context KV and where the context sits. Read-only afterwards."""
@@ -112,7 +123,8 @@ class PrefillPass(_Pass):
                              check=self.check and layer == 0, timeout_s=cfg.collective_timeout_s,
                              keep_alive=self.keep_alive)
             self._tick(layer)
-            return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1).to(q.dtype)  # softmax over one key
+            out = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1).to(q.dtype)  # softmax over one key
+            return _same_backward(out, q, k)
         if self.distributed:
             out, _ = phase1_attention(q, k, v, layout, group=self.group, anchor_source=cfg.anchor_source,
                                       scale=scale, backend=cfg.backend, check=self.check and layer == 0,
@@ -167,7 +179,7 @@ class QueryPass(_Pass):
         else:
             out, _ = phase2_local(q, ctx_k, ctx_v, *query, scale=scale, backend=cfg.backend)
         self._tick(layer)
-        return out
+        return out if query is not None else _same_backward(out, k, v)  # K, V of the rows: dropped here
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         held = 0 if self.query_kv is None else self.query_kv.length[layer_idx]

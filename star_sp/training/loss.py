@@ -88,8 +88,9 @@ class _RankShare(torch.autograd.Function):
             with guarded_step("loss", group):
                 wait(dist.all_reduce(local, group=group, async_op=True), timeout_s, local)
         answer_total = replicated.detach() + local[0]
-        ctx.mark_non_differentiable(answer_total, local[1])
-        return answer_total + context_weight * local[1], answer_total, local[1].clone()
+        context_total = local[1].clone()
+        ctx.mark_non_differentiable(answer_total, context_total)
+        return answer_total + context_weight * local[1], answer_total, context_total
 
     @staticmethod
     def backward(ctx, grad, *unused):

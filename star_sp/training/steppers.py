@@ -135,36 +135,6 @@ OWNED_KEYS = {"optimizer": "lr, adam_betas, adam_eps, weight_decay", "scheduler"
               "bf16": "dtype", "fp16": "dtype"}
 
 
-def zero3_error(cfg, path: str) -> str | None:
-    """Why ZeRO stage 3 cannot train ``cfg``, or None.
-
-    ZeRO-3 gathers a module's parameters (one all-gather over every rank) when the module runs forward
-    and again when its backward runs, and reduce-scatters a parameter's gradient in buckets as soon as
-    that gradient is complete; so every rank must run the same modules' backwards in the same order.
-    In a Star group the forward passes match (every rank runs every module, an idle one over a
-    stand-in row), but the backward passes do not, because some projections' outputs never reach the
-    loss on some ranks (``star_sp/distributed/passes.py``):
-
-    - phase 2 (``QueryPass``): a host that does not hold the query KV computes the target rows'
-      ``k_proj`` and ``v_proj`` and drops them (only the query host attends the target's own KV), so
-      their backward runs on the query host alone;
-    - phase 1 on an idle host (``PrefillPass``, a context of fewer blocks than hosts): the stand-in
-      row's attention output is its ``v`` alone, so its ``q_proj`` and ``k_proj`` get no gradient.
-
-    Measured (CPU, 2 processes, sp_size 2, every parameter partitioned): in the last layer's backward
-    rank 0 gathers ``self_attn.q_proj`` where rank 1 gathers ``self_attn.v_proj``, and gloo fails with
-    "Received data size doesn't match expected size"; with an idle rank the gradient buckets of
-    ``k_proj`` and ``q_proj`` are cut at different points and the ranks time out. Adding those
-    outputs to the attention output with weight 0 on the ranks that drop them makes the two ranks'
-    gathers identical and the gradients the oracle's (``tests/test_finetune.py``, the ZeRO-3 test).
-    """
-    if cfg.attention == "star" and cfg.sp_size > 1:
-        return (f"ZeRO stage 3 ({path}) needs every rank to run the same modules in the same order, which the "
-                "ranks of a sequence-parallel Star group do not in the backward pass; use ZeRO stage 2 "
-                "(configs/deepspeed/zero2.json: optimizer states and gradients partitioned) or sp_size = 1")
-    return None
-
-
 def deepspeed_config(path: str, cfg, dtype: torch.dtype) -> dict:
     """The DeepSpeed config of ``path`` (ZeRO and communication settings) completed from the run config."""
     try:
@@ -182,10 +152,6 @@ def deepspeed_config(path: str, cfg, dtype: torch.dtype) -> dict:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise StarInputError(f"the DeepSpeed config {path} has ZeRO stage {stage!r}; use 0, 1, 2 or 3")
-    if stage == 3:
-        error = zero3_error(cfg, path)
-        if error:
-            raise StarInputError(error)
     ds = {k: v for k, v in ds.items() if k not in OWNED_KEYS}
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
               gradient_clipping=cfg.max_grad_norm, bf16={"enabled": dtype == torch.bfloat16},
@@ -209,8 +175,10 @@ class DeepSpeedStepper:
 
     the mean over data-parallel groups of each sample's exact gradient (a sequence-parallel group's
     sum, ``star_train_loss``'s contract). ZeRO partitions optimizer states (1), gradients (2) and
-    parameters (3) over all ``W`` ranks; stage 3 only where every rank runs the same modules
-    (``zero3_error``)."""
+    parameters (3) over all ``W`` ranks. Stage 3 needs every rank to run the same modules' forward and
+    backward in the same order (it gathers a module's parameters in both): in a Star group every rank
+    runs every module (an idle one over a stand-in row), and what a rank computes but does not use joins
+    its output at weight 0 (``distributed/passes.py: _same_backward``)."""
 
     def __init__(self, module, cfg, groups, ds_config: dict):
         import deepspeed

@@ -10,6 +10,7 @@ import os
 import torch.distributed as dist
 
 from .cli_model import load_model, load_tokenizer, model_config
+from .distributed.process_group import close_process_group
 from .cli_report import everyone, same_everywhere, speaks
 from .errors import StarInputError
 from .models import resolve_model
@@ -37,6 +38,7 @@ def evaluate(args) -> int:
     tasks, lengths, methods, cfg = same_everywhere(parse)
     args.model = cfg.model
     group, device, created = init_from_env(args.collective_timeout_s, cfg.device)
+    ok = False
     try:
         rank = dist.get_rank(group) if group is not None else 0
         path, config = everyone(group, "model config", lambda: model_config(cfg))
@@ -97,7 +99,8 @@ def evaluate(args) -> int:
             print(f"\nresults: {os.path.join(args.out, 'results.jsonl')}\nplots: {', '.join(plots)}"
                   + (f"\nW&B run: {tracker.directory}" if tracker.directory else ""))
             print(f"summary: {os.path.join(args.out, 'summary.md')}")
+        ok = True
     finally:
         if created:
-            dist.destroy_process_group()
+            close_process_group(ok)
     return 0

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from .cli_inputs import read_inputs
 from .cli_model import load_model, load_tokenizer, model_config
+from .distributed.process_group import close_process_group
 from .cli_report import everyone, same_everywhere, speaks
 
 
@@ -50,11 +51,14 @@ def generate(args) -> int:
         "temperature", "top_p", "top_k", "seed", "stop")}
     cfg = same_everywhere(lambda: RunConfig.load(args.config, overrides))
     group, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)
+    ok = False
     try:
-        return _generate(args, cfg, group, device)
+        code = _generate(args, cfg, group, device)
+        ok = code == 0
+        return code
     finally:
         if created:
-            dist.destroy_process_group()
+            close_process_group(ok)
 
 
 def _generate(args, cfg, group, device) -> int:

@@ -35,3 +35,17 @@ def init_from_env(timeout_s: float, device: str = "auto") -> tuple["dist.Process
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=dev if use_cuda else None)
     return dist.group.WORLD, dev, True
+
+
+def close_process_group(ok: bool, timeout_s: float = 60.0) -> None:
+    """Leave the default process group. After a run that ended well on this rank (``ok``), first meet
+    the other ranks at a barrier (at most ``timeout_s``): a rank that tore its gloo connections down
+    while a peer was still finishing the last collective made that peer abort at exit ("terminate
+    called without an active exception") now and then. After an error, leave at once: a peer may be
+    gone, and waiting for it would only delay the exit."""
+    if ok:
+        try:
+            dist.barrier(async_op=True).wait(datetime.timedelta(seconds=timeout_s))
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+            pass
+    dist.destroy_process_group()

@@ -76,10 +76,16 @@ def length_figure(summary: dict):
     ax.set_xticks(lengths, [length_label(n) for n in lengths])
     if len(lengths) == 1:
         ax.set_xlim(lengths[0] / 1.5, lengths[0] * 1.5)
-    ax.set_xlabel("context length (tokens)")
+    return _score_axes(fig, ax, "context length (tokens)", "accuracy against context length")
+
+
+def _score_axes(fig, ax, xlabel: str, title: str):
+    """The labels, score range and legend both figures share (the legend outside the axes: it covers
+    nothing drawn)."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("average score (0-100)")
     ax.set_ylim(0, 102)
-    ax.set_title("accuracy against context length")
+    ax.set_title(title)
     fig.legend(loc="outside right upper", fontsize=8)
     return fig
 
@@ -105,12 +111,8 @@ def block_anchor_figure(summary: dict):
                       linestyles="--", linewidth=1.5, zorder=BASELINE_ZORDER,
                       label="global (exact) at that length" if i == 0 else None)
     ax.set_xticks(range(len(star)), [method_label(m).replace(", ", ",\n") for m in star], fontsize=8)
-    ax.set_xlabel("Star Attention setting (block size as a share of the context length L; anchor size)")
-    ax.set_ylabel("average score (0-100)")
-    ax.set_ylim(0, 102)
-    ax.set_title("accuracy against block and anchor size")
-    fig.legend(loc="outside right upper", fontsize=8)
-    return fig
+    return _score_axes(fig, ax, "Star Attention setting (block size as a share of the context length L; anchor size)",
+                       "accuracy against block and anchor size")
 
 
 def write_plots(summary: dict, out_dir: str) -> list[str]:

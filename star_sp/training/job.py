@@ -99,15 +99,18 @@ def main(argv: list[str] | None = None, *, inspect=None) -> int:
 # -- the run ------------------------------------------------------------------------------------------
 
 def run(cfg: FinetuneConfig, *, inspect=None) -> int:
-    from ..distributed.process_group import init_from_env
+    from ..distributed.process_group import close_process_group, init_from_env
 
     world, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)
+    ok = False
     try:
         with _quiet_transformers():
-            return _run(cfg, world, device, inspect)
+            code = _run(cfg, world, device, inspect)
+        ok = code == 0
+        return code
     finally:
         if created and dist.is_initialized():
-            dist.destroy_process_group()
+            close_process_group(ok)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ oracle, _ = star_reference(q.cpu(), k.cpu(), v.cpu(), context_len=context_len, b
                            anchor_size=config.anchor)
 diffs = [out.cpu().double() - oracle[:, :, start:end], query_out.cpu().double() - oracle[:, :, query]]
 error = torch.cat([d.flatten() for d in diffs]).abs().max().item()
-print(f"rank {rank}: context tokens [{start}, {end}), largest error against the float64 oracle {error:.1e}")
+print(f"rank {rank}: context tokens [{start}, {end}), largest error against the float64 oracle {error:.1e}\n",
+      end="", flush=True)  # one write per line: the ranks share the terminal
 assert error < 1e-4, error  # float32 on CPU: about 1e-6 (docs/accuracy.md, section 1)
 dist.destroy_process_group()

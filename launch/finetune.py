@@ -19,4 +19,7 @@ if __name__ == "__main__":
     from star_sp.training.job import main
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    sys.exit(main(argv))
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see launch/infer.py: skip the interpreter's teardown once the work is done

@@ -23,4 +23,8 @@ if __name__ == "__main__":
     from star_sp.cli import main
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    sys.exit(main(["generate", *argv]))
+    code = main(["generate", *argv])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the process group is already closed: skip the interpreter's teardown, whose C++
+    # destructors now and then abort a launched process ("terminate called without an active exception")

@@ -127,7 +127,7 @@ class _Parser(argparse.ArgumentParser):
     command line)."""
 
     def error(self, message: str):
-        report(f"{self.prog}: error: {message} (see {self.prog} --help)", everywhere=True)
+        report(f"{self.prog}: error: {message} (see {self.prog} --help)", everywhere=True, exiting=True)
         raise SystemExit(2)
 
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return {"generate": generate, "eval": evaluate}[args.command](args)
         except StarError as exc:
-            report(f"star-sp: error: {exc}", everywhere=getattr(exc, "on_every_rank", False))
+            report(f"star-sp: error: {exc}", everywhere=getattr(exc, "on_every_rank", False), exiting=True)
             return 1
 
 

@@ -69,7 +69,10 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def report(line: str, *, everywhere: bool, prog: str = PROG) -> None:
+SILENT_EXIT_DELAY_S = 3.0
+
+
+def report(line: str, *, everywhere: bool, prog: str = PROG, exiting: bool = False) -> None:
     """Print ``line`` (``"{prog}: ..."``) on stderr: once when every rank has the same line, else on each
     rank, marked with its rank (``"{prog} (rank 1): ..."``). Under torchrun the line also goes to this
     rank's error file, which torchrun shows as the root cause at the end of its failure report."""
@@ -83,6 +86,10 @@ def report(line: str, *, everywhere: bool, prog: str = PROG) -> None:
         record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
         with contextlib.suppress(OSError), open(error_file, "w") as f:
             json.dump(record, f)
+    if exiting and everywhere and _world() > 1 and not speaks(rank):
+        # a rank that stays silent leaves the line to the first process of its host; if it exited first, the
+        # launcher would stop that process before it printed (torchrun ends the others when one fails)
+        time.sleep(SILENT_EXIT_DELAY_S)
 
 
 def _interrupted(prog: str, signum, frame) -> None:

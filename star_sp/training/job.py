@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        report(f"{PROG}: error: {message} (see --help)", everywhere=True, prog=PROG)
+        report(f"{PROG}: error: {message} (see --help)", everywhere=True, prog=PROG, exiting=True)
         raise SystemExit(2)
 
 
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None, *, inspect=None) -> int:
             cfg = same_everywhere(lambda: FinetuneConfig.load(args.config, overrides))
             return run(cfg, inspect=inspect)
         except StarError as exc:
-            report(f"{PROG}: error: {exc}", everywhere=getattr(exc, "on_every_rank", False), prog=PROG)
+            report(f"{PROG}: error: {exc}", everywhere=getattr(exc, "on_every_rank", False), prog=PROG,
+                   exiting=True)
             return 1
 
 

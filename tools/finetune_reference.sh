@@ -15,6 +15,7 @@ common=(--config configs/finetune-reference.toml --deepspeed '' --wandb '' --ste
 timeout "$seconds" $PYTHON launch/finetune.py "${common[@]}" --attention star --out "$out/star" > "$out/star.log" 2>&1 &
 timeout "$seconds" $PYTHON launch/finetune.py "${common[@]}" --attention global --out "$out/global" > "$out/global.log" 2>&1 &
 wait
+RECIPE="bash tools/finetune_reference.sh $* (FINETUNE_ARGS='${FINETUNE_ARGS:-}' SAVE_EVERY=${SAVE_EVERY:-25})" \
 $PYTHON - "$out" <<'PY'
 import glob, json, os, sys
 import torch
@@ -32,7 +33,7 @@ for run, name in (("star", "reference-anchor"), ("global", "reference-global-con
     rows = [json.loads(l) for l in open(f"{out}/{run}/train_log.jsonl")]
     with open(f"{out}/{name}/training_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-    json.dump({"run": run, "step": step, "from": "star_sp/models/reference", "command": " ".join(sys.argv)},
-              open(f"{out}/{name}/recipe.json", "w"))
+    json.dump({"run": run, "step": step, "from": "star_sp/models/reference", "command": os.environ["RECIPE"],
+               "config": json.load(open(f"{src}/trainer_state.json"))["config"]}, open(f"{out}/{name}/recipe.json", "w"), indent=1)
     print(name, "step", step, "MB", round(os.path.getsize(f"{out}/{name}/model.safetensors") / 2**20, 1))
 PY

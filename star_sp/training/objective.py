@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import StarConfig
+from ..ops.backends import many_shapes
 from .loss import IGNORE_INDEX, star_train_loss
 
 
@@ -58,6 +59,10 @@ class TrainModule(torch.nn.Module):
     the others a zero share, so the gradients summed over the group are the loss's gradient, as for
     star, and every step after it (DeepSpeed's scaling, the sums and averages) is the same.
 
+    Both run under ``many_shapes()``: every sample has its own length and block sizes, so the attention
+    kernels are the ones without a per-shape setup cost (``backend='auto'``; a named backend is used as
+    named).
+
     Star's parts come with its loss (``return_parts``: one all-reduce of two numbers it makes anyway),
     so every step has them at no extra cost.
     """
@@ -73,6 +78,10 @@ class TrainModule(torch.nn.Module):
         return StarConfig(block_size=sample.block_size, anchor_size=sample.anchor_size, **self.star)
 
     def forward(self, sample):
+        with many_shapes():
+            return self._forward(sample)
+
+    def _forward(self, sample):
         ctx, tgt, labels = sample.context_ids, sample.target_ids, sample.labels
         if self.attention == "global":
             loss, answer, context = global_train_loss(self.model, ctx, tgt, labels, context_loss_weight=self.weight)

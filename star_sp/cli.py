@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", help="run config (TOML); flags override its values (configs/example-cpu.toml, "
                    "configs/llama-3.1-8b-random.toml)")
     g.add_argument("--model", help="model directory in the transformers layout (config, weights, tokenizer), "
-                   "or 'reference' for the model shipped with star-sp")
+                   "or 'reference' / 'reference-anchor' for the models shipped with star-sp")
     g.add_argument("--random-weights", action="store_true", default=None,
                    help="build the model from its config with random weights (for timings)")
     g.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"),
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                "      --dtype float32 --out runs/eval-2hosts                                   # two hosts",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", required=True,
-                    help="model directory with tokenizer files, or 'reference' for the model shipped with star-sp")
+                    help="model directory with tokenizer files, or 'reference' / 'reference-anchor' for the models shipped with star-sp")
     ev.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"), default="auto")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--tasks", default="all", help="comma-separated tasks or families (niah_single, vt, ...) or all")

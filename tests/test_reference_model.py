@@ -28,6 +28,28 @@ def test_it_loads_offline_within_the_size_limit(monkeypatch):
     assert recipe["args"]["max_length"] >= 16384 and recipe["final_log"]["answer_loss"] < 1.0
 
 
+def test_the_anchor_tuned_model_ships_beside_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+
+    from star_sp import StarInputError
+    from star_sp.models import resolve_model
+
+    tuned = reference_model_path("anchor")
+    assert resolve_model("reference-anchor") == tuned and tuned != REFERENCE
+    files = os.listdir(tuned)
+    assert sum(os.path.getsize(os.path.join(tuned, f)) for f in files if f.startswith("model.")) <= 15 * 2**20
+    config = AutoConfig.from_pretrained(tuned)
+    assert str(config.dtype).removeprefix("torch.") == "bfloat16"
+    assert config.num_hidden_layers == AutoConfig.from_pretrained(REFERENCE).num_hidden_layers
+    recipe = json.load(open(os.path.join(tuned, "recipe.json")))
+    assert recipe["run"] == "star" and recipe["config"]["attention"] == "star"
+    with open(os.path.join(tuned, "training_log.jsonl")) as f:
+        assert json.loads(f.read().splitlines()[-1])["step"] == recipe["step"]
+    with pytest.raises(StarInputError, match="choose one of"):
+        reference_model_path("tuned")
+
+
 def _argv(out, *extra):
     return ["--model", "reference", "--tasks", "niah_single_2,niah_multikey_1", "--lengths", "700",
             "--attention", "global,star", "--block-size", "1/2", "--anchor-size", "block", "--samples", "2",

@@ -14,6 +14,10 @@ It loads offline::
     tokenizer = AutoTokenizer.from_pretrained(reference_model_path())
 
 The command line takes ``--model reference`` for it.
+
+``reference-anchor``: the same model fine-tuned under the anchor pattern (Star Attention's phase 1,
+random block and anchor sizes per sample) with ``tools/finetune_reference.sh``; ``reference_model_path
+("anchor")``, ``--model reference-anchor``. Its ``recipe.json`` and ``training_log.jsonl`` record how.
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ import os
 
 from ..errors import StarInputError
 
-SHIPPED = {"reference": os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")}
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = {"reference": os.path.join(_HERE, "reference"), "reference-anchor": os.path.join(_HERE, "reference-anchor")}
+VARIANTS = {"": "reference", "anchor": "reference-anchor"}
 
 
-def reference_model_path() -> str:
-    """The directory of the shipped reference model (transformers layout)."""
-    path = SHIPPED["reference"]
+def reference_model_path(variant: str = "") -> str:
+    """The directory of a shipped reference model (transformers layout): ``""`` the reference model,
+    ``"anchor"`` the one fine-tuned under the anchor pattern."""
+    if variant not in VARIANTS:
+        raise StarInputError(f"no shipped reference model {variant!r}; choose one of "
+                             f"{', '.join(repr(v) for v in VARIANTS)}")
+    path = SHIPPED[VARIANTS[variant]]
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         raise StarInputError(f"the reference model's weights are missing from {path}: reinstall star-sp "
                              "(the package data was not installed)")
@@ -40,21 +50,22 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def resolve_model(name: str, *, weights: bool = True) -> str:
-    """The directory of the model ``name``: a shipped model (``reference``), a directory in the
+    """The directory of the model ``name``: a shipped model (``reference``, ``reference-anchor``), a directory in the
     transformers layout, or a hub-style name (``org/model``) already in the local hub cache.
 
     Raises ``StarInputError`` naming what is missing: the directory, its ``config.json``, or (when
     ``weights``) its weight files. Nothing is downloaded.
     """
     if name in SHIPPED and not os.path.isdir(name):
-        return reference_model_path()
+        return reference_model_path({v: k for k, v in VARIANTS.items()}[name])
     path = os.path.expanduser(name)
     if not os.path.isdir(path):
         path = _cached_hub_model(name)
     if path is None:
         what = "is a file, not a directory" if os.path.exists(name) else "does not exist"
         raise StarInputError(f"model directory {name} {what}: pass a directory in the transformers layout "
-                             "(config.json, weights, tokenizer) or 'reference' for the model shipped with star-sp")
+                             "(config.json, weights, tokenizer) or 'reference' (or 'reference-anchor') for a model shipped "
+                             "with star-sp")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise StarInputError(f"model directory {name} has no config.json: it is not a model in the transformers "
                              "layout (save one with model.save_pretrained(DIR))")

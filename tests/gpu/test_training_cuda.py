@@ -67,3 +67,15 @@ def test_training_step_gradients_on_cuda(dtype, backend, lc, lt, block, anchor, 
     for name, p in low.named_parameters():
         bound = 2 * _rel(plain_grads[name], ref[name]) + 4 * eps
         assert _rel(p.grad, ref[name]) <= bound, (name, _rel(p.grad, ref[name]), bound)
+
+
+def test_many_shapes_prefers_kernels_without_a_per_shape_setup():
+    from star_sp.ops.backends import many_shapes, select_kernel
+
+    q = torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 4096, 64, device="cuda", dtype=torch.bfloat16)
+    outside = select_kernel("auto", q, k).name
+    with many_shapes():
+        assert select_kernel("auto", q, k).name == "flash"
+        assert select_kernel("cudnn", q, k).name == "cudnn"  # a named backend is used as named
+    assert select_kernel("auto", q, k).name == outside

@@ -1,8 +1,10 @@
 """One model forward pass under Star Attention, independent of any model framework.
 
-A framework adapter (``integrations/``) hands a ``StarPass`` to the model as its KV cache and as the
-state its attention layers read. For each layer the model calls ``update(k, v, layer)`` (store KV
-by the phase's policy) and then ``attend(layer, q, k, v, scale)``:
+A framework adapter (``integrations/``) hands a pass to the model's attention layers (transformers: as
+its KV cache, through ``TransformersCache``; Megatron-core: through the core-attention module's step).
+For each layer the adapter calls ``update(k, v, layer)`` (store KV by the phase's policy) and then
+``attend(layer, q, k, v, scale)``; ``seq_length(layer)`` is how many tokens precede the pass's rows'
+keys (the context, and the query KV held so far):
 
 - ``PrefillPass`` (phase 1): the rows are this host's blocks (``[anchor ;] own blocks`` in recompute
   mode). One process holding every block runs them as one block-sparse call; several hosts run
@@ -79,7 +81,6 @@ class _Pass:
     check: bool = True
     """Run phase 1's or phase 2's agreement step (tensor shapes, dtypes) in the first layer."""
     progress: Callable[[int, int], None] | None = None
-    is_compileable: bool = field(default=False, init=False)
 
     @property
     def group(self):
@@ -93,8 +94,7 @@ class _Pass:
         if self.progress is not None:
             self.progress(layer + 1, self.num_layers)
 
-    # transformers asks these of a cache object
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def seq_length(self, layer: int = 0) -> int:
         return self.context.context_len
 
 
@@ -181,8 +181,8 @@ class QueryPass(_Pass):
         self._tick(layer)
         return out if query is not None else _same_backward(out, k, v)  # K, V of the rows: dropped here
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        held = 0 if self.query_kv is None else self.query_kv.length[layer_idx]
+    def seq_length(self, layer: int = 0) -> int:
+        held = 0 if self.query_kv is None else self.query_kv.length[layer]
         return self.context.context_len + held
 
 
@@ -236,5 +236,5 @@ class DecodeStepPass(_Pass):
             self.query_kv.advance(1)
         self._valid = None
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def seq_length(self, layer: int = 0) -> int:
         return self.context.context_len + (0 if self.query_kv is None else self.query_kv.capacity)

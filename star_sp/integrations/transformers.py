@@ -47,6 +47,23 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     return state.attend(module.layer_idx, query, key, value, scaling).transpose(1, 2), None
 
 
+class TransformersCache:
+    """transformers' cache protocol around a pass (``distributed/passes.py``): the attention module calls
+    ``update(k, v, layer_idx, cache_kwargs)`` before the attention function, and the model asks
+    ``get_seq_length()`` for the rows' positions; KV policy stays in the pass."""
+
+    is_compileable = False
+
+    def __init__(self, state):
+        self.state = state
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.state.update(k, v, layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.state.seq_length(layer_idx)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
@@ -208,7 +225,7 @@ class StarEngine:
     def _forward(self, state, ids: torch.Tensor, positions: torch.Tensor, **kw):
         fn = self.model if kw.get("logits_to_keep") is not None else self.base
         return fn(input_ids=ids.to(self.device), position_ids=positions.to(self.device).unsqueeze(0),
-                  use_cache=True, star=state, **{self._cache_kwarg: state}, **kw)
+                  use_cache=True, star=state, **{self._cache_kwarg: TransformersCache(state)}, **kw)
 
     # -- phase 1 ------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from ..distributed.collectives import tie
 from ..distributed.guard import guarded_step, wait
 from ..distributed.kv_cache import ContextKV, TrainingQueryKV
 from ..distributed.passes import PrefillPass, QueryPass, StarContext
+from ..distributed.rows import Phase1Rows, phase1_rows
 from ..errors import StarInputError
 from ..integrations.transformers import ATTENTION_NAME, StarEngine, _check_ids, _fingerprint, dropout_error
 from ..layout import BlockLayout
@@ -158,41 +159,37 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
 
 def _context_stream(engine: StarEngine, context: StarContext, context_ids, labels, n_labelled: int,
                     weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 1 over this rank's rows, with the loss terms its rows own: ``(answer, context)``, the first
-    label's term (on the last host: ``labels[:, 0]`` from the last context token, over ``n_labelled``)
-    and the context's mean next-token loss over its positions ``i < Lc - 1`` (when ``weight > 0``).
+    """Phase 1 over this rank's rows (``distributed/rows.py``), with the loss terms its rows own:
+    ``(answer, context)`` (``phase1_terms``).
 
     Every rank runs the same modules in forward and backward (ZeRO-3 gathers parameters per module):
     an idle rank runs one stand-in row, and logits of at least one row always join the loss, with
     weight 0 where no term needs them."""
     state = PrefillPass(context, engine.num_layers, check=True)
     state.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
-    layout, config = context.layout, context.config
-    device = engine.device
-    zero = torch.zeros((), dtype=torch.float64 if next(engine.model.parameters()).dtype == torch.float64
-                       else torch.float32, device=device)
-    lc = layout.context_len
-    if layout.is_idle:  # one stand-in row (PrefillPass keeps none of it)
-        ids, positions, predicting, last = context_ids[:, :1], torch.arange(1), range(0), False
-        rows = [0]
-    else:
-        recompute = config.anchor_source == "recompute"
-        skip = layout.anchor_rows(recompute)
-        start, end = layout.token_range
-        ids = layout.shard(context_ids, 1)
-        if skip:
-            ids = torch.cat([context_ids[:, :skip], ids], dim=1)
-        positions = layout.positions(recompute)
-        predicting = range(start, min(end, lc - 1)) if weight > 0 else range(0)  # position i predicts i + 1
-        rows = [skip + i - start for i in predicting]
-        last = layout.is_query_host and n_labelled > 0  # position Lc - 1 predicts labels[:, 0]
-        if last:
-            rows.append(skip + lc - 1 - start)
-        rows = rows or [ids.shape[1] - 1]
-    logits = engine._forward(state, ids, positions, logits_to_keep=torch.tensor(rows, device=device)).logits
-    answer = _ce_sum(logits[:, -1:], labels[:, :1]) / n_labelled if last else 0 * logits.sum().to(zero.dtype)
-    context_mean = zero
-    if predicting:
-        targets = context_ids[:, predicting.start + 1: predicting.stop + 1]
-        context_mean = _ce_sum(logits[:, : len(predicting)], targets) / (context_ids.shape[0] * (lc - 1))
+    rows = phase1_rows(context.layout, context_ids, recompute=context.config.anchor_source == "recompute",
+                       context_loss=weight > 0, answer_from_last=n_labelled > 0)
+    keep = torch.tensor(rows.keep, device=engine.device)
+    logits = engine._forward(state, rows.ids, rows.positions, logits_to_keep=keep).logits
+    answer, context_mean = phase1_terms(logits, rows, context_ids, labels, n_labelled)
     return tie(answer, *state.keep_alive), context_mean
+
+
+def phase1_terms(kept_logits: torch.Tensor, rows: Phase1Rows, context_ids: torch.Tensor, labels: torch.Tensor,
+                 n_labelled: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(answer, context)``: the loss terms of one rank's phase-1 rows, from the logits of
+    ``rows.keep`` (``kept_logits [B, len(keep), V]``). ``answer`` is the first label's term (the last
+    context token, over ``n_labelled``; 0 x the logits elsewhere, so every rank's rows join the
+    backward); ``context`` the rank's part of the context's mean next-token loss (over ``B * (Lc - 1)``
+    terms; 0 when ``rows.predicting`` is empty)."""
+    real = torch.float64 if kept_logits.dtype == torch.float64 else torch.float32
+    if rows.last:
+        answer = _ce_sum(kept_logits[:, -1:], labels[:, :1]) / n_labelled
+    else:
+        answer = 0 * kept_logits.sum().to(real)
+    context_mean = torch.zeros((), dtype=real, device=kept_logits.device)
+    if rows.predicting:
+        p = rows.predicting
+        targets = context_ids[:, p.start + 1: p.stop + 1]
+        context_mean = _ce_sum(kept_logits[:, : len(p)], targets) / (context_ids.shape[0] * (context_ids.shape[1] - 1))
+    return answer, context_mean

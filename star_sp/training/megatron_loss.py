@@ -1,0 +1,152 @@
+"""The training loss of a Megatron-core GPT model under Star Attention: ``megatron_train_loss``.
+
+The same loss and the same gradient contract as ``star_train_loss`` (``loss.py``), for a ``GPTModel``
+built with ``integrations.megatron.star_layer_spec``, with Megatron's context-parallel (CP) group as the
+Star group. Each CP rank runs ONE forward over its rows (``distributed/rows.py``)::
+
+    [ phase-1 rows (its blocks, behind the anchor) | target rows (question and answer, on every rank) ]
+
+and keeps its share of the loss: its context rows' terms, and the target rows' terms on the last rank
+only (``_RankShare``: one all-reduce gives every rank the loss's value). After ``loss.backward()`` on
+every rank, ``reduce_gradients(model, cp_group)`` (the same function as for transformers models) leaves
+on every rank exactly the gradient of the loss for the same model under the dense ``M_star`` mask over
+``[context ; target]``.
+
+``attention="global"``: the same with one block (the last rank runs the whole context, the others a
+stand-in row), exact causal attention. ``attention="ring"``: exact ring attention over the whole
+``[context ; target]`` split zigzag over the ranks, every row's terms counted where the row is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from ..config import StarConfig
+from ..distributed.agreement import agree
+from ..distributed.collectives import tie
+from ..distributed.guard import guarded_step
+from ..distributed.kv_cache import ContextKV, TrainingQueryKV
+from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
+from ..distributed.rows import phase1_rows
+from ..errors import StarInputError
+from ..integrations.megatron import ATTENTIONS, Step, _forward, _group_size, use_star_positions
+from ..integrations.transformers import _check_ids, _fingerprint
+from ..layout import BlockLayout, RingLayout
+from .loss import IGNORE_INDEX, _ce_sum, _RankShare, phase1_terms
+
+
+def _check(model, context_ids, target_ids, labels, weight, attention) -> str | None:
+    vocab = getattr(model, "vocab_size", None) or model.config.padded_vocab_size
+    error = _check_ids("context_ids", context_ids, vocab) or _check_ids("target_ids", target_ids, vocab)
+    if error:
+        return error
+    if attention not in ATTENTIONS:
+        return f"attention must be one of {ATTENTIONS}, got {attention!r}"
+    if context_ids.shape[0] != target_ids.shape[0]:
+        return (f"context_ids has batch {context_ids.shape[0]} but target_ids has batch {target_ids.shape[0]}; "
+                "pass one target segment per context")
+    if not isinstance(labels, torch.Tensor) or labels.shape != target_ids.shape or labels.is_floating_point():
+        return (f"labels must be a LongTensor of target_ids' shape {tuple(target_ids.shape)} (token ids, -100 where "
+                "ignored)")
+    bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))]
+    if bad.numel():
+        return f"labels hold token id {int(bad[0])}, outside the model's vocabulary of {vocab} ids"
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        return f"context_loss_weight must be a finite number >= 0, got {weight!r}"
+    if not bool((labels != IGNORE_INDEX).any()) and (weight == 0 or context_ids.shape[1] < 2):
+        return "nothing to learn from: every label is -100 and there is no context loss; label a target token"
+    cfg = model.config
+    if (cfg.hidden_dropout or 0) > 0 or (cfg.attention_dropout or 0) > 0:
+        return (f"the model uses dropout (hidden {cfg.hidden_dropout}, attention {cfg.attention_dropout}); every CP "
+                "rank computes the target rows and their masks would differ: set both to 0")
+    if getattr(cfg, "recompute_granularity", None):
+        return ("activation recomputation (recompute_granularity) would repeat Star's collectives out of order in "
+                "the backward pass; turn it off")
+    return None
+
+
+def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
+                        config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
+                        context_loss_weight: float = 0.0, attention: str = "star", return_parts: bool = False):
+    """The loss of one training step (``star_train_loss``'s definition) for a Megatron-core GPT model,
+    differentiable; ``group`` is the CP group (None: one process). ``context_ids [B, Lc]``,
+    ``target_ids, labels [B, Lt]``: the full tensors on every rank. Any bad argument raises the same
+    ``StarInputError`` on every rank. ``return_parts``: also ``{"answer", "context"}``, detached."""
+    use_star_positions(model)
+    size, rank = _group_size(group)
+    error = _check(model, context_ids, target_ids, labels, context_loss_weight, attention)
+    if error is None and not isinstance(config, StarConfig):
+        error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
+    if group is not None:
+        meta = {"shapes": (tuple(context_ids.shape), tuple(target_ids.shape)) if error is None else None,
+                "ids": (_fingerprint(context_ids), _fingerprint(target_ids), _fingerprint(labels + 100))
+                if error is None else None, "attention": attention, "weight": context_loss_weight,
+                "config": config.to_dict() if isinstance(config, StarConfig) else None}
+        with guarded_step("train", group):
+            agree(group, "train", meta, error)
+    elif error is not None:
+        raise StarInputError(error)
+
+    batch, lc = context_ids.shape
+    lt = target_ids.shape[1]
+    n_labelled = int((labels != IGNORE_INDEX).sum())
+    num_layers = model.config.num_layers
+    weight = float(context_loss_weight)
+    if attention == "ring" and size > 1 and lc + lt >= 2 * size:
+        return _ring_loss(model, context_ids, target_ids, labels, config, group, weight, n_labelled, return_parts)
+    if attention != "star":
+        config = replace(config, block_size=lc, anchor_size=lc)
+    layout = BlockLayout.from_config(config, lc, size, rank)
+    rows = phase1_rows(layout, context_ids, recompute=config.anchor_source == "recompute",
+                       context_loss=weight > 0, answer_from_last=n_labelled > 0)
+    context = StarContext(layout, config, batch, ContextKV(num_layers), group)
+    prefill = PrefillPass(context, num_layers)
+    prefill.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
+    query = QueryPass(context, num_layers, TrainingQueryKV(num_layers) if layout.is_query_host else None)
+    step = Step(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group)
+    logits = _forward(model, torch.cat([rows.ids, target_ids], dim=1), step)  # [B, rows + Lt, V]
+    answer, context_mean = phase1_terms(logits[:, rows.keep], rows, context_ids, labels, n_labelled)
+    answer = tie(answer, *prefill.keep_alive)
+    target = logits[:, rows.num_rows: rows.num_rows + lt - 1]
+    if lt > 1 and n_labelled:
+        replicated = _ce_sum(target, labels[:, 1:]) / n_labelled
+    else:  # every rank still runs phase 2's backward (its collectives): the rows join at weight 0
+        replicated = 0 * logits[:, rows.num_rows:].sum().to(answer.dtype)
+    loss, answer_part, context_part = _RankShare.apply(
+        replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, weight, group,
+        config.collective_timeout_s)
+    return (loss, {"answer": answer_part, "context": context_part}) if return_parts else loss
+
+
+def _ring_loss(model, context_ids, target_ids, labels, config, group, weight, n_labelled, return_parts):
+    """Ring attention over ``[context ; target]``: each rank's rows' terms, all local."""
+    size, rank = _group_size(group)
+    batch, lc = context_ids.shape
+    lt = target_ids.shape[1]
+    ids = torch.cat([context_ids, target_ids], dim=1)
+    layout = RingLayout(lc + lt, size, rank)
+    num_layers = model.config.num_layers
+    context = StarContext(layout, config, batch, ContextKV(num_layers), group)
+    positions = layout.positions()
+    step = Step(positions, layout.num_tokens, RingPrefillPass(context, num_layers), group=group)
+    logits = _forward(model, layout.shard(ids, 1), step)  # [B, rows, V]
+    # position p predicts token p + 1: a context token (p < Lc - 1) or a label (Lc - 1 <= p < Lc + Lt - 1)
+    ctx_rows = (positions < lc - 1).nonzero().flatten().tolist() if weight > 0 else []
+    ans_rows = ((positions >= lc - 1) & (positions < lc + lt - 1)).nonzero().flatten().tolist()
+    real = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    answer = 0 * logits.sum().to(real)  # every rank's rows join the backward
+    if ans_rows and n_labelled:
+        answer = answer + _ce_sum(logits[:, ans_rows], labels[:, positions[ans_rows] - lc + 1]) / n_labelled
+    context_mean = torch.zeros((), dtype=real, device=logits.device)
+    if ctx_rows:
+        context_mean = _ce_sum(logits[:, ctx_rows], context_ids[:, positions[ctx_rows] + 1]) / (batch * (lc - 1))
+    loss, answer_part, context_part = _RankShare.apply(
+        torch.zeros((), dtype=real, device=logits.device), answer, context_mean, 0.0, weight, group,
+        config.collective_timeout_s)
+    return (loss, {"answer": answer_part, "context": context_part}) if return_parts else loss
+
+
+__all__ = ["megatron_train_loss"]

@@ -1,0 +1,91 @@
+"""Star Attention in Megatron-core GPT models, on CPU with gloo, context parallelism 1-3: the loss and
+every parameter's gradient against the float64 oracle (the same weights through Megatron's own layers
+under the dense ``M_star`` mask), greedy tokens against the oracle's, and block >= sequence against
+Megatron's own ``DotProductAttention``.
+
+Tolerance: both sides run in float64 and differ only in the order of the attention's sums (the merge
+of blocks' parts and of the ranks' partial results; about 1e-15 relative per step), so 1e-9 leaves
+six orders of magnitude for accumulation through two layers and the loss.
+"""
+
+import pytest
+import torch
+
+megatron = pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install star-sp[megatron])")
+
+import megatron_common as mc  # noqa: E402
+
+TOL = 1e-9
+
+CASES = [  # (lc, lt, block, anchor, anchor source, context loss weight): awkward sizes
+    dict(lc=23, lt=5, block=8, anchor=3, anchor_source="broadcast", weight=0.3, batch=2),   # short last block
+    dict(lc=21, lt=4, block=8, anchor=8, anchor_source="recompute", weight=0.0, batch=1),   # anchor = block
+    dict(lc=6, lt=3, block=4, anchor=0, anchor_source="broadcast", weight=0.5, batch=2),    # anchor 0, lc < a + b
+    dict(lc=5, lt=3, block=4, anchor=4, anchor_source="broadcast", weight=0.2, batch=1),    # lc < anchor + block
+]
+
+
+def _check_train(results):
+    for r in results:
+        assert r["loss_error"] < TOL, r["loss_error"]
+        worst = max(r["grad_errors"].items(), key=lambda kv: kv[1])
+        assert worst[1] < TOL, worst
+    assert len({r["loss"] for r in results}) == 1  # the same loss on every rank
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_one_rank_gradients_equal_the_oracle(cluster, case):
+    _check_train(cluster(1).run(mc.train_step, CASES[case]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_context_parallel_gradients_equal_the_oracle(cluster, n, case):
+    _check_train(cluster(n).run(mc.train_step, CASES[case]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["global", "ring"])
+def test_global_and_ring_gradients_equal_the_causal_oracle(cluster, attention):
+    spec = dict(CASES[0], attention=attention)
+    _check_train(cluster(3).run(mc.train_step, spec))
+    _check_train(cluster(1).run(mc.train_step, spec))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_prefill_and_greedy_decode_equal_the_oracle(cluster, n):
+    spec = dict(CASES[0], lt=4, new=5)
+    for r in cluster(n).run(mc.generate, spec):
+        assert torch.equal(r["tokens"], r["oracle"]), (r["tokens"], r["oracle"])
+
+
+@pytest.mark.slow
+def test_ring_prefill_and_decode_equal_the_causal_oracle(cluster):
+    spec = dict(CASES[0], lt=4, new=4, attention="ring")
+    for r in cluster(2).run(mc.generate, spec):
+        assert torch.equal(r["tokens"], r["oracle"])
+
+
+def test_one_block_equals_megatrons_own_dot_product_attention(cluster):
+    """Block >= sequence: Star is causal attention, so it must equal the stock local spec's module."""
+    (error,) = cluster(1).run(mc.one_block_against_stock)
+    assert error < TOL, error
+
+
+def test_bad_input_on_one_rank_is_one_error_on_every_rank(cluster):
+    results = cluster(2).run(mc.bad_train, CASES[0], 1)
+    assert all("outside the model's vocabulary" in r for r in results), results
+    assert len(set(results)) == 1
+
+
+def test_bad_settings_are_refused_in_one_line():
+    from star_sp import StarConfig, StarInputError
+    from star_sp.integrations.megatron import star_layer_spec
+
+    with pytest.raises(StarInputError, match="must be a star_sp.StarConfig"):
+        star_layer_spec(object(), None)
+    with pytest.raises(StarInputError, match="attention must be one of"):
+        star_layer_spec(object(), StarConfig(block_size=8, anchor_size=2), attention="flash")
+    with pytest.raises(StarInputError, match="core_attention slot"):
+        star_layer_spec(object(), StarConfig(block_size=8, anchor_size=2))

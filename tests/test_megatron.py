@@ -89,3 +89,35 @@ def test_bad_settings_are_refused_in_one_line():
         star_layer_spec(object(), StarConfig(block_size=8, anchor_size=2), attention="flash")
     with pytest.raises(StarInputError, match="core_attention slot"):
         star_layer_spec(object(), StarConfig(block_size=8, anchor_size=2))
+
+
+def test_flags_give_the_spec_and_bad_ones_one_line():
+    import argparse
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from star_sp import StarInputError
+    from star_sp.integrations.megatron import StarCoreAttention
+    from star_sp.integrations.megatron_args import add_star_args, check_star_args, star_spec_from_args
+
+    parser = add_star_args(argparse.ArgumentParser())
+    local = get_gpt_layer_local_spec()
+    spec = star_spec_from_args(parser.parse_args(["--attention", "star", "--star-block-size", "64",
+                                                  "--star-anchor-size", "16"]), local)
+    slot = spec.submodules.self_attention.submodules.core_attention
+    assert slot.module is StarCoreAttention and slot.params["star"].anchor_size == 16
+    assert slot.params["attention"] == "star"
+    assert star_spec_from_args(parser.parse_args([]), local) is local  # Megatron's own attention, untouched
+    for argv, message in ((["--attention", "star"], "needs --star-block-size"),
+                          (["--attention", "star", "--star-block-size", "0"], "positive number"),
+                          (["--attention", "star", "--star-block-size", "8", "--star-anchor-size", "9"],
+                           "between 0 and the block size")):
+        with pytest.raises(StarInputError, match=message):
+            star_spec_from_args(parser.parse_args(argv), local)
+    args = parser.parse_args(["--attention", "star", "--star-block-size", "8"])
+    args.context_parallel_size = 3
+    with pytest.raises(StarInputError, match="must divide the number of processes"):
+        check_star_args(args, 4)
+    with pytest.raises(StarInputError, match="shorter than one token per"):
+        check_star_args(args, 3, sequence_length=2)
+    check_star_args(args, 6, sequence_length=3)

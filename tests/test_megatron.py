@@ -121,3 +121,22 @@ def test_flags_give_the_spec_and_bad_ones_one_line():
     with pytest.raises(StarInputError, match="shorter than one token per"):
         check_star_args(args, 3, sequence_length=2)
     check_star_args(args, 6, sequence_length=3)
+
+
+@pytest.mark.slow
+def test_the_readme_example_trains_and_answers_on_two_ranks():
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "examples/megatron_gpt.py"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = re.findall(r"rank (\d): loss ([\d.]+) -> ([\d.]+), answer \[([\d, ]+)\]", run.stdout)
+    assert sorted(r for r, *_ in lines) == ["0", "1"], run.stdout
+    assert len({tuple(rest) for _, *rest in lines}) == 1  # the same loss and answer on both ranks
+    _, first, last, answer = lines[0]
+    assert float(last) < float(first) / 10 and answer == "42, 43, 44, 45"

@@ -72,6 +72,8 @@ class Step:
     prefill: object | None = None
     query: QueryPass | None = None
     group: "dist.ProcessGroup | None" = None
+    keep: list[int] | None = None
+    """Rows whose logits the caller reads (None: every row); the output layer runs on these alone."""
 
 
 _STEP: contextvars.ContextVar[Step | None] = contextvars.ContextVar("star_sp_megatron_step", default=None)
@@ -260,12 +262,34 @@ def model_device(model) -> torch.device:
 # -- inference: prefill (phase 1) and phase-2 decoding -----------------------------------------------
 
 def _forward(model, ids: torch.Tensor, step: Step) -> torch.Tensor:
-    """The model's logits ``[B, rows, V]`` for ``ids [B, rows]`` under ``step``."""
+    """The model's logits ``[B, rows, V]`` for ``ids [B, rows]`` under ``step`` (``[B, len(keep), V]``
+    with ``step.keep``: the vocabulary projection runs on those rows only, as transformers'
+    ``logits_to_keep`` does; at 64K rows and a 128K vocabulary the full logits are 17 GB in bf16)."""
     use_star_positions(model)
     device = model_device(model)
-    with running(step):
+    with running(step), _output_rows(model, step.keep, device):
         positions = step.positions.to(device)[None].expand(ids.shape[0], -1)
         return model(ids.to(device), positions, None)
+
+
+@contextlib.contextmanager
+def _output_rows(model, keep: list[int] | None, device):
+    """While inside, the model's output layer projects only the hidden states of rows ``keep``."""
+    layer = getattr(model, "output_layer", None)
+    if keep is None or layer is None:
+        yield
+        return
+    rows = torch.tensor(keep, dtype=torch.long, device=device)
+    project = layer.forward
+
+    def forward(hidden, *args, **kwargs):  # hidden [rows, B, H]
+        return project(hidden.index_select(0, rows), *args, **kwargs)
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        del layer.forward  # the class's forward again
 
 
 def megatron_prefill(model, context_ids: torch.Tensor, config: StarConfig, group=None, *,
@@ -280,7 +304,7 @@ def megatron_prefill(model, context_ids: torch.Tensor, config: StarConfig, group
     if attention == "ring" and size > 1 and lc >= 2 * size:
         layout = RingLayout(lc, size, rank)
         context = StarContext(layout, config, context_ids.shape[0], ContextKV(num_layers), group)
-        step = Step(layout.positions(), layout.num_tokens, RingPrefillPass(context, num_layers), group=group)
+        step = Step(layout.positions(), layout.num_tokens, RingPrefillPass(context, num_layers), group=group, keep=[0])
         ids = layout.shard(context_ids, 1)
     else:
         if attention != "star":  # global (or ring on a context too short to split): one block
@@ -294,8 +318,8 @@ def megatron_prefill(model, context_ids: torch.Tensor, config: StarConfig, group
             skip = layout.anchor_rows(recompute)
             ids = torch.cat([context_ids[:, :skip], layout.shard(context_ids, 1)], dim=1)
             positions = layout.positions(recompute)
-        step = Step(positions, ids.shape[1], PrefillPass(context, num_layers), group=group)
-    with torch.no_grad():
+        step = Step(positions, ids.shape[1], PrefillPass(context, num_layers), group=group, keep=[0])
+    with torch.no_grad():  # the KV is what prefill is for: one row of logits, unread
         _forward(model, ids, step)
     return context
 
@@ -321,7 +345,7 @@ def megatron_generate(model, context: StarContext, query_ids: torch.Tensor, max_
     ids, start, new = query_ids.to(device), lc, []
     done = torch.zeros(query_ids.shape[0], dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        step = Step(torch.arange(start, start + ids.shape[1]), 0, query=state, group=group)
+        step = Step(torch.arange(start, start + ids.shape[1]), 0, query=state, group=group, keep=[ids.shape[1] - 1])
         logits = _forward(model, ids, step)[:, -1]
         state.check = False
         token = logits.argmax(-1)

@@ -106,15 +106,16 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     prefill = PrefillPass(context, num_layers)
     prefill.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
     query = QueryPass(context, num_layers, TrainingQueryKV(num_layers) if layout.is_query_host else None)
-    step = Step(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group)
-    logits = _forward(model, torch.cat([rows.ids, target_ids], dim=1), step)  # [B, rows + Lt, V]
-    answer, context_mean = phase1_terms(logits[:, rows.keep], rows, context_ids, labels, n_labelled)
+    keep = rows.keep + list(range(rows.num_rows, rows.num_rows + lt))  # the kept phase-1 rows, the target rows
+    step = Step(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group, keep)
+    logits = _forward(model, torch.cat([rows.ids, target_ids], dim=1), step)  # [B, len(keep), V]
+    kept = len(rows.keep)
+    answer, context_mean = phase1_terms(logits[:, :kept], rows, context_ids, labels, n_labelled)
     answer = tie(answer, *prefill.keep_alive)
-    target = logits[:, rows.num_rows: rows.num_rows + lt - 1]
     if lt > 1 and n_labelled:
-        replicated = _ce_sum(target, labels[:, 1:]) / n_labelled
+        replicated = _ce_sum(logits[:, kept: kept + lt - 1], labels[:, 1:]) / n_labelled
     else:  # every rank still runs phase 2's backward (its collectives): the rows join at weight 0
-        replicated = 0 * logits[:, rows.num_rows:].sum().to(answer.dtype)
+        replicated = 0 * logits[:, kept:].sum().to(answer.dtype)
     loss, answer_part, context_part = _RankShare.apply(
         replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, weight, group,
         config.collective_timeout_s)
@@ -131,18 +132,20 @@ def _ring_loss(model, context_ids, target_ids, labels, config, group, weight, n_
     num_layers = model.config.num_layers
     context = StarContext(layout, config, batch, ContextKV(num_layers), group)
     positions = layout.positions()
-    step = Step(positions, layout.num_tokens, RingPrefillPass(context, num_layers), group=group)
-    logits = _forward(model, layout.shard(ids, 1), step)  # [B, rows, V]
     # position p predicts token p + 1: a context token (p < Lc - 1) or a label (Lc - 1 <= p < Lc + Lt - 1)
     ctx_rows = (positions < lc - 1).nonzero().flatten().tolist() if weight > 0 else []
-    ans_rows = ((positions >= lc - 1) & (positions < lc + lt - 1)).nonzero().flatten().tolist()
+    ans_rows = ((positions >= lc - 1) & (positions < lc + lt - 1)).nonzero().flatten().tolist() if n_labelled else []
+    keep = ctx_rows + ans_rows or [0]  # a rank whose rows own no term keeps one, at weight 0
+    step = Step(positions, layout.num_tokens, RingPrefillPass(context, num_layers), group=group, keep=keep)
+    logits = _forward(model, layout.shard(ids, 1), step)  # [B, len(keep), V]
     real = torch.float64 if logits.dtype == torch.float64 else torch.float32
     answer = 0 * logits.sum().to(real)  # every rank's rows join the backward
-    if ans_rows and n_labelled:
-        answer = answer + _ce_sum(logits[:, ans_rows], labels[:, positions[ans_rows] - lc + 1]) / n_labelled
+    n_ctx = len(ctx_rows)
+    if ans_rows:
+        answer = answer + _ce_sum(logits[:, n_ctx:], labels[:, positions[ans_rows] - lc + 1]) / n_labelled
     context_mean = torch.zeros((), dtype=real, device=logits.device)
     if ctx_rows:
-        context_mean = _ce_sum(logits[:, ctx_rows], context_ids[:, positions[ctx_rows] + 1]) / (batch * (lc - 1))
+        context_mean = _ce_sum(logits[:, :n_ctx], context_ids[:, positions[ctx_rows] + 1]) / (batch * (lc - 1))
     loss, answer_part, context_part = _RankShare.apply(
         torch.zeros((), dtype=real, device=logits.device), answer, context_mean, 0.0, weight, group,
         config.collective_timeout_s)

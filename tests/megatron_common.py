@@ -53,26 +53,30 @@ class DenseMaskAttention(torch.nn.Module):
 
 
 class OracleRope(torch.nn.Module):
-    def __init__(self, inner):
+    """Positions ``0 .. L-1`` of the whole sequence (one process; Megatron asks for ``L x`` the config's
+    context-parallel size)."""
+
+    def __init__(self, inner, cp=1):
         super().__init__()
-        self.inner = inner
+        self.inner, self.cp = inner, cp
 
     def forward(self, max_seq_len, offset=0, packed_seq=False, cp_group=None):
-        f = self.inner.get_freqs_non_repeated(max_seq_len, offset)
+        f = self.inner.get_freqs_non_repeated(max_seq_len // self.cp, offset)
         return torch.cat((f, f), dim=-1)[:, None, None, :]
 
     def get_rotary_seq_len(self, *args, **kwargs):
         return self.inner.get_rotary_seq_len(*args, **kwargs)
 
 
-def tiny_config(dtype=torch.float64, layers=2, hidden=64, heads=4, groups=2):
+def tiny_config(dtype=torch.float64, layers=2, hidden=64, heads=4, groups=2, cp=1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
                              ffn_hidden_size=2 * hidden, use_cpu_initialization=True, params_dtype=dtype,
                              normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
                              add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-                             masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False)
+                             masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+                             context_parallel_size=cp)
 
 
 def gpt(spec, config, vocab=61, positions=256):
@@ -99,7 +103,7 @@ def models(star_config, attention="star", seed=0, **shape):
         for name, p in oracle.named_parameters():
             if "layernorm" in name or "final_layernorm" in name:
                 p.uniform_(0.5, 1.5)
-    oracle.rotary_pos_emb = OracleRope(oracle.rotary_pos_emb)
+    oracle.rotary_pos_emb = OracleRope(oracle.rotary_pos_emb, config.context_parallel_size)
     model = gpt(star_layer_spec(local, star_config, attention), config).to(config.params_dtype)
     missing = model.load_state_dict(oracle.state_dict(), strict=False)
     assert not missing.missing_keys, missing
@@ -264,3 +268,28 @@ def bad_train(group, spec, rank_with_error=None):
     except Exception as exc:  # noqa: BLE001 - reported
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def own_loop(group, spec):
+    """Megatron's own training loop: no star-sp step, the batch split by ``contiguous_share``, the loss
+    Megatron-style over each rank's rows (next-token over the context alone). Returns the largest
+    relative gradient error against the oracle (summed over the ranks by ``reduce_gradients``)."""
+    from star_sp.integrations.megatron import contiguous_share, use_star_positions
+    from star_sp.training import reduce_gradients
+
+    init_megatron(group)
+    oracle, model = models(_star(spec), cp=1 if group is None else torch.distributed.get_world_size(group))
+    use_star_positions(model)
+    ids = torch.randint(0, 61, (spec["batch"], spec["lc"]), generator=torch.Generator().manual_seed(5))
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # token i predicts i + 1
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    ref = F.cross_entropy(oracle_logits(oracle, ids, ids.shape[1], spec["block"], spec["anchor"]).flatten(0, 1),
+                          labels.flatten(), ignore_index=-100, reduction="sum") / n
+    ref.backward()
+    local, local_labels = contiguous_share(ids, group), contiguous_share(labels, group)
+    logits = model(local, None, None)
+    loss = F.cross_entropy(logits.flatten(0, 1), local_labels.flatten(), ignore_index=-100, reduction="sum") / n
+    loss.backward()
+    reduce_gradients(model, group)
+    grads = dict(oracle.named_parameters())
+    return max(float((p.grad - grads[name].grad).norm() / grads[name].grad.norm()) for name, p in model.named_parameters())

@@ -140,3 +140,11 @@ def test_the_readme_example_trains_and_answers_on_two_ranks():
     assert len({tuple(rest) for _, *rest in lines}) == 1  # the same loss and answer on both ranks
     _, first, last, answer = lines[0]
     assert float(last) < float(first) / 10 and answer == "42, 43, 44, 45"
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_megatrons_own_loop_with_a_contiguous_split_equals_the_oracle(cluster, n):
+    """No star-sp step: each CP rank's rows are its contiguous share of the context (whole blocks)."""
+    spec = dict(lc=32, block=8, anchor=3, batch=2)
+    for error in cluster(n).run(mc.own_loop, spec):
+        assert error < TOL, error

@@ -22,7 +22,7 @@ its input are phase-1 rows (this rank's context, ``[anchor ;] own blocks``) and 
 Megatron's own training loop (no step: a batch Megatron split itself) works too, for language
 modelling over the context alone: each CP rank's ``sq`` rows are then its contiguous share of a context
 of ``sq * cp`` tokens (phase 1 only), which needs ``block_size`` to divide ``sq`` and the batch split
-contiguously (``split_context``), not Megatron's zigzag ``get_batch_on_this_cp_rank``.
+contiguously (``contiguous_share``), not Megatron's zigzag ``get_batch_on_this_cp_rank``.
 
 The module never reads ``attention_mask`` or ``attn_mask_type``: the pattern comes from the layout
 (after prefill Megatron passes ``no_mask`` even for multi-token chunks, which a module trusting it
@@ -87,6 +87,19 @@ def running(step: Step):
         yield step
     finally:
         _STEP.reset(token)
+
+
+def contiguous_share(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """This CP rank's contiguous share of ``x`` along ``dim`` (tokens, labels, loss mask of a batch for
+    Megatron's own training loop): rank ``r`` of ``N`` gets ``[r * L / N, (r + 1) * L / N)``. Star's
+    blocks are contiguous runs, so this replaces Megatron's zigzag ``get_batch_on_this_cp_rank``."""
+    size, rank = _group_size(group)
+    length = x.shape[dim]
+    if length % size:
+        raise StarInputError(f"a sequence of {length} tokens does not split evenly over {size} context-parallel "
+                             f"ranks; use a sequence length divisible by {size}")
+    share = length // size
+    return x.narrow(dim, rank * share, share)
 
 
 def _group_size(group) -> tuple[int, int]:
@@ -210,9 +223,10 @@ class StarRotary(torch.nn.Module):
     """Megatron's RoPE at each row's own position: the step's positions, or, in Megatron's own loop,
     this CP rank's contiguous share (Megatron's default slices the table zigzag under CP)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, context_parallel_size: int = 1):
         super().__init__()
         self.inner = inner
+        self.cp = max(1, context_parallel_size)  # Megatron's rotary length is the local rows x this
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
         step = _STEP.get()
@@ -220,8 +234,8 @@ class StarRotary(torch.nn.Module):
         if step is not None:
             positions = step.positions
         else:
-            size, rank = _group_size(self.inner.cp_group)
-            share = max_seq_len // size
+            _, rank = _group_size(self.inner.cp_group)
+            share = max_seq_len // self.cp
             positions = torch.arange(rank * share, (rank + 1) * share) + offset
         seq = positions.to(device=inv.device, dtype=inv.dtype)
         if self.inner.seq_len_interpolation_factor is not None:
@@ -248,7 +262,7 @@ def use_star_positions(model) -> None:
     if type(rope) is not RotaryEmbedding:
         raise StarInputError(f"Star Attention in Megatron supports position_embedding_type 'rope' (plain "
                              f"RotaryEmbedding) or 'learned_absolute', got {type(rope).__name__}")
-    model.rotary_pos_emb = StarRotary(rope)
+    model.rotary_pos_emb = StarRotary(rope, getattr(model.config, "context_parallel_size", 1))
     if rope.inv_freq.device.type == "cpu":  # Megatron moves it to CUDA at first use; follow the model
         param = next(model.parameters(), None)
         if param is not None:
@@ -362,5 +376,5 @@ def megatron_generate(model, context: StarContext, query_ids: torch.Tensor, max_
     return torch.stack(new, dim=1).cpu()
 
 
-__all__ = ["ATTENTIONS", "StarCoreAttention", "StarRotary", "Step", "megatron_generate", "megatron_prefill",
+__all__ = ["ATTENTIONS", "StarCoreAttention", "contiguous_share", "StarRotary", "Step", "megatron_generate", "megatron_prefill",
            "require_megatron", "running", "star_layer_spec", "use_star_positions"]

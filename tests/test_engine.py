@@ -414,3 +414,27 @@ def test_token_ids_outside_the_vocabulary_are_refused():
     context = engine.prefill(ctx)
     with pytest.raises(StarInputError, match="query_ids holds token id -1, outside"):
         engine.score(context, torch.tensor([[3, -1]]))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("attention, decode_graphs", [("star", "off"), ("star", "static"), ("ring", "off")])
+def test_many_questions_over_one_context_equal_each_alone_and_the_oracle(cluster, world_size, attention,
+                                                                          decode_graphs):
+    """One context prefilled once (batch 1), three questions decoded together: each question's tokens
+    are what it gets alone and what the oracle gives for [context ; question], and its logits the
+    oracle's."""
+    spec = dict(family="llama", block=16, anchor=5, lc=45, lq=4, questions=3, steps=4, attention=attention,
+                decode_graphs=decode_graphs)
+    results = ([workers.questions_run(None, spec)] if world_size == 1
+               else cluster(world_size).run(workers.questions_run, spec))
+    model, _ = build("llama", dtype=torch.float64)
+    ref = reference_model(model)
+    block, anchor = (spec["block"], spec["anchor"]) if attention == "star" else (spec["lc"], 1)
+    for r in results:
+        for i in range(spec["questions"]):
+            q = r["questions"][i:i + 1]
+            want = oracle_greedy(ref, r["ctx"], q, block, anchor, spec["steps"])
+            assert torch.equal(r["greedy"][i:i + 1], want), (i, r["greedy"][i], want)
+            assert torch.equal(r["alone"][i], want)
+            logits = oracle_logits(ref, r["ctx"], q, block, anchor)
+            torch.testing.assert_close(r["logits"][i:i + 1], logits.float(), rtol=0, atol=LOGIT_ATOL)

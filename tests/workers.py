@@ -297,3 +297,22 @@ def train_parts(group, spec: dict) -> dict:
     loss, parts = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=spec["weight"],
                                   return_parts=True)
     return {"loss": loss.item(), "answer": parts["answer"].item(), "context": parts["context"].item()}
+
+
+def questions_run(group, spec: dict) -> dict:
+    """One context (batch 1) and Q questions of one length: the batched score and greedy tokens, and
+    each question's greedy tokens asked alone (the same engine), on a tiny float64 model."""
+    from star_sp import StarConfig, StarEngine
+    from star_sp.testing import build
+
+    model, _ = build(spec["family"], dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], collective_timeout_s=60,
+                                          decode_graphs=spec.get("decode_graphs", "auto")),
+                        group, attention=spec.get("attention", "star"))
+    gen = torch.Generator().manual_seed(33)
+    ctx = torch.randint(4, model.config.vocab_size, (1, spec["lc"]), generator=gen)
+    questions = torch.randint(4, model.config.vocab_size, (spec["questions"], spec["lq"]), generator=gen)
+    context = engine.prefill(ctx)
+    return {"ctx": ctx, "questions": questions, "logits": engine.score(context, questions),
+            "greedy": engine.generate(context, questions, spec["steps"]),
+            "alone": [engine.generate(context, questions[i:i + 1], spec["steps"]) for i in range(len(questions))]}

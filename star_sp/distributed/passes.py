@@ -32,7 +32,8 @@ from ..errors import StarInputError
 from ..layout import BlockLayout, RingLayout
 from ..ops.attention import default_scale
 from ..ops.merge import accumulation_dtype, merge_into_
-from ..ops.star import can_fuse_anchor, local_attention, phase1_parts, phase2_local, phase2_parts
+from ..ops.star import (can_fuse_anchor, local_attention, phase1_parts, phase2_local, phase2_parts,
+                        phase2_shared_context, shared_context_attention)
 from ..ops.valid_keys import valid_keys_attention
 from .guard import guarded_step
 from .kv_cache import ContextKV, QueryKV, StaticQueryKV
@@ -170,6 +171,14 @@ class QueryPass(_Pass):
         cfg = self.context.config
         ctx_k, ctx_v = self.context.kv.get(layer)
         query = self._current.pop(layer, None)
+        if ctx_k.shape[0] != q.shape[0]:  # several questions over one context (inference)
+            out, lse = phase2_shared_context(q, ctx_k, ctx_v, *(query or (None, None)), scale=scale,
+                                             backend=cfg.backend)
+            if self.distributed:
+                with guarded_step("phase2", self.group):
+                    out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
+            self._tick(layer)
+            return out.to(q.dtype)
         if self.distributed:
             out, _ = phase2_attention(q, ctx_k, ctx_v, group=self.group,
                                       query_k=None if query is None else query[0],
@@ -213,7 +222,10 @@ class DecodeStepPass(_Pass):
         ctx_k, ctx_v = self.context.kv.get(layer)
         acc = accumulation_dtype(q.dtype)
         parts = phase2_parts((0, q.shape[2]), ctx_k, ctx_v)
-        if parts:
+        if parts and ctx_k.shape[0] != q.shape[0]:  # several questions over one context
+            out, lse = shared_context_attention(q, ctx_k, ctx_v, scale=scale, backend=cfg.backend)
+            out = out.to(acc)
+        elif parts:
             out, lse = local_attention(q, parts, scale=scale, backend=cfg.backend)
             out = out.to(acc)
         else:  # an idle host: no context keys

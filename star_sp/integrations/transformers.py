@@ -293,9 +293,10 @@ class StarEngine:
             error = f"context must be what prefill() returned, got {type(context).__name__}"
         if error is None:
             error = self._check_context_model(context)
-        if error is None and query_ids.shape[0] != context.batch_size:
+        if error is None and query_ids.shape[0] != context.batch_size and context.batch_size != 1:
             error = (f"query_ids has batch {query_ids.shape[0]} but the context was prefilled with batch "
-                     f"{context.batch_size}; pass one query per context sequence")
+                     f"{context.batch_size}; pass one query per context sequence, or prefill one context "
+                     "(batch 1) to ask it several questions")
         if error is None and context.group is not self.group:
             error = "this context was prefilled by an engine with another process group"
         meta = {"shape": tuple(query_ids.shape) if error is None else None,

@@ -25,6 +25,7 @@ from ..config import check_block_anchor
 from ..errors import StarInputError
 from .attention import default_scale, key_parts
 from .backends import check_qkv, select_kernel
+from .merge import accumulation_dtype, merge_into_
 from .parts import Part, Reducer, parts_attention
 
 
@@ -141,6 +142,40 @@ def phase2_local(
     check_qkv(q, query_k, query_v)
     return local_attention(q, phase2_parts((0, q.shape[2]), ctx_k, ctx_v, query_k, query_v),
                            scale=scale, backend=backend)
+
+
+def shared_context_attention(
+    q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, *, scale: float | None = None, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q questions over one context: ``q: (Q, H, L, D)`` attends ``ctx_k, ctx_v: (1, Hkv, Lc, D)``
+    unmasked. The questions fold into the rows of one kernel call (``(1, H, Q * L, D)``, as grouped-query
+    attention folds heads into rows), so the context's KV is read once for all of them. Returns ``(out
+    (Q, H, L, D), lse (Q, H, L))``; an empty context gives ``out = 0, lse = -inf``. No autograd wanted."""
+    n, h, rows, d = q.shape
+    if ctx_k.shape[2] == 0:
+        return torch.zeros_like(q), q.new_full((n, h, rows), float("-inf"), dtype=accumulation_dtype(q.dtype))
+    folded = q.permute(1, 0, 2, 3).reshape(1, h, n * rows, d)
+    out, lse = local_attention(folded, key_parts(0, n * rows, ctx_k, ctx_v, causal=False), scale=scale,
+                               backend=backend)
+    return out.reshape(h, n, rows, d).permute(1, 0, 2, 3), lse.reshape(h, n, rows).permute(1, 0, 2)
+
+
+def phase2_shared_context(
+    q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, query_k: torch.Tensor | None,
+    query_v: torch.Tensor | None, *, scale: float | None = None, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 2 on one host for Q questions over one context (``shared_context_attention``), and, on the
+    query host, each question's own query/generated keys ``query_k, query_v: (Q, Hkv, Lk >= L, D)``,
+    causal (bottom-right). Returns this host's ``(out, lse)`` in the accumulation dtype, to be merged
+    across hosts like ``phase2_parts``' result."""
+    out, lse = shared_context_attention(q, ctx_k, ctx_v, scale=scale, backend=backend)
+    acc = accumulation_dtype(q.dtype)
+    out, lse = out.to(acc), lse.to(acc)
+    if query_k is not None:
+        own, own_lse = local_attention(q, key_parts(0, q.shape[2], query_k, query_v, causal=True), scale=scale,
+                                       backend=backend)
+        merge_into_(out, lse, own, own_lse)
+    return out, lse
 
 
 def star_attention(

@@ -438,3 +438,43 @@ def test_many_questions_over_one_context_equal_each_alone_and_the_oracle(cluster
             assert torch.equal(r["alone"][i], want)
             logits = oracle_logits(ref, r["ctx"], q, block, anchor)
             torch.testing.assert_close(r["logits"][i:i + 1], logits.float(), rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("attention, decode_graphs", [("star", "off"), ("star", "static"), ("ring", "off")])
+def test_questions_of_different_lengths_equal_each_alone_and_the_oracle(cluster, world_size, attention,
+                                                                        decode_graphs):
+    """A list of questions of different lengths over one context, decoded together (left-padded, the
+    padding never attended, each question at its own positions): each equals itself alone and the oracle."""
+    spec = dict(family="llama", block=16, anchor=5, lc=45, lengths=[2, 6, 3], steps=4, attention=attention,
+                decode_graphs=decode_graphs)
+    results = ([workers.questions_run(None, spec)] if world_size == 1
+               else cluster(world_size).run(workers.questions_run, spec))
+    model, _ = build("llama", dtype=torch.float64)
+    ref = reference_model(model)
+    block, anchor = (spec["block"], spec["anchor"]) if attention == "star" else (spec["lc"], 1)
+    for r in results:
+        for i, q in enumerate(r["questions"]):
+            want = oracle_greedy(ref, r["ctx"], q[None], block, anchor, spec["steps"])
+            assert torch.equal(r["greedy"][i:i + 1], want), (i, r["greedy"][i], want)
+            assert torch.equal(r["alone"][i], want)
+            assert r["logits"][i].shape[1] == len(q)
+            torch.testing.assert_close(r["logits"][i], oracle_logits(ref, r["ctx"], q[None], block, anchor).float(),
+                                       rtol=0, atol=LOGIT_ATOL)
+
+
+def test_bad_question_lists_are_refused_in_one_line():
+    model, _ = build("llama", dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=16, anchor_size=4))
+    one = engine.prefill(torch.randint(4, 100, (1, 30)))
+    two = engine.prefill(torch.randint(4, 100, (2, 30)))
+    q = torch.randint(4, 100, (3,))
+    for context, questions, message in ((one, [q, torch.zeros(0, dtype=torch.long)], "question 1 of the list is empty"),
+                                        (one, [], "empty list"),
+                                        (one, [q, q.float()], "question 1 of the list must be a LongTensor"),
+                                        (two, [q, q], "prefill one context \\(batch 1\\)")):
+        with pytest.raises(StarInputError, match=message):
+            engine.generate(context, questions, 2)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(StarInputError, match="positions, more than the model's"):
+        engine.generate(one, q[None], limit)

@@ -311,6 +311,12 @@ def questions_run(group, spec: dict) -> dict:
                         group, attention=spec.get("attention", "star"))
     gen = torch.Generator().manual_seed(33)
     ctx = torch.randint(4, model.config.vocab_size, (1, spec["lc"]), generator=gen)
+    if "lengths" in spec:  # a list of questions of different lengths
+        questions = [torch.randint(4, model.config.vocab_size, (n,), generator=gen) for n in spec["lengths"]]
+        context = engine.prefill(ctx)
+        return {"ctx": ctx, "questions": questions, "logits": engine.score(context, questions),
+                "greedy": engine.generate(context, questions, spec["steps"]),
+                "alone": [engine.generate(context, q[None], spec["steps"]) for q in questions]}
     questions = torch.randint(4, model.config.vocab_size, (spec["questions"], spec["lq"]), generator=gen)
     context = engine.prefill(ctx)
     return {"ctx": ctx, "questions": questions, "logits": engine.score(context, questions),

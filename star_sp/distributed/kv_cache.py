@@ -51,9 +51,12 @@ class TrainingQueryKV:
 
 
 class QueryKV:
-    """Per-layer KV of the query and generated tokens, appended in place."""
+    """Per-layer KV of the query and generated tokens, appended in place. ``starts (B,)``, for questions
+    of different lengths left-padded to one: sequence ``b``'s first ``starts[b]`` tokens are padding,
+    which no row attends."""
 
-    def __init__(self, num_layers: int, capacity: int):
+    def __init__(self, num_layers: int, capacity: int, starts: torch.Tensor | None = None):
+        self.starts = starts
         self.capacity = max(1, capacity)
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
@@ -86,8 +89,8 @@ class StaticQueryKV(QueryKV):
     graph, so every replay moves on by itself). No Python number changes between replays.
     """
 
-    def __init__(self, num_layers: int, capacity: int, device: torch.device):
-        super().__init__(num_layers, capacity)
+    def __init__(self, num_layers: int, capacity: int, device: torch.device, starts: torch.Tensor | None = None):
+        super().__init__(num_layers, capacity, starts)
         self.filled = torch.zeros((), dtype=torch.long, device=device)
         self._steps = None
 
@@ -115,8 +118,13 @@ class StaticQueryKV(QueryKV):
         return self.k[layer], self.v[layer]
 
     def valid(self, n: int) -> torch.Tensor:
-        """``(capacity,)`` bool: which buffer slots hold tokens once this step's ``n`` are written."""
-        return torch.arange(self.k[0].shape[2], device=self.filled.device) < self.filled + n
+        """``(capacity,)`` bool: which buffer slots hold tokens once this step's ``n`` are written (``(B,
+        capacity)`` with ``starts``: a sequence's padding is not valid)."""
+        slots = torch.arange(self.k[0].shape[2], device=self.filled.device)
+        valid = slots < self.filled + n
+        if self.starts is not None:
+            valid = valid[None, :] & (slots[None, :] >= self.starts[:, None])
+        return valid
 
     def advance(self, n: int) -> None:
         self.filled.add_(n)

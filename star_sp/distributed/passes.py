@@ -172,7 +172,8 @@ class QueryPass(_Pass):
         ctx_k, ctx_v = self.context.kv.get(layer)
         query = self._current.pop(layer, None)
         if ctx_k.shape[0] != q.shape[0]:  # several questions over one context (inference)
-            out, lse = phase2_shared_context(q, ctx_k, ctx_v, *(query or (None, None)), scale=scale,
+            starts = getattr(self.query_kv, "starts", None)
+            out, lse = phase2_shared_context(q, ctx_k, ctx_v, *(query or (None, None)), starts=starts, scale=scale,
                                              backend=cfg.backend)
             if self.distributed:
                 with guarded_step("phase2", self.group):

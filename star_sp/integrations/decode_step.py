@@ -3,7 +3,8 @@
 Decoding is bound by the host: one token of an 8B model is about a thousand kernel launches and their
 Python, against a few milliseconds of GPU work. A captured graph replays the launches in one call.
 
-What makes the step replayable: the input ids ``(B, 1)`` and the position ``(1,)`` live in fixed
+What makes the step replayable: the input ids ``(B, 1)`` and the position ``(1,)`` (or ``(B, 1)``, one
+per sequence) live in fixed
 device buffers; the model's forward over a ``DecodeStepPass`` writes the step's KV into the
 ``StaticQueryKV`` at its device-side fill level and attends the whole buffer under a device-side mask;
 the step ends by advancing the fill level and the position, inside the graph. So each replay is the
@@ -24,12 +25,15 @@ class DecodeStep:
     once as a graph (after one warm-up run on a side stream, whose KV write lands in the slot the first
     real step overwrites) and replays it; otherwise the same step runs eagerly each time."""
 
-    def __init__(self, engine, context: StarContext, query_kv: StaticQueryKV | None, batch: int, position: int,
-                 capture: bool):
+    def __init__(self, engine, context: StarContext, query_kv: StaticQueryKV | None, batch: int,
+                 position: "int | torch.Tensor", capture: bool):
         device = engine.device
         self._engine = engine
         self.ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        self.pos = torch.full((1,), position, dtype=torch.long, device=device)
+        if isinstance(position, torch.Tensor):  # one position per sequence (questions of different lengths)
+            self.pos = position.to(device=device, dtype=torch.long).reshape(batch, 1).clone()
+        else:
+            self.pos = torch.full((1,), position, dtype=torch.long, device=device)
         self.state = DecodeStepPass(context, engine.num_layers, query_kv, check=False)
         self.graph = None
         self.logits = None

@@ -114,6 +114,40 @@ def _fingerprint(ids: torch.Tensor) -> int:
     return int(((flat + 1) * weights % 2305843009213693951).sum() % 2305843009213693951) ^ hash(tuple(ids.shape))
 
 
+def _questions(query_ids) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    """``(ids, starts, error)``: a list of questions of different lengths (each ``(L_i,)`` or ``(1, L_i)``)
+    left-padded into ``ids (Q, max L_i)`` with ``starts[i] = max L - L_i`` padding tokens (id 0, never
+    attended); a tensor passes through with ``starts = None``."""
+    if not isinstance(query_ids, (list, tuple)):
+        return query_ids, None, None
+    if not query_ids:
+        return query_ids, None, "query_ids is an empty list: pass at least one question"
+    rows = []
+    for i, q in enumerate(query_ids):
+        if not isinstance(q, torch.Tensor) or q.dtype not in (torch.long, torch.int, torch.int32) or not (
+                q.dim() == 1 or (q.dim() == 2 and q.shape[0] == 1)):
+            return query_ids, None, (f"question {i} of the list must be a LongTensor of token ids, shape (tokens,) "
+                                     f"or (1, tokens), got {type(q).__name__}"
+                                     + (f" of shape {tuple(q.shape)}" if isinstance(q, torch.Tensor) else ""))
+        if q.numel() == 0:
+            return query_ids, None, f"question {i} of the list is empty: every question needs at least one token"
+        rows.append(q.reshape(-1).long())
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+    return ids, torch.tensor([width - len(r) for r in rows]), None
+
+
+def _query_positions(context_len: int, lq: int, starts: torch.Tensor | None) -> torch.Tensor:
+    """Positions of the query rows: ``(Lq,)``, or ``(Q, Lq)`` for left-padded questions (question ``i``'s
+    tokens right after the context; its padding at the context's length, unread)."""
+    steps = torch.arange(lq)
+    if starts is None:
+        return context_len + steps
+    return context_len + (steps[None, :] - starts[:, None]).clamp(min=0)
+
+
 def _check_ids(name: str, ids, vocab_size: int) -> str | None:
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int, torch.int32):
         return f"{name} must be a LongTensor of token ids, shape (batch, tokens), got {type(ids).__name__}" + (
@@ -224,7 +258,8 @@ class StarEngine:
 
     def _forward(self, state, ids: torch.Tensor, positions: torch.Tensor, **kw):
         fn = self.model if kw.get("logits_to_keep") is not None else self.base
-        return fn(input_ids=ids.to(self.device), position_ids=positions.to(self.device).unsqueeze(0),
+        positions = positions if positions.dim() == 2 else positions.unsqueeze(0)  # (B, S) or one row for all
+        return fn(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
                   use_cache=True, star=state, **{self._cache_kwarg: TransformersCache(state)}, **kw)
 
     # -- phase 1 ------------------------------------------------------------------------------
@@ -287,12 +322,22 @@ class StarEngine:
     def _holds_query(self, context: StarContext) -> bool:
         return context.group is None or context.layout.is_query_host
 
-    def _check_query(self, step: str, context, query_ids, extra_error: str | None = None, **extra_meta) -> None:
+    def _check_query(self, step: str, context, query_ids, extra_error: str | None = None, *, listed: bool = False,
+                     new_tokens: int = 0, **extra_meta) -> None:
         error = extra_error or _check_ids("query_ids", query_ids, self.vocab_size) or dropout_error(self.model)
         if error is None and not isinstance(context, StarContext):
             error = f"context must be what prefill() returned, got {type(context).__name__}"
         if error is None:
             error = self._check_context_model(context)
+        if error is None and listed and context.batch_size != 1:
+            error = (f"a list of questions is asked of one context, but this one was prefilled with batch "
+                     f"{context.batch_size}; prefill one context (batch 1)")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if error is None and isinstance(limit, int) and context.context_len + query_ids.shape[1] + new_tokens > limit:
+            error = (f"the context ({context.context_len} tokens), the longest question ({query_ids.shape[1]}) and "
+                     f"{new_tokens} new tokens need {context.context_len + query_ids.shape[1] + new_tokens} "
+                     f"positions, more than the model's {limit}; shorten the context or the question, or ask for "
+                     "fewer new tokens")
         if error is None and query_ids.shape[0] != context.batch_size and context.batch_size != 1:
             error = (f"query_ids has batch {query_ids.shape[0]} but the context was prefilled with batch "
                      f"{context.batch_size}; pass one query per context sequence, or prefill one context "
@@ -318,25 +363,41 @@ class StarEngine:
         return None
 
     @_with_star_attention
-    def score(self, context: StarContext, query_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``FloatTensor[B, Lq, vocab]`` at the query positions; the context is left unchanged."""
-        self._check_query("score", context, query_ids)
+    def score(self, context: StarContext, query_ids) -> "torch.Tensor | list[torch.Tensor]":
+        """Logits ``FloatTensor[B, Lq, vocab]`` at the query positions; the context is left unchanged.
+
+        Several questions over one context (prefilled with batch 1): ``query_ids (Q, Lq)``, or a list of
+        ``Q`` questions of different lengths, which gives a list of ``FloatTensor[1, L_i, vocab]``. The
+        context's KV is read once for all of them."""
+        listed = isinstance(query_ids, (list, tuple))
+        query_ids, starts, error = _questions(query_ids)
+        self._check_query("score", context, query_ids, error, listed=listed)
         lq = query_ids.shape[1]
-        query_kv = QueryKV(self.num_layers, lq) if self._holds_query(context) else None
+        query_kv = None
+        if self._holds_query(context):
+            query_kv = QueryKV(self.num_layers, lq, None if starts is None else starts.to(self.device))
         state = QueryPass(context, self.num_layers, query_kv, check=False)
-        positions = torch.arange(context.context_len, context.context_len + lq)
-        return self._forward(state, query_ids, positions, logits_to_keep=0).logits.float()
+        positions = _query_positions(context.context_len, lq, starts)
+        logits = self._forward(state, query_ids, positions, logits_to_keep=0).logits.float()
+        if starts is None:
+            return logits
+        return [logits[i:i + 1, int(starts[i]):] for i in range(len(starts))]
 
     @_with_star_attention
-    def generate(self, context: StarContext, query_ids: torch.Tensor, max_new_tokens: int, *,
+    def generate(self, context: StarContext, query_ids, max_new_tokens: int, *,
                  sampling: SamplingConfig | None = None, eos_token_id: int | list[int] | None = None,
                  stop_strings: list[str] | None = None, tokenizer=None, pad_token_id: int | None = None,
                  ) -> torch.Tensor:
         """Phase 2 and decoding. Returns the new tokens, ``LongTensor[B, T]`` with ``T <= max_new_tokens``;
         a sequence that stopped early (EOS or a stop string) is padded with ``pad_token_id`` (default:
-        the first EOS id, else 0). The same tokens come back on every rank."""
+        the first EOS id, else 0). The same tokens come back on every rank.
+
+        Several questions over one context (prefilled with batch 1): ``query_ids (Q, Lq)``, or a list of
+        ``Q`` questions of different lengths; they decode together, each step reading the context's KV
+        once for all of them, and each question stops on its own."""
         sampling = sampling or SamplingConfig()
-        error = None
+        listed = isinstance(query_ids, (list, tuple))
+        query_ids, starts, error = _questions(query_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             error = f"max_new_tokens must be a positive integer, got {max_new_tokens!r}"
         elif stop_strings and tokenizer is None:
@@ -344,7 +405,9 @@ class StarEngine:
         mode, why_not = (self._decode_mode(context, max_new_tokens) if isinstance(context, StarContext)
                          else ("plain", None))  # a bad context: _check_query says so on every rank
         error = error or why_not
-        self._check_query("generate", context, query_ids, error, max_new_tokens=max_new_tokens,
+        self._check_query("generate", context, query_ids, error, listed=listed,
+                          new_tokens=max_new_tokens if isinstance(max_new_tokens, int) else 0,
+                          max_new_tokens=max_new_tokens,
                           sampling=repr(sampling), eos=repr(eos_token_id), stop=repr(stop_strings), pad=pad_token_id)
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
@@ -352,8 +415,9 @@ class StarEngine:
         holds = self._holds_query(context)
         query_kv = None
         if holds:
-            query_kv = (QueryKV(self.num_layers, lq + max_new_tokens) if mode == "plain"
-                        else StaticQueryKV(self.num_layers, lq + max_new_tokens, self.device))
+            on_device = None if starts is None else starts.to(self.device)
+            query_kv = (QueryKV(self.num_layers, lq + max_new_tokens, on_device) if mode == "plain"
+                        else StaticQueryKV(self.num_layers, lq + max_new_tokens, self.device, on_device))
         step_fn: DecodeStep | None = None
         setup_s = 0.0
         generator = (torch.Generator(device=self.device).manual_seed(sampling.seed)
@@ -362,6 +426,8 @@ class StarEngine:
         tokens: list[torch.Tensor] = []
         window = max((len(s) for s in stop_strings or ()), default=0) + 8
         ids, pos = query_ids, context.context_len
+        positions = _query_positions(pos, lq, starts)  # the query rows'; then one per sequence and step
+        ends = None if starts is None else pos + lq - starts  # the next position of each sequence
         self._sync()
         start = time.perf_counter()
         first = None
@@ -370,7 +436,7 @@ class StarEngine:
                 set_up = time.perf_counter()
                 if query_kv is not None:
                     query_kv.mark_filled()
-                step_fn = self._decode_step(context, query_kv, batch, pos, mode)
+                step_fn = self._decode_step(context, query_kv, batch, pos if ends is None else ends, mode)
                 mode = "graph" if step_fn.graph is not None else "static"
                 self._sync()
                 setup_s = time.perf_counter() - set_up
@@ -378,9 +444,12 @@ class StarEngine:
                 logits = step_fn(ids.to(self.device))
             else:
                 state = QueryPass(context, self.num_layers, query_kv, check=False)
-                positions = torch.arange(pos, pos + ids.shape[1])
+                if step:
+                    positions = torch.arange(pos, pos + 1) if ends is None else ends[:, None]
                 out = self._forward(state, ids, positions, **({"logits_to_keep": 1} if holds else {}))
                 logits = out.logits[:, -1] if holds else None
+            if step and ends is not None:
+                ends = ends + 1
             pos += ids.shape[1]
             chosen = done = failure = None
             if holds:  # the query host (or the one process) chooses the token and decides who stops

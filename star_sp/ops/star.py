@@ -26,6 +26,7 @@ from ..errors import StarInputError
 from .attention import default_scale, key_parts
 from .backends import check_qkv, select_kernel
 from .merge import accumulation_dtype, merge_into_
+from .valid_keys import own_keys, valid_keys_attention
 from .parts import Part, Reducer, parts_attention
 
 
@@ -162,18 +163,25 @@ def shared_context_attention(
 
 def phase2_shared_context(
     q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, query_k: torch.Tensor | None,
-    query_v: torch.Tensor | None, *, scale: float | None = None, backend: str = "auto"
+    query_v: torch.Tensor | None, *, starts: torch.Tensor | None = None, scale: float | None = None,
+    backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 2 on one host for Q questions over one context (``shared_context_attention``), and, on the
     query host, each question's own query/generated keys ``query_k, query_v: (Q, Hkv, Lk >= L, D)``,
-    causal (bottom-right). Returns this host's ``(out, lse)`` in the accumulation dtype, to be merged
-    across hosts like ``phase2_parts``' result."""
+    causal (bottom-right); ``starts (Q,)``: question ``i``'s first ``starts[i]`` keys are left padding,
+    never attended (questions of different lengths). Returns this host's ``(out, lse)`` in the
+    accumulation dtype, to be merged across hosts like ``phase2_parts``' result."""
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     out, lse = shared_context_attention(q, ctx_k, ctx_v, scale=scale, backend=backend)
     acc = accumulation_dtype(q.dtype)
     out, lse = out.to(acc), lse.to(acc)
     if query_k is not None:
-        own, own_lse = local_attention(q, key_parts(0, q.shape[2], query_k, query_v, causal=True), scale=scale,
-                                       backend=backend)
+        if starts is None:
+            own, own_lse = local_attention(q, key_parts(0, q.shape[2], query_k, query_v, causal=True), scale=scale,
+                                           backend=backend)
+        else:  # a few dozen keys per question: the plain masked form
+            own, own_lse = valid_keys_attention(q, query_k, query_v, own_keys(starts, q.shape[2], query_k.shape[2]),
+                                                scale)
         merge_into_(out, lse, own, own_lse)
     return out, lse
 

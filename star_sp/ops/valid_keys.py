@@ -25,11 +25,26 @@ def valid_keys_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q: (B, H, Sq, D)`` over ``k, v: (B, Hkv, Sk, D)`` (GQA: head ``h`` reads KV head
-    ``h // (H / Hkv)``), keys where ``valid: (Sk,)`` (bool) is true. Returns ``(out, lse)``: ``out``
-    ``(B, H, Sq, D)`` in q's dtype, ``lse: (B, H, Sq)`` in the accumulation dtype; rows with no valid
-    key get ``out = 0, lse = -inf``. The softmax is ``ops/softmax.py``'s, with q and k in the
+    ``h // (H / Hkv)``), keys where ``valid`` (bool) is true: ``(Sk,)`` for every row, ``(B, Sk)`` per
+    sequence (questions of different lengths, left-padded), or ``(B, Sq, Sk)`` per row. Returns ``(out,
+    lse)``: ``out (B, H, Sq, D)`` in q's dtype, ``lse: (B, H, Sq)`` in the accumulation dtype; rows with
+    no valid key get ``out = 0, lse = -inf``. The softmax is ``ops/softmax.py``'s, with q and k in the
     accumulation dtype. No autograd wanted (decode), no host synchronisation."""
-    p, lse = softmax_lse(q, k, scale, valid, upcast=True)
-    v = torch.where(valid.unsqueeze(-1), v.to(p.dtype), 0.0)  # unwritten slots may hold NaN
+    if valid.dim() == 1:
+        keep, written = valid, valid.unsqueeze(-1)
+    else:
+        keep = valid.unsqueeze(1) if valid.dim() == 3 else valid[:, None, None, :]  # (B, 1, Sq or 1, Sk)
+        written = valid.reshape(valid.shape[0], -1, valid.shape[-1]).any(dim=1)[:, None, :, None]
+    p, lse = softmax_lse(q, k, scale, keep, upcast=True)
+    v = torch.where(written, v.to(p.dtype), 0.0)  # unwritten slots may hold NaN
     out = torch.matmul(group_heads(p, k.shape[1]), v)
     return out.view(q.shape).to(q.dtype), lse
+
+
+def own_keys(starts: torch.Tensor, rows: int, keys: int) -> torch.Tensor:
+    """``(B, rows, keys)`` bool: the causal mask of ``rows`` query rows over ``keys`` keys, aligned
+    bottom-right, where sequence ``b``'s first ``starts[b]`` keys are padding (left-padded questions)."""
+    col = torch.arange(keys, device=starts.device)
+    row = torch.arange(rows, device=starts.device)
+    causal = col[None, :] <= row[:, None] + (keys - rows)
+    return causal[None] & (col[None, None, :] >= starts[:, None, None])

@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-file", help="text file holding the context")
     g.add_argument("--context-ids", help="file of whitespace-separated token ids (no tokenizer needed)")
     g.add_argument("--random-context", type=int, metavar="N", help="N random token ids (timings)")
-    g.add_argument("--query", help="query text, appended after the context")
+    g.add_argument("--query", action="append", help="query text, appended after the context; give it several "
+                   "times to ask several questions of the one context (decoded together)")
+    g.add_argument("--questions-file", help="text file of questions, one per line, all asked of the one context")
     g.add_argument("--query-file", help="text file holding the query (its final newlines dropped)")
     g.add_argument("--query-ids", help="whitespace-separated token ids of the query")
     g.add_argument("--random-query", type=int, metavar="N", help="N random token ids as the query (timings)")

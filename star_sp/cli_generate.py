@@ -84,15 +84,27 @@ def _generate(args, cfg, group, device) -> int:
     stats = dict(engine.stats, prefill_s=prefill_s, peak_memory_gb=_peak_memory_gb(device), world_size=world,
                  attention=cfg.attention, block_size=cfg.block_size, anchor_size=cfg.anchor_size or cfg.block_size)
     if rank == 0:
-        ids = tokens[0].tolist()
-        text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
+        answers = [_answer(row.tolist(), tokenizer, eos) for row in tokens]
         stats = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in stats.items()}
+        several = isinstance(query_ids, list)
         if args.json:  # a stat that cannot be measured (decode speed of one new token) is null
-            print(json.dumps({"tokens": ids, "text": text, **stats}, allow_nan=False))
+            record = {"answers": answers} if several else answers[0]
+            print(json.dumps({**record, **stats}, allow_nan=False))
         else:
-            print(text if text is not None else " ".join(map(str, ids)))
+            for i, a in enumerate(answers):
+                shown = a["text"] if a["text"] is not None else " ".join(map(str, a["tokens"]))
+                print(f"[{i + 1}] {shown}" if several else shown)
             print(_stats_line(cfg, world, context_ids.shape[1], stats), file=sys.stderr)
     return 0
+
+
+def _answer(ids: list[int], tokenizer, eos) -> dict:
+    """One answer's tokens (up to and including its EOS; after it a question decoded with others holds
+    padding) and text."""
+    ends = [eos] if isinstance(eos, int) else list(eos or [])
+    cut = next((i + 1 for i, t in enumerate(ids) if t in ends), len(ids))
+    ids = ids[:cut]
+    return {"tokens": ids, "text": tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None}
 
 
 def _stats_line(cfg, world: int, context_len: int, stats: dict) -> str:

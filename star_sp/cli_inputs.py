@@ -1,6 +1,7 @@
 """The token ids of a ``star-sp generate`` request: its context and its query, each from the one source
-given for it (a text file, a file or string of ids, random ids, or ``--query`` text), checked against
-the model's vocabulary. Rank 0 reads them and sends them to every rank.
+given for it (a text file, a file or string of ids, random ids, or ``--query`` text), or several
+questions (``--query`` given more than once, or ``--questions-file``), checked against the model's
+vocabulary. Rank 0 reads them and sends them to every rank.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def _read_ids(what: str, args, tokenizer, vocab: int, seed: int) -> list[int]:
     """The token ids of the context or the query, from the one source given for it."""
     text_file, ids_source, random_n = (getattr(args, f.lstrip("-").replace("-", "_")) for f in _SOURCES[what][:3])
     text = getattr(args, "query", None) if what == "query" else None
+    if isinstance(text, list):  # --query given once (several: _read_questions)
+        text = text[0] if text else None
     given = [f for f, v in zip(_SOURCES[what], (text_file, ids_source, random_n, text)) if v is not None]
     if len(given) != 1:
         flags = ", ".join(_SOURCES[what][:-1]) + " or " + _SOURCES[what][-1]
@@ -53,6 +56,10 @@ def _read_ids(what: str, args, tokenizer, vocab: int, seed: int) -> list[int]:
         if what == "query":  # an editor's final newline is no part of the question (as with "$(cat FILE)")
             text = text.rstrip("\r\n")
         source = f"{source} {text_file}"
+    return _encode(what, text, source, tokenizer, vocab)
+
+
+def _encode(what: str, text: str, source: str, tokenizer, vocab: int) -> list[int]:
     encoded = tokenizer(text, add_special_tokens=what == "context", return_special_tokens_mask=True)
     ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
     if not text.strip() or all(special):  # blank, or nothing but the tokenizer's own BOS/EOS
@@ -65,6 +72,31 @@ def _read_ids(what: str, args, tokenizer, vocab: int, seed: int) -> list[int]:
     return ids
 
 
+def _read_questions(args, tokenizer, vocab: int, seed: int) -> list[list[int]]:
+    """Every question's ids: one from the one query source, or several from ``--query`` given more than
+    once or ``--questions-file`` (one question per line, blank lines skipped)."""
+    texts = getattr(args, "query", None) or []
+    path = getattr(args, "questions_file", None)
+    others = [f for f in ("--query-file", "--query-ids", "--random-query")
+              if getattr(args, f.lstrip("-").replace("-", "_"), None) is not None]
+    if path is None and len(texts) <= 1:
+        return [_read_ids("query", args, tokenizer, vocab, seed)]
+    if others or (path is not None and texts):
+        given = others + (["--query"] if texts else []) + (["--questions-file"] if path is not None else [])
+        raise StarInputError("several questions come from --query given more than once or from --questions-file "
+                             f"alone; got {' and '.join(given)}")
+    if tokenizer is None:
+        raise StarInputError("the model directory has no tokenizer, so question text cannot be read; add "
+                             "tokenizer files to it")
+    if path is not None:
+        lines = [(n, line.strip()) for n, line in enumerate(_read_file(path, "--questions-file").splitlines(), 1)]
+        lines = [(n, line) for n, line in lines if line]
+        if not lines:
+            raise StarInputError(f"--questions-file {path} holds no questions; write one question per line")
+        return [_encode("query", line, f"--questions-file {path} line {n}", tokenizer, vocab) for n, line in lines]
+    return [_encode("query", text, f"--query number {i + 1}", tokenizer, vocab) for i, text in enumerate(texts)]
+
+
 def _read_file(path: str, flag: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -73,13 +105,14 @@ def _read_file(path: str, flag: str) -> str:
         raise StarInputError(f"cannot read {flag}: {exc}") from None
 
 
-def read_inputs(args, cfg, tokenizer, vocab: int, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank 0 reads the inputs; every rank gets the same ids (or the same error)."""
+def read_inputs(args, cfg, tokenizer, vocab: int, group) -> tuple[torch.Tensor, "torch.Tensor | list[torch.Tensor]"]:
+    """Rank 0 reads the inputs; every rank gets the same ids (or the same error): the context ``(1, Lc)``
+    and the query ``(1, Lq)``, or a list of several questions' ids ``(L_i,)``."""
     payload: list = [None]
     if group is None or dist.get_rank(group) == 0:
         try:
             ctx = _read_ids("context", args, tokenizer, vocab, cfg.seed)
-            qry = _read_ids("query", args, tokenizer, vocab, cfg.seed)
+            qry = _read_questions(args, tokenizer, vocab, cfg.seed)
             payload = [(ctx, qry, None)]
         except StarInputError as exc:
             payload = [(None, None, str(exc))]
@@ -88,4 +121,6 @@ def read_inputs(args, cfg, tokenizer, vocab: int, group) -> tuple[torch.Tensor, 
     ctx, qry, error = payload[0]
     if error:
         raise on_every_rank(StarInputError(error))
-    return torch.tensor([ctx]), torch.tensor([qry])
+    if len(qry) == 1:
+        return torch.tensor([ctx]), torch.tensor(qry)
+    return torch.tensor([ctx]), [torch.tensor(q) for q in qry]

@@ -147,3 +147,26 @@ def test_a_query_file_reads_as_the_query_text(dirs, capsys):
     assert code == 0, err
     assert json.loads(by_file)["tokens"] == json.loads(by_text)["tokens"]
     assert json.loads(by_file)["context_tokens"] == json.loads(by_text)["context_tokens"]
+
+
+def test_several_questions_of_one_context_give_each_its_own_answer(dirs, capsys):
+    """--query given several times (or --questions-file): one context, the questions decoded together,
+    each answer what the question gets alone."""
+    questions = ["What is the secret key of the city? The secret key of the city is", "Was the river long?"]
+    (dirs / "questions.txt").write_text(questions[0] + "\n\n" + questions[1] + "\n")
+    common = ["--model", "reference", "--context-file", str(dirs / "context.txt"), "--max-new-tokens", "4", "--json"]
+    alone = []
+    for q in questions:
+        code, out, err = _run(capsys, *common, "--query", q)
+        assert code == 0, err
+        alone.append(json.loads(out)["tokens"])
+    for source in (["--query", questions[0], "--query", questions[1]], ["--questions-file", str(dirs / "questions.txt")]):
+        code, out, err = _run(capsys, *common, *source)
+        assert code == 0, err
+        assert [a["tokens"] for a in json.loads(out)["answers"]] == alone
+    code, out, err = _run(capsys, *common[:-1], "--query", questions[0], "--query", questions[1])
+    assert code == 0 and out.startswith("[1] ") and "\n[2] " in out, out
+    (dirs / "no-questions.txt").write_text("\n \n")
+    _refused(capsys, [*common, "--questions-file", str(dirs / "no-questions.txt")], "holds no questions")
+    _refused(capsys, [*common, "--query", "a?", "--query", "b?", "--query-ids", "5 6"],
+             "--query given more than once or from --questions-file alone")

@@ -1,0 +1,391 @@
+"""Many questions over one context: Q questions answered together against one at a time, one GPU.
+
+    python tools/bench_queries.py --contexts 128k --queries 1,8,32 --question-tokens 16 --new-tokens 64 \
+        --out runs/bench-queries 2>&1 | tail -20                                   # one H200, ~2.5-3 minutes
+    python tools/bench_queries.py --model DIR --dtype float32 --contexts 256 --queries 1,3 \
+        --question-tokens 4 --new-tokens 3 --block 64 --warmup 64 --out /tmp/bq    # CPU smoke run
+
+Model: ``tools/bench.py``'s, a Llama-3.1-8B-shaped model (``configs/models/llama-3.1-8b``) with random
+bf16 weights. Inputs: one context ``(1, L)`` of random ids per ``--contexts`` length and ``max Q``
+questions ``(max Q, --question-tokens)`` of random ids; a run with ``Q`` questions asks the first ``Q``.
+Every question gets exactly ``--new-tokens`` greedy tokens (no EOS: the weights are random, nothing
+may stop early). Methods (``--methods``):
+
+- ``star``: ``StarEngine`` (``--block`` x ``--anchor``, default ``1/4`` x ``block``), the context
+  prefilled once (batch 1), then ONE ``generate(context, questions (Q, Lq), new)``: the Q questions
+  decode together, each step reading the context's KV once for all of them;
+- ``star-one-at-a-time``: the same prefilled context, Q ``generate`` calls of one question each,
+  their times summed;
+- ``engine-global``: ``StarEngine(attention="global")``, its own prefill, then the Q questions together;
+- ``global``: the plain transformers model's ``generate`` (SDPA, its dynamic cache) on a batch of Q
+  rows, each the context followed by one question: the context is repeated Q times. Skipped where its
+  KV cache alone would need more than ``--plain-max-gb`` (recorded as ``skipped: needs N GB``).
+
+Each engine is warmed up first (a ``--warmup``-token context, the same question counts and new tokens;
+for star the block and anchor specs applied to that length), the plain model once (2 tokens). Decoding
+runs with ``--decode-graphs`` (``auto``: one CUDA graph per request on one GPU; its capture time is
+``setup_s``, outside the decode rate). Per row: ``prefill_s`` (the engines: the context, once, shared
+by every row of that method and context; ``global``: none apart, see ``first_token_s``),
+``generate_s`` = time to answer all Q questions after the prefill (``global``: its whole ``generate``,
+which prefills the Q contexts too), ``total_s`` = both, ``first_token_s`` (engines: the questions'
+pass; ``global``: prefill of the Q contexts and questions), ``decode_tokens_per_s`` = the aggregate
+decode rate ``Q x (new - 1) / decode_s`` (decode_s: after the first token, without graph capture,
+as ``engine.stats`` counts it; one at a time: the calls' decode times summed), ``vs_q1`` = that rate
+over the rate of the same method and context at Q = 1 (the target: star at Q = 32 >= 20), peak GiB of
+the answer (``peak_gb``, the context KV and weights included) and of the prefill (``prefill_peak_gb``),
+and ``tokens_sha`` (a checksum of the tokens; ``star-one-at-a-time`` rows also say whether theirs equal
+the batched ``star`` tokens, ``same_tokens_as_batched``). Results: ``OUT/bench.json`` (rows with
+hardware, versions, date and command) and ``OUT/bench.md``; a row that runs out of memory is recorded
+as such and the run goes on.
+
+A context that would leave no room for a question and its new tokens in the model's positions is
+shortened to fit (128K = 131072 becomes 130992 on Llama-3.1-8B), said so on the console; rows carry
+the length that ran.
+
+Time of the first command on one H200 (an estimate from docs/benchmarks.md's 128K figures: star
+prefill 8.4 s with 32K blocks, global 11.8 s, decode 14 ms per token through a graph with a 0.2-0.4 s
+capture, the plain model's ``generate`` 83 ms per token): start and random weights ~30 s; warm-ups at
+8K ~10 s; star prefill ~9 s and three batched generates ~4 s; one at a time 1 + 8 + 32 requests of
+~1.1 s (question pass, capture, 63 steps) ~45 s; engine-global prefill ~12 s and ~4 s of generates;
+global at Q = 1 ~17 s (12 s prefill, 63 x 83 ms), Q = 8 and 32 skipped (KV 138 and 550 GB): about
+2.5 minutes, well under 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (tools/bench.py: model, ids, sizes, memory and provenance helpers)
+
+from star_sp import StarConfig, StarEngine, StarError  # noqa: E402
+from star_sp.config import DECODE_GRAPHS  # noqa: E402
+from star_sp.eval.runner import parse_length  # noqa: E402
+
+METHODS = ("star", "star-one-at-a-time", "engine-global", "global")
+
+
+def _questions(count: int, tokens: int, vocab: int, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (count, tokens), generator=gen).to(device)
+
+
+def _sha(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.detach().cpu().long().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(queries: int, new_tokens: int, decode_s: float) -> float | None:
+    """Aggregate decode tokens/s: every question's tokens after its first, over the decode time."""
+    return queries * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None
+
+
+def plain_kv_gb(cfg, queries: int, tokens: int, dtype: torch.dtype) -> float:
+    """GB (1e9) of the plain model's KV cache for ``queries`` rows of ``tokens`` positions each."""
+    _, kv, dim = bench._heads(cfg)
+    return queries * tokens * cfg.num_hidden_layers * 2 * kv * dim * dtype.itemsize / 1e9
+
+
+def fit_context(length: int, cfg, question_tokens: int, new_tokens: int) -> int:
+    """``length``, shortened where needed so that the context, a question and its new tokens fit the
+    model's ``max_position_embeddings`` (the engine refuses a request past them): 128K with 16 + 64
+    tokens on Llama-3.1-8B (131072 positions) runs a context of 130992."""
+    limit = getattr(cfg, "max_position_embeddings", None)
+    return min(length, limit - question_tokens - new_tokens) if isinstance(limit, int) else length
+
+
+def _attempt(row: dict, fn):
+    """``fn()``, or None with ``row["error"]`` set (out of memory, or an error's first line)."""
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except (RuntimeError, StarError) as exc:
+        row["error"] = str(exc).splitlines()[0][:120]
+    return None
+
+
+def answer_together(engine, context, questions: torch.Tensor, new_tokens: int) -> tuple[dict, torch.Tensor]:
+    """One ``generate`` for all questions ``(Q, Lq)`` over the prefilled ``context``."""
+    bench._reset(engine.device)
+    tokens = engine.generate(context, questions, new_tokens)
+    s = engine.stats
+    decode_s = s["generate_s"] - s["first_token_s"] - s["decode_setup_s"]
+    return {"generate_s": s["generate_s"], "first_token_s": s["first_token_s"], "setup_s": s["decode_setup_s"],
+            "decode_s": decode_s, "new_tokens": s["new_tokens"], "decode_mode": s["decode_mode"],
+            "decode_tokens_per_s": _rate(len(questions), s["new_tokens"], decode_s),
+            "peak_gb": bench._peak(engine.device)}, tokens
+
+
+def answer_one_at_a_time(engine, context, questions: torch.Tensor, new_tokens: int) -> tuple[dict, torch.Tensor]:
+    """``Q`` ``generate`` calls of one question each over the same prefilled ``context``, summed."""
+    bench._reset(engine.device)
+    keys = ("generate_s", "first_token_s", "decode_setup_s")
+    total = dict.fromkeys(keys, 0.0)
+    tokens = []
+    for question in questions:
+        tokens.append(engine.generate(context, question[None], new_tokens))
+        for key in keys:
+            total[key] += engine.stats[key]
+    decode_s = total["generate_s"] - total["first_token_s"] - total["decode_setup_s"]
+    new = engine.stats["new_tokens"]
+    return {"generate_s": total["generate_s"], "first_token_s": total["first_token_s"],
+            "setup_s": total["decode_setup_s"], "decode_s": decode_s, "new_tokens": new,
+            "decode_mode": engine.stats["decode_mode"], "decode_tokens_per_s": _rate(len(questions), new, decode_s),
+            "peak_gb": bench._peak(engine.device)}, torch.cat(tokens)
+
+
+def answer_plain(model, context, questions: torch.Tensor, new_tokens: int, device) -> tuple[dict, torch.Tensor]:
+    """The plain model's ``generate`` on ``Q`` rows ``[context ; question i]``; the time of each step's
+    logits (a logits processor that synchronises) splits the first token from the decode."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from star_sp import _compat
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            _sync(device)
+            self.times.append(time.perf_counter())
+            return scores
+
+    _compat.set_attn_implementation(model, "sdpa")
+    ids = torch.cat([context.expand(len(questions), -1), questions], dim=1)
+    clock = Clock()
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None  # random weights: every row runs all new tokens
+    try:
+        bench._reset(device)
+        _sync(device)
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+        _sync(device)
+        end = time.perf_counter()
+    finally:
+        model.generation_config.eos_token_id = eos
+    tokens = out[:, ids.shape[1]:]
+    decode_s = clock.times[-1] - clock.times[0]
+    return {"generate_s": end - start, "first_token_s": clock.times[0] - start, "setup_s": 0.0,
+            "decode_s": decode_s, "new_tokens": tokens.shape[1], "decode_mode": "transformers",
+            "decode_tokens_per_s": _rate(len(questions), tokens.shape[1], decode_s),
+            "peak_gb": bench._peak(device)}, tokens
+
+
+def engine_rows(model, method: str, context, questions, counts, args, run_both: bool) -> list[dict]:
+    """Rows of one engine (``star``, whose prefill ``star-one-at-a-time`` shares when ``run_both``, or
+    ``engine-global``) at one context: warm-up, one prefill, then each question count."""
+    length = context.shape[1]
+    attention = "global" if method == "engine-global" else "star"
+
+    def config(n: int) -> StarConfig:
+        block = bench._size(args.block, n, 1) if attention == "star" else n
+        anchor = bench._size(args.anchor, n, 1, block) if attention == "star" else 0
+        return StarConfig(block_size=block, anchor_size=anchor, backend=args.backend, decode_graphs=args.decode_graphs)
+
+    methods = [method, "star-one-at-a-time"] if run_both else [method]
+    cfg = config(length)
+    common = {"context": length}
+    if attention == "star":
+        common.update(block=cfg.block_size, anchor=cfg.anchor_size)
+    failed = {}
+    warm_ids = context[:, : min(length, args.warmup)]
+
+    def warm():
+        warm_engine = StarEngine(model, config(warm_ids.shape[1]), attention=attention)
+        warm_context = warm_engine.prefill(warm_ids)
+        for q in sorted({1, max(counts)}):
+            warm_engine.generate(warm_context, questions[:q], args.new_tokens)
+
+    engine = StarEngine(model, cfg, attention=attention)
+
+    def prefill():
+        bench._reset(engine.device)
+        ctx = engine.prefill(context)
+        return ctx, engine.stats["prefill_s"], bench._peak(engine.device)
+
+    result = _attempt(failed, lambda: (warm(), prefill())[1])
+    ctx, prefill_s, prefill_peak = result if result else (None, None, None)
+    rows = []
+    for q in counts:
+        batched_tokens = None
+        for name in methods:
+            row = {**common, "queries": q, "method": name, **failed}
+            if "error" not in row:
+                fn = answer_one_at_a_time if name == "star-one-at-a-time" else answer_together
+                got = _attempt(row, lambda: fn(engine, ctx, questions[:q], args.new_tokens))
+                if got:
+                    stats, tokens = got
+                    row.update(prefill_s=prefill_s, prefill_peak_gb=prefill_peak, **stats,
+                               total_s=prefill_s + stats["generate_s"], tokens_sha=_sha(tokens))
+                    if name == "star":
+                        batched_tokens = tokens
+                    elif name == "star-one-at-a-time":
+                        row["same_tokens_as_batched"] = (None if batched_tokens is None
+                                                         else bool(torch.equal(tokens, batched_tokens)))
+            bench._reset(model.device)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    del ctx
+    bench._reset(model.device)
+    return rows
+
+
+def plain_rows(model, context, questions, counts, args, warm: list) -> list[dict]:
+    """Rows of the plain model's ``generate`` at one context (``warm``: whether it has been warmed up)."""
+    device = model.device
+    length = context.shape[1]
+    rows = []
+    for q in counts:
+        row = {"context": length, "queries": q, "method": "global"}
+        need = plain_kv_gb(model.config, q, length + questions.shape[1] + args.new_tokens, model.dtype)
+        if need > args.plain_max_gb:
+            row["error"] = f"skipped: needs {need:.0f} GB of KV cache (over --plain-max-gb {args.plain_max_gb:g})"
+        else:
+            if not warm:
+                _attempt(row, lambda: answer_plain(model, context[:, : min(length, args.warmup)], questions[:1], 2,
+                                                   device))
+                warm.append(True)
+            got = _attempt(row, lambda: answer_plain(model, context, questions[:q], args.new_tokens, device))
+            if got:
+                stats, tokens = got
+                row.update(prefill_s=None, prefill_peak_gb=None, **stats, total_s=stats["generate_s"],
+                           tokens_sha=_sha(tokens))
+        bench._reset(device)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def compare_to_one(rows: list[dict]) -> None:
+    """``vs_q1``: each row's aggregate decode rate over its method's at Q = 1 on the same context."""
+    ones = {(r["context"], r["method"]): r.get("decode_tokens_per_s") for r in rows if r["queries"] == 1}
+    for r in rows:
+        base = ones.get((r["context"], r["method"]))
+        rate = r.get("decode_tokens_per_s")
+        r["vs_q1"] = rate / base if rate and base else None
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| context | Q | method | prefill s | answer all s | total s | first token s | "
+            "decode tok/s (all questions) | x Q=1 | decode | peak GiB (answer / prefill) |")
+    lines = [head, "|" + "---|" * 11]
+    fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['context']} | {r['queries']} | {r['method']} | {r['error']} | | | | | | | |")
+            continue
+        same = r.get("same_tokens_as_batched")
+        mark = "" if same is None else (" (same tokens)" if same else " (OTHER TOKENS)")
+        lines.append(f"| {r['context']} | {r['queries']} | {r['method']}{mark} | {fmt(r['prefill_s'])} | "
+                     f"{fmt(r['generate_s'])} | {fmt(r['total_s'])} | {fmt(r['first_token_s'])} | "
+                     f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r['vs_q1'], 1)} | {r['decode_mode']} | "
+                     f"{fmt(r['peak_gb'], 1)} / {fmt(r['prefill_peak_gb'], 1)} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict], target_q: int = 32, target: float = 20.0) -> str:
+    """One line per context: star's aggregate decode rate at the largest Q over Q = 1 (the target:
+    >= 20 at Q = 32), and its time to answer all against one at a time."""
+    out = []
+    for length in sorted({r["context"] for r in rows}):
+        ok = {(r["method"], r["queries"]): r for r in rows if r["context"] == length and "error" not in r}
+        qs = sorted(q for m, q in ok if m == "star")
+        if not qs:
+            continue
+        q = qs[-1]
+        star, alone = ok[("star", q)], ok.get(("star-one-at-a-time", q))
+        ratio = star["vs_q1"] or float("nan")
+        text = f"context {length}: star at Q = {q} decodes {ratio:.1f}x the aggregate rate of Q = 1"
+        if q == target_q:
+            text += f" (target >= {target:g}x: {'met' if (star['vs_q1'] or 0) >= target else 'NOT met'})"
+        if alone:
+            text += (f"; answers all {q} in {star['generate_s']:.2f} s after the prefill, one at a time in "
+                     f"{alone['generate_s']:.2f} s ({alone['generate_s'] / star['generate_s']:.1f}x as long)")
+        out.append(text)
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="configs/models/llama-3.1-8b", help="a model config directory")
+    p.add_argument("--contexts", default="128k")
+    p.add_argument("--queries", default="1,8,32", help="question counts Q, asked of one context")
+    p.add_argument("--question-tokens", type=int, default=16, help="tokens of each question")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated for each question (no EOS)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS)}")
+    p.add_argument("--block", default="1/4", help="star block: 1/k of the context, or tokens")
+    p.add_argument("--anchor", default="block", help="star anchor: block, block/k, or tokens")
+    p.add_argument("--plain-max-gb", type=float, default=120.0,
+                   help="skip the plain model where its KV cache alone would need more GB (1e9)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=8192, help="context tokens of the untimed warm-up")
+    p.add_argument("--decode-graphs", default="auto", choices=DECODE_GRAPHS,
+                   help="the engines' StarConfig.decode_graphs (auto: a CUDA graph per request on one GPU)")
+    p.add_argument("--out", default="runs/bench-queries")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    counts = sorted({int(q) for q in args.queries.split(",") if q})
+    if not counts or counts[0] < 1 or args.question_tokens < 1 or args.new_tokens < 1:
+        p.error("--queries, --question-tokens and --new-tokens must be positive")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = bench._model(args.model, device, getattr(torch, args.dtype), args.seed)
+    vocab = model.config.vocab_size
+    questions = _questions(max(counts), args.question_tokens, vocab, args.seed + 1, device)
+    rows: list[dict] = []
+    plain_warm: list = []
+    for asked in map(parse_length, args.contexts.split(",")):
+        length = fit_context(asked, model.config, args.question_tokens, args.new_tokens)
+        if length < 1:
+            p.error(f"--question-tokens and --new-tokens leave no room for a context in the model's "
+                    f"{model.config.max_position_embeddings} positions")
+        if length != asked:
+            print(f"context {asked} shortened to {length}: the context, a {args.question_tokens}-token question and "
+                  f"{args.new_tokens} new tokens must fit the model's {model.config.max_position_embeddings} "
+                  "positions", flush=True)
+        context = bench._ids(length, vocab, args.seed, device)
+        if "star" in methods or "star-one-at-a-time" in methods:
+            rows += engine_rows(model, "star" if "star" in methods else "star-one-at-a-time", context, questions,
+                                counts, args, run_both="star" in methods and "star-one-at-a-time" in methods)
+        if "engine-global" in methods:
+            rows += engine_rows(model, "engine-global", context, questions, counts, args, run_both=False)
+        if "global" in methods:
+            rows += plain_rows(model, context, questions, counts, args, plain_warm)
+    compare_to_one(rows)
+    prov = bench._provenance(device, argv)
+    prov["command"] = " ".join(["tools/bench_queries.py", *argv])
+    settings = {"question_tokens": args.question_tokens, "new_tokens": args.new_tokens, "queries": counts,
+                "block": args.block, "anchor": args.anchor, "decode_graphs": args.decode_graphs}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump({"provenance": prov, "settings": settings, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(f"{table(rows)}\n\n{summary(rows)}\n\nOne process on {prov['device']}; {args.question_tokens}-token "
+                f"questions, {args.new_tokens} new tokens each; torch {prov['torch']}, transformers "
+                f"{prov['transformers']}, CUDA {prov['cuda']}; {prov['date']}; `{prov['command']}`\n")
+    print(table(rows))
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,7 +25,10 @@ class SamplingConfig:
     top_p: float = 1.0
     """Keep the smallest set of tokens whose probability adds up to at least top_p (1.0: all)."""
     seed: int = 0
-    """Seed of the sampling generator (the same on every rank)."""
+    """Seed of each sequence's sampling generator (the same on every rank): a sequence samples what it
+    samples alone, whatever else is in the batch."""
+    seeds: tuple[int, ...] | None = None
+    """One seed per sequence (several questions of one context), instead of ``seed`` for every one."""
 
     def __post_init__(self) -> None:
         if self.do_sample and not self.temperature > 0:
@@ -34,10 +37,24 @@ class SamplingConfig:
             raise StarInputError(f"top_k must be a non-negative integer (0 keeps every token), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise StarInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seeds is not None and (not isinstance(self.seeds, (tuple, list)) or not self.seeds or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in self.seeds)):
+            raise StarInputError(f"seeds must be a non-empty tuple of integers (one per sequence), got {self.seeds!r}")
+
+    def generators(self, batch: int, device) -> list[torch.Generator] | None:
+        """One generator per sequence (None when greedy); ``seeds`` must then hold ``batch`` seeds."""
+        if not self.do_sample:
+            return None
+        seeds = [self.seed] * batch if self.seeds is None else list(self.seeds)
+        if len(seeds) != batch:
+            raise StarInputError(f"seeds holds {len(seeds)} seeds for {batch} sequences; give one per sequence")
+        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
-def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """``logits: (B, V)`` -> token ids ``(B,)``; ``generator`` must be on the logits' device."""
+def next_tokens(logits: torch.Tensor, cfg: SamplingConfig,
+                generator: "torch.Generator | list[torch.Generator] | None") -> torch.Tensor:
+    """``logits: (B, V)`` -> token ids ``(B,)``; ``generator`` (one for the batch, or one per sequence) must
+    be on the logits' device."""
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
     logits = logits.float() / cfg.temperature
@@ -51,4 +68,7 @@ def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= cfg.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -83,5 +83,5 @@ def test_plain_model_skipped_where_its_cache_would_not_fit(tiny, tmp_path):
 def test_context_shortened_to_the_model_positions():
     tool = _tool()
     cfg = SimpleNamespace(max_position_embeddings=131072)
-    assert tool.fit_context(131072, cfg, 16, 64) == 130992
-    assert tool.fit_context(65536, cfg, 16, 64) == 65536
+    assert tool.bench.fit_context(131072, cfg, 16, 64) == 130992
+    assert tool.bench.fit_context(65536, cfg, 16, 64) == 65536

@@ -459,6 +459,7 @@ def test_questions_of_different_lengths_equal_each_alone_and_the_oracle(cluster,
             assert torch.equal(r["greedy"][i:i + 1], want), (i, r["greedy"][i], want)
             assert torch.equal(r["alone"][i], want)
             assert r["logits"][i].shape[1] == len(q)
+            assert torch.equal(r["sampled"][i:i + 1], r["sampled_alone"][i])  # its own seed, batched or alone
             torch.testing.assert_close(r["logits"][i], oracle_logits(ref, r["ctx"], q[None], block, anchor).float(),
                                        rtol=0, atol=LOGIT_ATOL)
 

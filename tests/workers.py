@@ -300,9 +300,12 @@ def train_parts(group, spec: dict) -> dict:
 
 
 def questions_run(group, spec: dict) -> dict:
-    """One context (batch 1) and Q questions of one length: the batched score and greedy tokens, and
-    each question's greedy tokens asked alone (the same engine), on a tiny float64 model."""
-    from star_sp import StarConfig, StarEngine
+    """One context (batch 1) and Q questions of one length (or a list of different lengths): the batched
+    score and greedy tokens, and each question's greedy tokens asked alone (the same engine); for a list
+    also sampled tokens with one seed per question, batched and alone; on a tiny float64 model."""
+    from dataclasses import replace
+
+    from star_sp import SamplingConfig, StarConfig, StarEngine
     from star_sp.testing import build
 
     model, _ = build(spec["family"], dtype=torch.float64)
@@ -314,9 +317,13 @@ def questions_run(group, spec: dict) -> dict:
     if "lengths" in spec:  # a list of questions of different lengths
         questions = [torch.randint(4, model.config.vocab_size, (n,), generator=gen) for n in spec["lengths"]]
         context = engine.prefill(ctx)
+        sampling = SamplingConfig(do_sample=True, temperature=1.3, top_k=30, seeds=tuple(range(7, 7 + len(questions))))
         return {"ctx": ctx, "questions": questions, "logits": engine.score(context, questions),
                 "greedy": engine.generate(context, questions, spec["steps"]),
-                "alone": [engine.generate(context, q[None], spec["steps"]) for q in questions]}
+                "alone": [engine.generate(context, q[None], spec["steps"]) for q in questions],
+                "sampled": engine.generate(context, questions, spec["steps"], sampling=sampling),
+                "sampled_alone": [engine.generate(context, q[None], spec["steps"], sampling=replace(
+                    sampling, seeds=None, seed=7 + i)) for i, q in enumerate(questions)]}
     questions = torch.randint(4, model.config.vocab_size, (spec["questions"], spec["lq"]), generator=gen)
     context = engine.prefill(ctx)
     return {"ctx": ctx, "questions": questions, "logits": engine.score(context, questions),

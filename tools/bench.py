@@ -52,6 +52,14 @@ METHODS = ("global", "star", "star-paper", "ring", "torch-cp", "engine-global")
 DEFAULT_METHODS = METHODS[:-1]
 
 
+def fit_context(length: int, cfg, question_tokens: int, new_tokens: int) -> int:
+    """``length``, shortened where needed so that the context, a question and its new tokens fit the
+    model's ``max_position_embeddings`` (the engine refuses a request past them): 128K with 16 + 64
+    tokens on Llama-3.1-8B (131072 positions) runs a context of 130992."""
+    limit = getattr(cfg, "max_position_embeddings", None)
+    return min(length, limit - question_tokens - new_tokens) if isinstance(limit, int) else length
+
+
 def _size(spec: str, length: int, world: int, block: int | None = None) -> int:
     """``1/N`` (the hosts), ``1/k``, ``block``, ``block/k`` or tokens."""
     if spec == "1/N":
@@ -462,7 +470,12 @@ def main(argv=None) -> int:
         print(json.dumps({"rates": rates}), flush=True)
     rows: list[dict] = []
     projected: list[dict] = []
-    lengths = list(map(parse_length, args.contexts.split(",")))
+    lengths = []
+    for asked in map(parse_length, args.contexts.split(",")):  # the query and its tokens must fit the positions
+        lengths.append(fit_context(asked, model.config, args.query, args.decode + 1))
+        if lengths[-1] != asked and rank == 0:
+            print(f"context {asked} shortened to {lengths[-1]} tokens: with {args.query} query and {args.decode + 1} "
+                  f"new tokens it fits the model's {model.config.max_position_embeddings} positions", flush=True)
     # torch-cp runs after every other method: a failure inside its context manager can leave SDPA patched
     jobs = [(n, [m for m in methods if m != "torch-cp"], True) for n in lengths]
     jobs += [(n, ["torch-cp"], False) for n in lengths if "torch-cp" in methods]

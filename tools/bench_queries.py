@@ -97,14 +97,6 @@ def plain_kv_gb(cfg, queries: int, tokens: int, dtype: torch.dtype) -> float:
     return queries * tokens * cfg.num_hidden_layers * 2 * kv * dim * dtype.itemsize / 1e9
 
 
-def fit_context(length: int, cfg, question_tokens: int, new_tokens: int) -> int:
-    """``length``, shortened where needed so that the context, a question and its new tokens fit the
-    model's ``max_position_embeddings`` (the engine refuses a request past them): 128K with 16 + 64
-    tokens on Llama-3.1-8B (131072 positions) runs a context of 130992."""
-    limit = getattr(cfg, "max_position_embeddings", None)
-    return min(length, limit - question_tokens - new_tokens) if isinstance(limit, int) else length
-
-
 def _attempt(row: dict, fn):
     """``fn()``, or None with ``row["error"]`` set (out of memory, or an error's first line)."""
     try:
@@ -354,7 +346,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     plain_warm: list = []
     for asked in map(parse_length, args.contexts.split(",")):
-        length = fit_context(asked, model.config, args.question_tokens, args.new_tokens)
+        length = bench.fit_context(asked, model.config, args.question_tokens, args.new_tokens)
         if length < 1:
             p.error(f"--question-tokens and --new-tokens leave no room for a context in the model's "
                     f"{model.config.max_position_embeddings} positions")

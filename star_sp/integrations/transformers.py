@@ -405,6 +405,10 @@ class StarEngine:
         mode, why_not = (self._decode_mode(context, max_new_tokens) if isinstance(context, StarContext)
                          else ("plain", None))  # a bad context: _check_query says so on every rank
         error = error or why_not
+        if error is None and sampling.seeds is not None and isinstance(query_ids, torch.Tensor) and len(
+                sampling.seeds) != query_ids.shape[0]:
+            error = (f"sampling.seeds holds {len(sampling.seeds)} seeds for {query_ids.shape[0]} sequences; give one "
+                     "per sequence (or seed= for all)")
         self._check_query("generate", context, query_ids, error, listed=listed,
                           new_tokens=max_new_tokens if isinstance(max_new_tokens, int) else 0,
                           max_new_tokens=max_new_tokens,
@@ -420,8 +424,7 @@ class StarEngine:
                         else StaticQueryKV(self.num_layers, lq + max_new_tokens, self.device, on_device))
         step_fn: DecodeStep | None = None
         setup_s = 0.0
-        generator = (torch.Generator(device=self.device).manual_seed(sampling.seed)
-                     if holds and sampling.do_sample else None)
+        generator = sampling.generators(batch, self.device) if holds else None
         finished = torch.zeros(batch, dtype=torch.bool)
         tokens: list[torch.Tensor] = []
         window = max((len(s) for s in stop_strings or ()), default=0) + 8

@@ -12,16 +12,8 @@ error (one line), 2 for a bad flag, 130 after Ctrl-C. The job itself is ``star_s
 """
 
 import os
-import signal
-import sys
+import runpy
 
-if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C while torch is being imported
-        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-    from star_sp.training.megatron_job import main
-
-    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    code = main(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # see launch/infer.py: skip the interpreter's teardown once the work is done
+if __name__ == "__main__":  # launch/finetune.py's start (Ctrl-C, --local_rank, exit code), by path: no torch yet
+    launch = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py"))["launch"]
+    launch("star_sp.training.megatron_job")

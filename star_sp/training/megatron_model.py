@@ -26,28 +26,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 
-from ..config import ANCHOR_SOURCES, BACKENDS, StarConfig
+from ..config import ANCHOR_SOURCES, StarConfig
 from ..errors import StarInputError
-from ..runconfig import load_config
-from .settings import _choice, _help, _integer, _number, _pair
+from .settings import TrainSettings, _booleans, _choice, _help, _integer, _number, redefault
 
-DTYPES = ("auto", "float32", "bfloat16")
 MODEL_KEYS = ("tokenizer", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
               "max_position_embeddings", "rotary_base", "norm_epsilon", "tie_embeddings", "init_method_std")
 # keys of the generate mode: not part of a training run's identity (a resumed run may change them)
 GENERATE_KEYS = ("generate", "checkpoint", "context_file", "query", "max_new_tokens")
-RESUMABLE = ("steps", "save_every", "keep_last", "resume", "log_every", "wandb", "quiet", "num_workers",
-             "collective_timeout_s", "out", *GENERATE_KEYS)
 
 
 @dataclass(kw_only=True)
-class MegatronConfig:
-    """One run of ``launch/megatron_gpt.py``: training (one sample per micro-batch and CP group, as the
-    fine-tuning job) or, with ``generate``, an answer from a checkpoint."""
+class _MegatronKeys:
+    """The Megatron-core job's leading keys: the model and the parallelism (see ``TrainSettings``)."""
 
     # -- the model (a generate run takes them from the checkpoint) -------------------------------------
     tokenizer: str = _help("tokenizer directory (transformers layout) or 'reference' (the shipped model's, "
@@ -73,44 +68,15 @@ class MegatronConfig:
     star_anchor_size: int | None = _help("anchor size (tokens, 0: none); unset: the block with star_block_size, "
                                          "else drawn per sample (anchor_fraction)")
     star_anchor_source: str = _help("broadcast or recompute (see star-sp generate --help)", "broadcast")
-    dtype: str = _help("auto: bfloat16 on CUDA (float32 master weights), float32 on CPU", "auto")
-    device: str = _help("auto (CUDA if present, one GPU per process), cpu or cuda", "auto")
-    backend: str = _help("attention kernel: auto, cpu, flash, cudnn, efficient, math", "auto")
-    collective_timeout_s: float = _help("seconds a collective may wait before every rank stops with an error", 600.0)
 
-    # -- optimization (as launch/finetune.py) ----------------------------------------------------------
-    steps: int = _help("optimizer steps in the whole run (a resumed run continues up to it)", 100)
-    gradient_accumulation_steps: int = _help("micro-batches (one sample each) per optimizer step and CP group", 1)
-    lr: float = _help("peak learning rate (AdamW)", 1e-3)
-    warmup_steps: int = _help("steps of linear warm-up from 0 to lr", 0)
-    min_lr_ratio: float = _help("the cosine decay ends at lr x this after the last step", 0.1)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    adam_betas: list = _help("AdamW betas", default_factory=lambda: [0.9, 0.95])
-    adam_eps: float = _help("AdamW epsilon", 1e-8)
-    max_grad_norm: float = _help("clip the gradient's global norm to this (0: no clipping)", 1.0)
-    context_loss_weight: float = _help("weight of the mean next-token loss on context tokens beside the mean "
-                                       "loss on answer tokens", 0.1)
 
-    # -- data (star_sp.training.data, as launch/finetune.py) ------------------------------------------
-    data: str = _help("'tasks' (the RULER-style generators) or a JSONL file of {context, query, answer} records",
-                      "tasks")
-    tasks: list = _help("task data: tasks or families (see star-sp eval), or all", default_factory=lambda: ["all"])
-    lengths: list = _help("task data: [shortest, longest] sample length in tokens, drawn per sample",
-                          default_factory=lambda: [1024, 4096])
-    blocks: list = _help("[fewest, most] blocks the context is cut into, drawn per sample",
-                         default_factory=lambda: [2, 8])
-    anchor_fraction: list = _help("[least, most] anchor size as a fraction of the block, drawn per sample",
-                                  default_factory=lambda: [0.25, 1.0])
-    seed: int = _help("seed of the data and of the initial weights", 0)
-    num_workers: int = _help("background processes that generate samples (0: in the training process)", 0)
+@dataclass(kw_only=True)
+class MegatronConfig(TrainSettings, _MegatronKeys):
+    """One run of ``launch/megatron_gpt.py``: training (one sample per micro-batch and CP group, as the
+    fine-tuning job) or, with ``generate``, an answer from a checkpoint."""
 
-    # -- checkpoints and logging ---------------------------------------------------------------------
-    save_every: int = _help("save a checkpoint every N steps (0: only at the end)", 0)
-    keep_last: int = _help("checkpoints to keep (older ones are deleted; 0 keeps all)", 2)
-    resume: bool = _help("continue from the last complete checkpoint in out, if there is one", True)
-    log_every: int = _help("steps between log lines (train_log.jsonl, W&B)", 1)
-    wandb: str = _help("W&B project to log to (offline without an API key); empty: no W&B", "")
-    quiet: bool = _help("no progress bar", False)
+    lr: float = redefault("lr", 1e-3)
+    context_loss_weight: float = redefault("context_loss_weight", 0.1)
 
     # -- generate ------------------------------------------------------------------------------------
     generate: bool = _help("answer --query over the text of --context-file with a checkpoint (prefill by phase "
@@ -121,43 +87,22 @@ class MegatronConfig:
     max_new_tokens: int = _help("generate: most tokens to write (stops at EOS)", 32)
 
     def __post_init__(self) -> None:
-        for name in ("attention", "dtype", "star_anchor_source", "backend"):
-            _choice(name, getattr(self, name), {"attention": ("star", "global", "ring"), "dtype": DTYPES,
-                                                "star_anchor_source": ANCHOR_SOURCES, "backend": BACKENDS}[name])
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise StarInputError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        _choice("attention", self.attention, ("star", "global", "ring"))
+        _choice("star_anchor_source", self.star_anchor_source, ANCHOR_SOURCES)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                     "max_position_embeddings", "rotary_base", "context_parallel_size", "steps",
-                     "gradient_accumulation_steps", "log_every", "max_new_tokens"):
+                     "max_position_embeddings", "rotary_base", "context_parallel_size", "max_new_tokens"):
             _integer(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "save_every", "keep_last", "num_workers"):
-            _integer(name, getattr(self, name), 0)
-        _integer("seed", self.seed, None)
+        super().__post_init__()
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_query_groups:
             raise StarInputError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
                                  f"({self.hidden_size}) and be a multiple of num_query_groups "
                                  f"({self.num_query_groups})")
-        for name in ("lr", "collective_timeout_s", "adam_eps", "norm_epsilon", "init_method_std"):
+        for name in ("norm_epsilon", "init_method_std"):
             _number(name, getattr(self, name), positive=True)
-        for name in ("weight_decay", "max_grad_norm", "context_loss_weight", "min_lr_ratio"):
-            _number(name, getattr(self, name))
-        if self.min_lr_ratio > 1 or not all(0 <= b < 1 for b in _pair("adam_betas", self.adam_betas, float)):
-            raise StarInputError(f"min_lr_ratio must lie in [0, 1] and adam_betas in [0, 1), got {self.min_lr_ratio!r}"
-                                 f" and {self.adam_betas!r}")
-        if _pair("lengths", self.lengths, int)[0] < 1 or _pair("blocks", self.blocks, int)[0] < 1:
-            raise StarInputError(f"lengths and blocks must be at least 1, got {self.lengths!r} and {self.blocks!r}")
-        lo, hi = _pair("anchor_fraction", self.anchor_fraction, float)
-        if lo < 0 or hi > 1:
-            raise StarInputError(f"anchor_fraction must lie in [0, 1] (a fraction of the block), got "
-                                 f"{self.anchor_fraction!r}")
-        for name in ("tokenizer", "data", "out"):
+        for name in ("tokenizer", "out"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise StarInputError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if not isinstance(self.tasks, list) or not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
-            raise StarInputError(f"tasks must be a list of task or family names (or ['all']), got {self.tasks!r}")
-        for name in ("tie_embeddings", "resume", "quiet", "generate"):
-            if not isinstance(getattr(self, name), bool):
-                raise StarInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _booleans(self, "tie_embeddings", "generate")
         if self.star_block_size is not None:
             from ..integrations.megatron_args import star_config_from_args
 
@@ -185,13 +130,6 @@ class MegatronConfig:
             anchor = block
         return StarConfig(block_size=block, anchor_size=anchor, anchor_source=self.star_anchor_source,
                           backend=self.backend, collective_timeout_s=self.collective_timeout_s)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def load(cls, path: str | None, overrides: dict) -> "MegatronConfig":
-        return load_config(cls, path, overrides)
 
 
 def field_names() -> list[str]:

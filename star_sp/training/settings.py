@@ -1,8 +1,11 @@
-"""The configuration of a fine-tuning job (``launch/finetune.py``): a TOML file, then flags on top.
+"""The configuration of the training jobs: a TOML file, then flags on top.
 
-Every key is a field of ``FinetuneConfig``; its ``help`` text is both the documentation and the
-``--help`` line of the flag that overrides it (``--sp-size`` for ``sp_size``). Every bad value raises
-``StarInputError`` naming the key, the value and the fix. ``configs/finetune-*.toml`` are examples.
+``TrainSettings`` holds the keys both jobs have (the device, the optimization, the data, checkpoints and
+logging); ``FinetuneConfig`` adds the fine-tuning job's (``launch/finetune.py``), ``MegatronConfig``
+(``megatron_model.py``) the Megatron-core job's. Every key is a field; its ``help`` text is both the
+documentation and the ``--help`` line of the flag that overrides it (``--sp-size`` for ``sp_size``).
+Every bad value raises ``StarInputError`` naming the key, the value and the fix.
+``configs/finetune-*.toml`` and ``configs/megatron-*.toml`` are examples.
 """
 
 from __future__ import annotations
@@ -25,12 +28,107 @@ def _help(text: str, default=None, **kw):
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig:
-    """One fine-tuning run. The batch of one optimizer step is ``gradient_accumulation_steps`` samples
-    per data-parallel group (``world_size / sp_size`` groups): one sample per micro-batch, because
-    samples differ in length and ``star_train_loss`` takes no padding mask."""
+class TrainSettings:
+    """The keys both training jobs have, and their checks. A job's config is
+    ``class JobConfig(TrainSettings, _JobKeys)``: ``_JobKeys`` a dataclass of the job's leading keys
+    (the model, the parallelism). A dataclass takes its bases' fields in reverse method-resolution
+    order, so ``fields()``, ``to_dict()`` and ``--help`` list the job's leading keys, then these, then
+    the job's own fields. A job with another default overrides the field with ``redefault``, which
+    keeps its place and its help."""
 
-    # -- model and parallelism -----------------------------------------------------------------------
+    dtype: str = _help("auto: bfloat16 on CUDA (float32 master weights), float32 on CPU", "auto")
+    device: str = _help("auto (CUDA if present, one GPU per process), cpu or cuda", "auto")
+    backend: str = _help("attention kernel: auto, cpu, flash, cudnn, efficient, math", "auto")
+    collective_timeout_s: float = _help("seconds a collective may wait before every rank stops with an error", 600.0)
+
+    # -- optimization --------------------------------------------------------------------------------
+    steps: int = _help("optimizer steps in the whole run (a resumed run continues up to it)", 100)
+    gradient_accumulation_steps: int = _help("micro-batches (one sample each) per optimizer step and group (the "
+                                             "ranks that share a sample)", 1)
+    lr: float = _help("peak learning rate (AdamW)", 1e-4)
+    warmup_steps: int = _help("steps of linear warm-up from 0 to lr", 0)
+    min_lr_ratio: float = _help("the cosine decay ends at lr x this after the last step", 0.1)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    adam_betas: list = _help("AdamW betas", default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = _help("AdamW epsilon", 1e-8)
+    max_grad_norm: float = _help("clip the gradient's global norm to this (0: no clipping)", 1.0)
+    context_loss_weight: float = _help("weight of the mean next-token loss on context tokens beside the mean "
+                                       "loss on answer tokens", 0.0)
+
+    # -- data (data.py) ------------------------------------------------------------------------------
+    data: str = _help("'tasks' (the RULER-style generators, answers as targets) or a JSONL file of "
+                      "{context, query, answer} records", "tasks")
+    tasks: list = _help("task data: tasks or families (see star-sp eval), or all", default_factory=lambda: ["all"])
+    lengths: list = _help("task data: [shortest, longest] sample length in tokens, drawn per sample",
+                          default_factory=lambda: [1024, 4096])
+    blocks: list = _help("[fewest, most] blocks the context is cut into, drawn per sample (block size = "
+                         "context length / blocks, rounded up)", default_factory=lambda: [2, 8])
+    anchor_fraction: list = _help("[least, most] anchor size as a fraction of the block size, drawn per sample "
+                                  "(0: no anchor)", default_factory=lambda: [0.25, 1.0])
+    seed: int = _help("seed of the data and of the run (a new model's weights); training samples use seeds "
+                      "evaluation never uses", 0)
+    num_workers: int = _help("background processes that generate samples (0: in the training process)", 0)
+
+    # -- checkpoints and logging ---------------------------------------------------------------------
+    save_every: int = _help("save a checkpoint every N steps (0: only at the end)", 0)
+    keep_last: int = _help("checkpoints to keep (older ones are deleted; 0 keeps all)", 2)
+    resume: bool = _help("continue from the last complete checkpoint in out, if there is one", True)
+    log_every: int = _help("steps between log lines (train_log.jsonl, W&B)", 1)
+    wandb: str = _help("W&B project to log to (offline without an API key); empty: no W&B", "")
+    quiet: bool = _help("no progress bar", False)
+
+    def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("backend", self.backend, BACKENDS)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise StarInputError(f"device must be auto, cpu or cuda, got {self.device!r} (one GPU per process "
+                                 "is picked from LOCAL_RANK)")
+        for name in ("steps", "gradient_accumulation_steps", "log_every"):
+            _integer(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "save_every", "keep_last", "num_workers"):
+            _integer(name, getattr(self, name), 0)
+        _integer("seed", self.seed, None)
+        for name in ("lr", "adam_eps", "collective_timeout_s"):
+            _number(name, getattr(self, name), positive=True)
+        for name in ("weight_decay", "max_grad_norm", "context_loss_weight", "min_lr_ratio"):
+            _number(name, getattr(self, name))
+        if self.min_lr_ratio > 1:
+            raise StarInputError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio!r}")
+        betas = _pair("adam_betas", self.adam_betas, float)
+        if not all(0 <= b < 1 for b in betas):
+            raise StarInputError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if _pair("lengths", self.lengths, int)[0] < 1:
+            raise StarInputError(f"lengths must be at least 1 token, got {self.lengths!r}")
+        if _pair("blocks", self.blocks, int)[0] < 1:
+            raise StarInputError(f"blocks must be at least 1 (one block: plain causal attention), got {self.blocks!r}")
+        lo, hi = _pair("anchor_fraction", self.anchor_fraction, float)
+        if lo < 0 or hi > 1:
+            raise StarInputError(f"anchor_fraction must lie in [0, 1] (a fraction of the block), got "
+                                 f"{self.anchor_fraction!r}")
+        if not isinstance(self.tasks, list) or not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
+            raise StarInputError(f"tasks must be a list of task or family names (or ['all']), got {self.tasks!r}")
+        if not isinstance(self.data, str) or not self.data:
+            raise StarInputError("data must be 'tasks' or the path of a JSONL file of {context, query, answer} records")
+        _booleans(self, "resume", "quiet")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, path: str | None, overrides: dict):
+        """Values from the TOML file at ``path`` (if any), then every override that is not None."""
+        return load_config(cls, path, overrides)
+
+
+def redefault(name: str, default):
+    """``TrainSettings``' field ``name`` (its help) with another default, for a job's subclass."""
+    return _help(TrainSettings.__dataclass_fields__[name].metadata["help"], default)
+
+
+@dataclass(kw_only=True)
+class _FinetuneKeys:
+    """The fine-tuning job's leading keys: the model and the parallelism (see ``TrainSettings``)."""
+
     model: str = _help("model directory in the transformers layout with tokenizer files, or 'reference'", "")
     out: str = _help("output folder: checkpoint-NNNNNNN/ folders, train_log.jsonl, wandb/", "runs/finetune")
     attention: str = _help(
@@ -43,44 +141,16 @@ class FinetuneConfig:
     deepspeed: str = _help("DeepSpeed config (JSON, configs/deepspeed/zero*.json) for a ZeRO stage 0-3 engine; "
                            "empty: plain PyTorch (gradients summed over the sequence-parallel group, averaged "
                            "over the data-parallel groups)", "")
-    dtype: str = _help("auto: bfloat16 on CUDA (float32 master weights), float32 on CPU", "auto")
-    device: str = _help("auto (CUDA if present, one GPU per process), cpu or cuda", "auto")
     anchor_source: str = _help("broadcast or recompute (see star-sp generate --help)", "broadcast")
-    backend: str = _help("attention kernel: auto, cpu, flash, cudnn, efficient, math", "auto")
-    collective_timeout_s: float = _help("seconds a collective may wait before every rank stops with an error", 600.0)
 
-    # -- optimization --------------------------------------------------------------------------------
-    steps: int = _help("optimizer steps in the whole run (a resumed run continues up to it)", 100)
-    gradient_accumulation_steps: int = _help("micro-batches (one sample each) per optimizer step and group", 1)
-    lr: float = _help("peak learning rate (AdamW)", 1e-4)
-    warmup_steps: int = _help("steps of linear warm-up from 0 to lr", 0)
-    min_lr_ratio: float = _help("the cosine decay ends at lr x this after the last step", 0.1)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    adam_betas: list = _help("AdamW betas", default_factory=lambda: [0.9, 0.95])
-    adam_eps: float = _help("AdamW epsilon", 1e-8)
-    max_grad_norm: float = _help("clip the gradient's global norm to this (0: no clipping)", 1.0)
-    context_loss_weight: float = _help("weight of the mean next-token loss on context tokens beside the mean "
-                                       "loss on answer tokens", 0.0)
 
-    # -- data ----------------------------------------------------------------------------------------
-    data: str = _help("'tasks' (the RULER-style generators, answers as targets) or a JSONL file of "
-                      "{context, query, answer} records", "tasks")
-    tasks: list = _help("task data: tasks or families (see star-sp eval), or all", default_factory=lambda: ["all"])
-    lengths: list = _help("task data: [shortest, longest] sample length in tokens, drawn per sample",
-                          default_factory=lambda: [1024, 4096])
-    blocks: list = _help("[fewest, most] blocks the context is cut into, drawn per sample (block size = "
-                         "context length / blocks, rounded up)", default_factory=lambda: [2, 8])
-    anchor_fraction: list = _help("[least, most] anchor size as a fraction of the block size, drawn per sample "
-                                  "(0: no anchor)", default_factory=lambda: [0.25, 1.0])
-    seed: int = _help("seed of the data and of the run; training samples use seeds evaluation never uses", 0)
-    num_workers: int = _help("background processes that generate samples (0: in the training process)", 0)
+@dataclass(kw_only=True)
+class FinetuneConfig(TrainSettings, _FinetuneKeys):
+    """One fine-tuning run. The batch of one optimizer step is ``gradient_accumulation_steps`` samples
+    per data-parallel group (``world_size / sp_size`` groups): one sample per micro-batch, because
+    samples differ in length and ``star_train_loss`` takes no padding mask."""
 
-    # -- checkpoints, logging, evaluation ------------------------------------------------------------
-    save_every: int = _help("save a checkpoint every N steps (0: only at the end)", 0)
-    keep_last: int = _help("checkpoints to keep (older ones are deleted; 0 keeps all)", 2)
-    resume: bool = _help("continue from the last complete checkpoint in out, if there is one", True)
-    log_every: int = _help("steps between log lines (loss parts, W&B)", 1)
-    wandb: str = _help("W&B project to log to (offline without an API key); empty: no W&B", "")
+    # -- evaluation ----------------------------------------------------------------------------------
     eval_after: bool = _help("after training, run star-sp eval on the saved model (star against global) and "
                              "log its table and plots to W&B", False)
     eval_tasks: str = _help("--eval-after: tasks", "niah_single_2,vt")
@@ -88,65 +158,25 @@ class FinetuneConfig:
     eval_samples: int = _help("--eval-after: samples per task and length", 4)
     eval_block_size: str = _help("--eval-after: block sizes (tokens or 1/k of the length)", "1/4,1/8")
     eval_anchor_size: str = _help("--eval-after: anchor sizes (tokens, block, block/k or 0)", "block,block/4")
-    quiet: bool = _help("no progress bar", False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise StarInputError("no model given: pass --model DIR (or 'reference') or set model in --config")
         _choice("attention", self.attention, ATTENTIONS)
-        _choice("dtype", self.dtype, DTYPES)
         _choice("anchor_source", self.anchor_source, ANCHOR_SOURCES)
-        _choice("backend", self.backend, BACKENDS)
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise StarInputError(f"device must be auto, cpu or cuda, got {self.device!r} (one GPU per process "
-                                 "is picked from LOCAL_RANK)")
-        for name in ("sp_size", "steps", "gradient_accumulation_steps", "log_every"):
-            _integer(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "save_every", "keep_last", "num_workers", "eval_samples"):
-            _integer(name, getattr(self, name), 0)
-        _integer("seed", self.seed, None)
-        _number("lr", self.lr, positive=True)
-        _number("collective_timeout_s", self.collective_timeout_s, positive=True)
-        for name in ("weight_decay", "max_grad_norm", "context_loss_weight", "min_lr_ratio"):
-            _number(name, getattr(self, name))
-        _number("adam_eps", self.adam_eps, positive=True)
-        if self.min_lr_ratio > 1:
-            raise StarInputError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio!r}")
-        betas = _pair("adam_betas", self.adam_betas, float)
-        if not all(0 <= b < 1 for b in betas):
-            raise StarInputError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
-        lo, hi = _pair("lengths", self.lengths, int)
-        if lo < 64:
+        _integer("sp_size", self.sp_size, 1)
+        _integer("eval_samples", self.eval_samples, 0)
+        super().__post_init__()
+        if self.lengths[0] < 64:
             raise StarInputError(f"lengths must be at least 64 tokens (the tasks' smallest samples), got "
                                  f"{self.lengths!r}")
-        lo, hi = _pair("blocks", self.blocks, int)
-        if lo < 1:
-            raise StarInputError(f"blocks must be at least 1 (one block: plain causal attention), got {self.blocks!r}")
-        lo, hi = _pair("anchor_fraction", self.anchor_fraction, float)
-        if lo < 0 or hi > 1:
-            raise StarInputError(f"anchor_fraction must lie in [0, 1] (a fraction of the block), got "
-                                 f"{self.anchor_fraction!r}")
-        if not isinstance(self.tasks, list) or not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
-            raise StarInputError(f"tasks must be a list of task or family names (or ['all']), got {self.tasks!r}")
-        if not isinstance(self.data, str) or not self.data:
-            raise StarInputError("data must be 'tasks' or the path of a JSONL file of {context, query, answer} records")
-        for name in ("resume", "eval_after", "quiet"):
-            if not isinstance(getattr(self, name), bool):
-                raise StarInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _booleans(self, "eval_after")
         if self.eval_after and self.eval_samples < 1:
             raise StarInputError(f"eval_samples must be at least 1 with eval_after, got {self.eval_samples}")
 
     @property
     def uses_deepspeed(self) -> bool:
         return bool(self.deepspeed)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def load(cls, path: str | None, overrides: dict) -> "FinetuneConfig":
-        """Values from the TOML file at ``path`` (if any), then every override that is not None."""
-        return load_config(cls, path, overrides)
 
 
 # Keys a resumed run may change; any other difference from the checkpoint's config is refused.
@@ -180,3 +210,9 @@ def _pair(name: str, value, kind) -> tuple:
         kind_name = "integers" if kind is int else "numbers"
         raise StarInputError(f"{name} must be two {kind_name} [low, high] with low <= high, got {value!r}")
     return tuple(kind(v) for v in value)
+
+
+def _booleans(config, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            raise StarInputError(f"{name} must be true or false, got {getattr(config, name)!r}")

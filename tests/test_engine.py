@@ -479,3 +479,33 @@ def test_bad_question_lists_are_refused_in_one_line():
     limit = model.config.max_position_embeddings
     with pytest.raises(StarInputError, match="positions, more than the model's"):
         engine.generate(one, q[None], limit)
+    several = engine.prefill([torch.randint(4, 100, (30,)), torch.randint(4, 100, (12,))])
+    with pytest.raises(StarInputError, match="holds 2 contexts but 3 queries came"):
+        engine.generate(several, [q, q, q], 2)
+    for contexts, message in (([], "empty list"), ([torch.randint(4, 100, (2, 5))], "context 0 of the list must be")):
+        with pytest.raises(StarInputError, match=message):
+            engine.prefill(contexts)
+
+
+@pytest.mark.parametrize("world_size, attention, decode_graphs", [
+    (n, a, g) for n in (1, 2, 3) for a, g in (("star", "off"), ("star", "static"), ("ring", "off"))] + [
+    (1, "global", "off"), (1, "global", "static")])  # global attention is one process
+def test_contexts_of_different_lengths_decode_together_as_each_alone_and_the_oracle(cluster, world_size, attention,
+                                                                                   decode_graphs):
+    """Three contexts of different lengths (each its own block layout; one shorter than two blocks) in one
+    batch, a question of its own length for each, decoded together: each equals itself alone and the
+    oracle over [its context ; its question]."""
+    spec = dict(family="llama", block=16, anchor=5, contexts=[45, 12, 33], questions=[3, 5, 2], steps=4,
+                attention=attention, decode_graphs=decode_graphs)
+    results = ([workers.contexts_run(None, spec)] if world_size == 1
+               else cluster(world_size).run(workers.contexts_run, spec))
+    model, _ = build("llama", dtype=torch.float64)
+    ref = reference_model(model)
+    for r in results:
+        for i, (c, q) in enumerate(zip(r["contexts"], r["questions"])):
+            block, anchor = (spec["block"], spec["anchor"]) if attention == "star" else (len(c), 1)
+            want = oracle_greedy(ref, c[None], q[None], block, anchor, spec["steps"])
+            assert torch.equal(r["greedy"][i:i + 1], want), (i, r["greedy"][i], want)
+            assert torch.equal(r["alone"][i], want)
+            torch.testing.assert_close(r["logits"][i], oracle_logits(ref, c[None], q[None], block, anchor).float(),
+                                       rtol=0, atol=LOGIT_ATOL)

@@ -329,3 +329,26 @@ def questions_run(group, spec: dict) -> dict:
     return {"ctx": ctx, "questions": questions, "logits": engine.score(context, questions),
             "greedy": engine.generate(context, questions, spec["steps"]),
             "alone": [engine.generate(context, questions[i:i + 1], spec["steps"]) for i in range(len(questions))]}
+
+
+def contexts_run(group, spec: dict) -> dict:
+    """Several contexts of different lengths prefilled into one batch, one question each (of different
+    lengths), decoded together; and each context and question alone (the same engine)."""
+    from star_sp import StarConfig, StarEngine
+    from star_sp.testing import build
+
+    model, _ = build(spec["family"], dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], collective_timeout_s=60,
+                                          decode_graphs=spec.get("decode_graphs", "auto")),
+                        group, attention=spec.get("attention", "star"))
+    gen = torch.Generator().manual_seed(44)
+    vocab = model.config.vocab_size
+    contexts = [torch.randint(4, vocab, (n,), generator=gen) for n in spec["contexts"]]
+    questions = [torch.randint(4, vocab, (n,), generator=gen) for n in spec["questions"]]
+    batch = engine.prefill(contexts)
+    alone = []
+    for c, q in zip(contexts, questions):
+        one = engine.prefill(c[None])
+        alone.append(engine.generate(one, q[None], spec["steps"]))
+    return {"contexts": contexts, "questions": questions, "greedy": engine.generate(batch, questions, spec["steps"]),
+            "logits": engine.score(batch, questions), "alone": alone}

@@ -32,8 +32,8 @@ from ..errors import StarInputError
 from ..layout import BlockLayout, RingLayout
 from ..ops.attention import default_scale
 from ..ops.merge import accumulation_dtype, merge_into_
-from ..ops.star import (can_fuse_anchor, local_attention, phase1_parts, phase2_local, phase2_parts,
-                        phase2_shared_context, shared_context_attention)
+from ..ops.star import (can_fuse_anchor, local_attention, merge_own_keys_, per_sequence_context_attention,
+                        phase1_parts, phase2_local, phase2_parts, shared_context_attention)
 from ..ops.valid_keys import valid_keys_attention
 from .guard import guarded_step
 from .kv_cache import ContextKV, QueryKV, StaticQueryKV
@@ -69,10 +69,25 @@ class StarContext:
     that answers a query."""
     model_ref: "Callable[[], object] | None" = None
     """A weak reference to the model that made the KV: a context answers queries only with that model."""
+    sequences: "list[StarContext] | None" = None
+    """Several contexts of different lengths, one per sequence (each with its own layout and KV); the
+    fields above are then those of the batch (``layout``: the longest's)."""
 
     @property
     def context_len(self) -> int:
         return self.layout.context_len
+
+    @property
+    def context_lens(self) -> list[int]:
+        """Each sequence's context length."""
+        if self.sequences is None:
+            return [self.context_len] * self.batch_size
+        return [c.context_len for c in self.sequences]
+
+    def shares_across_rows(self, rows: int) -> bool:
+        """Whether ``rows`` sequences read this context's KV otherwise than row for row: several contexts
+        (each row its own), or one context (batch 1) for several questions."""
+        return self.sequences is not None or self.batch_size != rows
 
 
 @dataclass
@@ -94,6 +109,18 @@ class _Pass:
     def _tick(self, layer: int) -> None:
         if self.progress is not None:
             self.progress(layer + 1, self.num_layers)
+
+    def _shared_context_part(self, q, layer: int, scale: float | None):
+        """This host's context part for rows that do not map one to one onto the context's batch
+        (``StarContext.shares_across_rows``), in the accumulation dtype. Inference only."""
+        backend = self.context.config.backend
+        if self.context.sequences is not None:
+            return per_sequence_context_attention(q, [c.kv.get(layer) for c in self.context.sequences], scale=scale,
+                                                  backend=backend)
+        ctx_k, ctx_v = self.context.kv.get(layer)
+        out, lse = shared_context_attention(q, ctx_k, ctx_v, scale=scale, backend=backend)
+        acc = accumulation_dtype(q.dtype)
+        return out.to(acc), lse.to(acc)
 
     def seq_length(self, layer: int = 0) -> int:
         return self.context.context_len
@@ -169,17 +196,18 @@ class QueryPass(_Pass):
 
     def attend(self, layer: int, q, k, v, scale: float | None):
         cfg = self.context.config
-        ctx_k, ctx_v = self.context.kv.get(layer)
         query = self._current.pop(layer, None)
-        if ctx_k.shape[0] != q.shape[0]:  # several questions over one context (inference)
-            starts = getattr(self.query_kv, "starts", None)
-            out, lse = phase2_shared_context(q, ctx_k, ctx_v, *(query or (None, None)), starts=starts, scale=scale,
-                                             backend=cfg.backend)
+        if self.context.shares_across_rows(q.shape[0]):  # several questions or contexts (inference)
+            out, lse = self._shared_context_part(q, layer, scale)
+            if query is not None:
+                merge_own_keys_(out, lse, q, *query, starts=getattr(self.query_kv, "starts", None), scale=scale,
+                                backend=cfg.backend)
             if self.distributed:
                 with guarded_step("phase2", self.group):
                     out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
             self._tick(layer)
             return out.to(q.dtype)
+        ctx_k, ctx_v = self.context.kv.get(layer)
         if self.distributed:
             out, _ = phase2_attention(q, ctx_k, ctx_v, group=self.group,
                                       query_k=None if query is None else query[0],
@@ -220,12 +248,11 @@ class DecodeStepPass(_Pass):
     def attend(self, layer: int, q, k, v, scale: float | None):
         cfg = self.context.config
         scale = default_scale(q.shape[-1]) if scale is None else scale
-        ctx_k, ctx_v = self.context.kv.get(layer)
         acc = accumulation_dtype(q.dtype)
-        parts = phase2_parts((0, q.shape[2]), ctx_k, ctx_v)
-        if parts and ctx_k.shape[0] != q.shape[0]:  # several questions over one context
-            out, lse = shared_context_attention(q, ctx_k, ctx_v, scale=scale, backend=cfg.backend)
-            out = out.to(acc)
+        parts = None if self.context.shares_across_rows(q.shape[0]) else phase2_parts(
+            (0, q.shape[2]), *self.context.kv.get(layer))
+        if parts is None:  # several questions or contexts
+            out, lse = self._shared_context_part(q, layer, scale)
         elif parts:
             out, lse = local_attention(q, parts, scale=scale, backend=cfg.backend)
             out = out.to(acc)

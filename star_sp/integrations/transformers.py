@@ -139,13 +139,15 @@ def _questions(query_ids) -> tuple[torch.Tensor, torch.Tensor | None, str | None
     return ids, torch.tensor([width - len(r) for r in rows]), None
 
 
-def _query_positions(context_len: int, lq: int, starts: torch.Tensor | None) -> torch.Tensor:
-    """Positions of the query rows: ``(Lq,)``, or ``(Q, Lq)`` for left-padded questions (question ``i``'s
-    tokens right after the context; its padding at the context's length, unread)."""
+def _query_positions(context_lens: list[int], lq: int, starts: torch.Tensor | None) -> torch.Tensor:
+    """Positions of the query rows: ``(Lq,)`` when every sequence's query follows a context of one
+    length, else ``(S, Lq)``: sequence ``i``'s tokens right after its context (``context_lens[i]``), its
+    left padding (``starts[i]`` tokens, unread) at the context's length."""
     steps = torch.arange(lq)
-    if starts is None:
-        return context_len + steps
-    return context_len + (steps[None, :] - starts[:, None]).clamp(min=0)
+    if starts is None and len(set(context_lens)) == 1:
+        return context_lens[0] + steps
+    pad = torch.zeros(len(context_lens), dtype=torch.long) if starts is None else starts
+    return torch.tensor(context_lens)[:, None] + (steps[None, :] - pad[:, None]).clamp(min=0)
 
 
 def _check_ids(name: str, ids, vocab_size: int) -> str | None:
@@ -265,12 +267,40 @@ class StarEngine:
     # -- phase 1 ------------------------------------------------------------------------------
 
     @_with_star_attention
-    def prefill(self, context_ids: torch.Tensor, *, progress=None) -> StarContext:
+    def prefill(self, context_ids, *, progress=None) -> StarContext:
         """Phase 1: encode ``context_ids: LongTensor[B, Lc]`` (the whole context, on every rank).
 
         A context of fewer blocks than there are hosts is fine: the hosts past its blocks hold nothing
         and add nothing to the phase-2 merge (the last host, which answers, always holds the last block).
-        ``progress(layer, num_layers)`` is called after each layer's attention."""
+        ``progress(layer, num_layers)`` is called after each layer's attention.
+
+        A list of contexts of different lengths (each ``(Lc_i,)`` or ``(1, Lc_i)``) is prefilled one after
+        another, each with its own block layout, into one context of batch ``S``: their queries (one per
+        context) then decode together, each attending its own context."""
+        if isinstance(context_ids, (list, tuple)):
+            return self._prefill_many(context_ids, progress)
+        return self._prefill_one(context_ids, progress)
+
+    def _prefill_many(self, contexts, progress) -> StarContext:
+        error = None if contexts else "context_ids is an empty list: pass at least one context"
+        for i, c in enumerate(contexts):
+            if error is None and not (isinstance(c, torch.Tensor) and (c.dim() == 1 or (c.dim() == 2 and c.shape[0] == 1))):
+                error = (f"context {i} of the list must be a LongTensor of token ids, shape (tokens,) or (1, tokens), "
+                         f"got {type(c).__name__}" + (f" of shape {tuple(c.shape)}" if isinstance(c, torch.Tensor) else ""))
+        self._agree("prefill", {"contexts": len(contexts) if error is None else None}, error)
+        members, seconds = [], 0.0
+        for c in contexts:
+            members.append(self._prefill_one(c.reshape(1, -1), progress))
+            seconds += self.stats["prefill_s"]
+        longest = max(members, key=lambda m: m.context_len)
+        context = replace(longest, batch_size=len(members), kv=ContextKV(self.num_layers), sequences=members,
+                          fingerprint=hash(tuple(m.fingerprint for m in members)))
+        self.stats = {"prefill_s": seconds, "context_tokens": sum(m.context_len for m in members),
+                      "local_tokens": sum(m.layout.num_tokens for m in members),
+                      "context_kv_bytes": sum(m.kv.nbytes() for m in members)}
+        return context
+
+    def _prefill_one(self, context_ids: torch.Tensor, progress) -> StarContext:
         error = _check_ids("context_ids", context_ids, self.vocab_size) or dropout_error(self.model)
         fingerprint = _fingerprint(context_ids) if error is None else None
         layout = None
@@ -329,13 +359,16 @@ class StarEngine:
             error = f"context must be what prefill() returned, got {type(context).__name__}"
         if error is None:
             error = self._check_context_model(context)
-        if error is None and listed and context.batch_size != 1:
+        if error is None and context.sequences is not None and query_ids.shape[0] != context.batch_size:
+            error = (f"the context holds {context.batch_size} contexts but {query_ids.shape[0]} queries came; pass one "
+                     "query per context")
+        if error is None and listed and context.batch_size != 1 and context.sequences is None:
             error = (f"a list of questions is asked of one context, but this one was prefilled with batch "
                      f"{context.batch_size}; prefill one context (batch 1)")
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if error is None and isinstance(limit, int) and context.context_len + query_ids.shape[1] + new_tokens > limit:
             error = (f"the context ({context.context_len} tokens), the longest question ({query_ids.shape[1]}) and "
-                     f"{new_tokens} new tokens need {context.context_len + query_ids.shape[1] + new_tokens} "
+                     f"{new_tokens} new tokens need up to {context.context_len + query_ids.shape[1] + new_tokens} "
                      f"positions, more than the model's {limit}; shorten the context or the question, or ask for "
                      "fewer new tokens")
         if error is None and query_ids.shape[0] != context.batch_size and context.batch_size != 1:
@@ -377,7 +410,7 @@ class StarEngine:
         if self._holds_query(context):
             query_kv = QueryKV(self.num_layers, lq, None if starts is None else starts.to(self.device))
         state = QueryPass(context, self.num_layers, query_kv, check=False)
-        positions = _query_positions(context.context_len, lq, starts)
+        positions = _query_positions(context.context_lens, lq, starts)
         logits = self._forward(state, query_ids, positions, logits_to_keep=0).logits.float()
         if starts is None:
             return logits
@@ -429,8 +462,8 @@ class StarEngine:
         tokens: list[torch.Tensor] = []
         window = max((len(s) for s in stop_strings or ()), default=0) + 8
         ids, pos = query_ids, context.context_len
-        positions = _query_positions(pos, lq, starts)  # the query rows'; then one per sequence and step
-        ends = None if starts is None else pos + lq - starts  # the next position of each sequence
+        positions = _query_positions(context.context_lens, lq, starts)  # the query rows'; then one per step
+        ends = None if positions.dim() == 1 else positions[:, -1] + 1  # each sequence's next position
         self._sync()
         start = time.perf_counter()
         first = None

@@ -161,29 +161,39 @@ def shared_context_attention(
     return out.reshape(h, n, rows, d).permute(1, 0, 2, 3), lse.reshape(h, n, rows).permute(1, 0, 2)
 
 
-def phase2_shared_context(
-    q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, query_k: torch.Tensor | None,
-    query_v: torch.Tensor | None, *, starts: torch.Tensor | None = None, scale: float | None = None,
+def per_sequence_context_attention(
+    q: torch.Tensor, contexts: Sequence[tuple[torch.Tensor, torch.Tensor]], *, scale: float | None = None,
     backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 2 on one host for Q questions over one context (``shared_context_attention``), and, on the
-    query host, each question's own query/generated keys ``query_k, query_v: (Q, Hkv, Lk >= L, D)``,
-    causal (bottom-right); ``starts (Q,)``: question ``i``'s first ``starts[i]`` keys are left padding,
-    never attended (questions of different lengths). Returns this host's ``(out, lse)`` in the
-    accumulation dtype, to be merged across hosts like ``phase2_parts``' result."""
-    scale = default_scale(q.shape[-1]) if scale is None else scale
-    out, lse = shared_context_attention(q, ctx_k, ctx_v, scale=scale, backend=backend)
+    """Several contexts of different lengths, one per sequence: row ``i`` of ``q: (S, H, L, D)`` attends
+    its own context's ``(k_i, v_i): (1, Hkv, Lc_i, D)`` unmasked, one kernel call each (no padding).
+    Returns ``(out, lse)`` in the accumulation dtype; a sequence with an empty context gets ``out = 0,
+    lse = -inf``."""
     acc = accumulation_dtype(q.dtype)
-    out, lse = out.to(acc), lse.to(acc)
-    if query_k is not None:
-        if starts is None:
-            own, own_lse = local_attention(q, key_parts(0, q.shape[2], query_k, query_v, causal=True), scale=scale,
-                                           backend=backend)
-        else:  # a few dozen keys per question: the plain masked form
-            own, own_lse = valid_keys_attention(q, query_k, query_v, own_keys(starts, q.shape[2], query_k.shape[2]),
-                                                scale)
-        merge_into_(out, lse, own, own_lse)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+    for i, (k, v) in enumerate(contexts):
+        if k.shape[2]:
+            o, s = local_attention(q[i:i + 1], key_parts(0, q.shape[2], k, v, causal=False), scale=scale,
+                                   backend=backend)
+            out[i:i + 1], lse[i:i + 1] = o, s
     return out, lse
+
+
+def merge_own_keys_(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, query_k: torch.Tensor,
+                    query_v: torch.Tensor, *, starts: torch.Tensor | None = None, scale: float | None = None,
+                    backend: str = "auto") -> None:
+    """Merge, in place into ``(out, lse)`` (accumulation dtype), each sequence's attention to its own
+    query/generated keys ``(S, Hkv, Lk >= L, D)``, causal (bottom-right), its first ``starts[i]`` keys
+    being padding when ``starts`` is given (the plain masked form: a few dozen keys per sequence)."""
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    if starts is None:
+        own, own_lse = local_attention(q, key_parts(0, q.shape[2], query_k, query_v, causal=True), scale=scale,
+                                       backend=backend)
+    else:
+        own, own_lse = valid_keys_attention(q, query_k, query_v, own_keys(starts, q.shape[2], query_k.shape[2]),
+                                            scale)
+    merge_into_(out, lse, own, own_lse)
 
 
 def star_attention(

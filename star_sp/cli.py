@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--collective-timeout-s", type=float, default=600.0)
     ev.add_argument("--decode-graphs", choices=DECODE_GRAPHS, default="auto",
                     help="decode steps as one CUDA graph per request (auto: in one process on CUDA)")
+    ev.add_argument("--batch", type=int, default=8,
+                    help="samples of one task and length answered together per method (their contexts prefilled "
+                         "into one batch, their questions decoded together; the same answers as one by one)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars (weights loading, tasks)")
     return parser
 

@@ -31,6 +31,8 @@ def evaluate(args) -> int:
     def parse():
         if args.samples < 1:
             raise StarInputError(f"--samples must be a positive integer, got {args.samples}")
+        if args.batch < 1:
+            raise StarInputError(f"--batch must be a positive integer, got {args.batch}")
         return (resolve_tasks(split(args.tasks)), [runner.parse_length(x) for x in split(args.lengths)],
                 runner.parse_methods(split(args.attention), split(args.block_size), split(args.anchor_size)),
                 RunConfig(model=resolve_model(args.model), dtype=args.dtype, device=args.device, seed=args.seed))
@@ -87,7 +89,7 @@ def evaluate(args) -> int:
                     "anchor_source": args.anchor_source, "backend": args.backend,
                     "max_new_tokens": args.max_new_tokens}
         summary = runner.run(make_engine=make_engine, tokenizer=tokenizer, tasks=tasks, lengths=lengths,
-                             methods=methods, samples=args.samples, out_dir=args.out, seed=args.seed,
+                             methods=methods, samples=args.samples, out_dir=args.out, seed=args.seed, batch=args.batch,
                              is_writer=rank == 0, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
                              on_row=tracker.log_row, settings=settings, share=share)
         if rank == 0:

@@ -85,6 +85,23 @@ def test_eval_in_two_processes_matches_one(model_dir, tmp_path, cluster):
     assert {key(r): r["prediction"] for r in _rows(one)} == {key(r): r["prediction"] for r in _rows(two)}
 
 
+def test_batched_samples_give_the_answers_of_one_by_one(model_dir, tmp_path, cluster):
+    """--batch: the samples of a task and length answered together (contexts of different lengths in
+    one batch) give each sample's answer alone, in one process and in two."""
+    alone, together, two = tmp_path / "alone", tmp_path / "together", tmp_path / "two"
+    argv = ["--samples", "3", "--lengths", "200,320"]
+    assert main(["eval", *_argv(model_dir, alone), *argv, "--batch", "1"]) == 0
+    assert main(["eval", *_argv(model_dir, together), *argv, "--batch", "3"]) == 0
+    results = cluster(2).run(workers.cli, "eval", _argv(model_dir, two) + argv + ["--batch", "2"])
+    assert all(code == 0 for code, _, _ in results), results
+    key = lambda r: (r["task"], r["length"], r["index"], r["method"])  # noqa: E731
+    want = {key(r): r["prediction"] for r in _rows(alone)}
+    assert len(want) == 2 * 2 * 3 * 3 and {r["batch"] for r in _rows(alone)} == {1}
+    assert {key(r): r["prediction"] for r in _rows(together)} == want
+    assert {r["batch"] for r in _rows(together)} == {3}
+    assert {key(r): r["prediction"] for r in _rows(two)} == want
+
+
 @pytest.mark.slow
 def test_wandb_offline_writes_a_run(model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -171,8 +171,13 @@ def markdown_table(summary: dict) -> str:
 def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[str], lengths: list[int],
         methods: list[Method], samples: int, out_dir: str, seed: int = 0, is_writer: bool = True,
         max_new_tokens: int | None = None, progress: bool = True, on_row: Callable[[dict], None] | None = None,
-        settings: dict | None = None, share: Callable[[object], object] | None = None) -> dict:
+        settings: dict | None = None, share: Callable[[object], object] | None = None, batch: int = 1) -> dict:
     """Evaluate every (task, length, sample, method) not already in ``out_dir/results.jsonl``.
+
+    ``batch``: samples of one task and length answered together, per method: their contexts (of
+    different lengths) prefilled one after another into one batch and their questions decoded together
+    (``StarEngine.prefill`` of a list); each answer is what the sample gets alone. The rows' timings are
+    then the batch's (``batch`` says how many shared them).
 
     ``settings`` (model, seed, anchor source, ...) are kept in ``out_dir/settings.json``: resuming a
     folder made with other settings is refused. ``share(obj)`` returns the writer's ``obj`` on every
@@ -216,43 +221,63 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
             total = samples * len(methods)
             finished = 0
             start = time.perf_counter()
-            for index in range(samples):
-                sample = None
+            made: dict[int, tuple] = {}  # index -> (sample, context ids, query ids, new tokens)
+
+            def make(index: int):
+                if index not in made:
+                    sample = generate(task, length, index, count, seed)
+                    ctx = torch.tensor([tokenizer(sample.context, add_special_tokens=True)["input_ids"]])
+                    qry = torch.tensor([tokenizer(sample.query, add_special_tokens=False)["input_ids"]])
+                    new = answer_budget(task, max_new_tokens, count(" " + ", ".join(sample.answers) + "."))
+                    made[index] = (sample, ctx, qry, new)
+                return made[index]
+
+            for first in range(0, samples, batch):
+                chunk = range(first, min(samples, first + batch))
                 for method in methods:
-                    key = (task, length, index, method.name)
-                    finished += 1
-                    if key in done:
+                    todo = [i for i in chunk if (task, length, i, method.name) not in done]
+                    finished += len(chunk) - len(todo)
+                    if not todo:
                         continue
-                    if sample is None:
-                        sample = generate(task, length, index, count, seed)
-                        ctx = torch.tensor([tokenizer(sample.context, add_special_tokens=True)["input_ids"]])
-                        qry = torch.tensor([tokenizer(sample.query, add_special_tokens=False)["input_ids"]])
-                    sizes = method.sizes(length)
+                    items = [make(i) for i in todo]
                     engine = engines.get((method, length)) or engines.setdefault((method, length),
                                                                                 make_engine(method, length))
-                    context = engine.prefill(ctx)
-                    new = answer_budget(task, max_new_tokens, count(" " + ", ".join(sample.answers) + "."))
-                    tokens = engine.generate(context, qry, new, eos_token_id=eos)
-                    prediction = tokenizer.decode(tokens[0], skip_special_tokens=True)
-                    row = {"task": task, "length": length, "index": index, "method": method.name,
-                           "attention": method.attention, "block_size": sizes[0],
-                           "anchor_size": sizes[1], "context_tokens": int(ctx.shape[1]),
-                           "prediction": prediction, "answers": list(sample.answers), "metric": sample.metric,
-                           "score": score(prediction, sample.answers, sample.metric),
-                           "prefill_s": engine.stats.get("prefill_s"), "generate_s": engine.stats.get("generate_s")}
-                    done[key] = row
-                    if is_writer:
-                        with open(results_path, "a") as f:
-                            f.write(json.dumps(row) + "\n")
-                    if on_row is not None:
-                        on_row(row)
-                    if progress and is_writer:
-                        _bar(label, finished, total, start)
+                    predictions = _answer(engine, items, eos)
+                    sizes = method.sizes(length)
+                    for i, (sample, ctx, _, _), prediction in zip(todo, items, predictions):
+                        text = tokenizer.decode(prediction, skip_special_tokens=True)
+                        row = {"task": task, "length": length, "index": i, "method": method.name,
+                               "attention": method.attention, "block_size": sizes[0],
+                               "anchor_size": sizes[1], "context_tokens": int(ctx.shape[1]),
+                               "prediction": text, "answers": list(sample.answers), "metric": sample.metric,
+                               "score": score(text, sample.answers, sample.metric),
+                               "prefill_s": engine.stats.get("prefill_s"), "generate_s": engine.stats.get("generate_s"),
+                               "batch": len(todo)}
+                        done[(task, length, i, method.name)] = row
+                        if is_writer:
+                            with open(results_path, "a") as f:
+                                f.write(json.dumps(row) + "\n")
+                        if on_row is not None:
+                            on_row(row)
+                        finished += 1
+                        if progress and is_writer:
+                            _bar(label, finished, total, start)
             if progress and is_writer:
                 sys.stderr.write("\n")
     names = {m.name for m in methods}
     rows = [done[k] for k in sorted(done) if k[0] in tasks and k[1] in lengths and k[2] < samples and k[3] in names]
     return write_summary(rows, out_dir) if is_writer else summarize(rows)
+
+
+def _answer(engine, items: list[tuple], eos) -> list[list[int]]:
+    """Each item's ``(sample, context ids, query ids, new tokens)`` answer tokens, cut at its own budget."""
+    if len(items) == 1:
+        _, ctx, qry, new = items[0]
+        return [engine.generate(engine.prefill(ctx), qry, new, eos_token_id=eos)[0].tolist()]
+    context = engine.prefill([ctx for _, ctx, _, _ in items])
+    tokens = engine.generate(context, [qry[0] for _, _, qry, _ in items], max(new for *_, new in items),
+                             eos_token_id=eos)
+    return [tokens[j, :new].tolist() for j, (*_, new) in enumerate(items)]
 
 
 def write_summary(rows: list[dict], out_dir: str) -> dict:

@@ -26,7 +26,8 @@ class SamplingConfig:
     """Keep the smallest set of tokens whose probability adds up to at least top_p (1.0: all)."""
     seed: int = 0
     """Seed of each sequence's sampling generator (the same on every rank): a sequence samples what it
-    samples alone, whatever else is in the batch."""
+    samples alone, whatever else is in the batch. So the same question repeated in a batch samples the
+    same tokens in every row: give ``seeds`` to draw different samples (best-of-n)."""
     seeds: tuple[int, ...] | None = None
     """One seed per sequence (several questions of one context), instead of ``seed`` for every one."""
 

@@ -199,10 +199,12 @@ def generate(group, spec):
     attention = spec.get("attention", "star")
     oracle, model = models(_star(spec), attention, **spec.get("shape", {}))
     ctx, query, _ = inputs(spec)
+    if spec.get("questions"):  # one context (batch 1), several questions decoded together
+        ctx, query = ctx[:1], torch.cat([query, query.flip(1)], dim=0)
     with torch.no_grad():
         context = megatron_prefill(model, ctx, _star(spec), group, attention=attention)
         tokens = megatron_generate(model, context, query, spec["new"])
-        ids = torch.cat([ctx, query], dim=1)
+        ids = torch.cat([ctx.expand(query.shape[0], -1), query], dim=1)
         for _ in range(spec["new"]):
             logits = oracle_logits(oracle, ids, ctx.shape[1], *_oracle_sizes(spec))
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
@@ -293,3 +295,29 @@ def own_loop(group, spec):
     reduce_gradients(model, group)
     grads = dict(oracle.named_parameters())
     return max(float((p.grad - grads[name].grad).norm() / grads[name].grad.norm()) for name, p in model.named_parameters())
+
+
+def own_loop_refusals(group):
+    """Megatron's own loop at CP > 1 with what it cannot run: every rank's error, for each case."""
+    from star_sp import StarConfig
+    from star_sp.integrations.megatron import contiguous_share, use_star_positions
+
+    init_megatron(group)
+    size = torch.distributed.get_world_size(group)
+    ids = contiguous_share(torch.randint(0, 61, (1, 32), generator=torch.Generator().manual_seed(5)), group)
+    errors = []
+    for star, attention, positions in ((StarConfig(block_size=8, anchor_size=3), "star", False),
+                                       (StarConfig(block_size=8, anchor_size=3), "ring", True),
+                                       (StarConfig(block_size=8, anchor_size=3, anchor_source="recompute"), "star", True),
+                                       (StarConfig(block_size=5, anchor_size=3), "star", True)):
+        _, model = models(star, attention, cp=size)
+        if positions:
+            use_star_positions(model)
+        else:  # Megatron's own RoPE (which needs CUDA here): a stand-in that is not StarRotary
+            model.rotary_pos_emb = OracleRope(model.rotary_pos_emb, size)
+        try:
+            model(ids, None, None)
+            errors.append("no error")
+        except Exception as exc:  # noqa: BLE001 - reported
+            errors.append(str(exc))
+    return errors

@@ -54,8 +54,9 @@ def test_global_and_ring_gradients_equal_the_causal_oracle(cluster, attention):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_prefill_and_greedy_decode_equal_the_oracle(cluster, n):
-    spec = dict(CASES[0], lt=4, new=5)
+@pytest.mark.parametrize("questions", [False, True])
+def test_prefill_and_greedy_decode_equal_the_oracle(cluster, n, questions):
+    spec = dict(CASES[0], lt=4, new=5, questions=questions)  # questions: several over one context
     for r in cluster(n).run(mc.generate, spec):
         assert torch.equal(r["tokens"], r["oracle"]), (r["tokens"], r["oracle"])
 
@@ -148,3 +149,13 @@ def test_megatrons_own_loop_with_a_contiguous_split_equals_the_oracle(cluster, n
     spec = dict(lc=32, block=8, anchor=3, batch=2)
     for error in cluster(n).run(mc.own_loop, spec):
         assert error < TOL, error
+
+
+def test_megatrons_own_loop_refuses_what_it_cannot_run_on_every_rank(cluster):
+    results = cluster(2).run(mc.own_loop_refusals)
+    assert results[0] == results[1]  # the same line on every rank, none left waiting
+    no_rope, ring, recompute, block = results[0]
+    assert "needs use_star_positions(model)" in no_rope
+    assert "needs context parallel size 1" in ring
+    assert "anchor_source='broadcast'" in recompute
+    assert "choose a block size that divides 16" in block

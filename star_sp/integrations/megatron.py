@@ -77,6 +77,7 @@ class Step:
 
 
 _STEP: contextvars.ContextVar[Step | None] = contextvars.ContextVar("star_sp_megatron_step", default=None)
+_ROPE_USED = [False]  # StarRotary ran in this forward (Megatron's own loop checks it at its first layer)
 
 
 @contextlib.contextmanager
@@ -132,6 +133,12 @@ class StarCoreAttention(torch.nn.Module):
         if getattr(config, "tensor_model_parallel_size", 1) > 1:
             raise StarInputError("Star Attention in Megatron supports tensor parallel size 1 only for now; set "
                                  "--tensor-model-parallel-size 1 and use context parallelism")
+        if getattr(config, "window_size", None) is not None:
+            raise StarInputError(f"sliding-window attention (window_size {config.window_size}) is not supported by "
+                                 "Star Attention; use a model with full attention")
+        if getattr(config, "softmax_type", "vanilla") not in (None, "vanilla"):
+            raise StarInputError(f"softmax_type {config.softmax_type!r} (attention sinks) is not supported by Star "
+                                 "Attention; use the vanilla softmax")
         if (getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
             raise StarInputError(f"attention dropout {config.attention_dropout} is not supported: every CP rank "
                                  "computes the target rows, and their dropout masks would differ; set it to 0")
@@ -170,24 +177,33 @@ class StarCoreAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
     def _context_only(self, query) -> Step:
-        """Megatron's own loop: the rows are this CP rank's contiguous share of the context."""
+        """Megatron's own loop: the rows are this CP rank's contiguous share of the context. Every check
+        here depends on nothing rank-specific, so every rank refuses alike."""
         size, rank = _group_size(self.cp_group)
         rows = query.shape[0]
-        config = self.star if self.attention == "star" else replace(self.star, block_size=rows * size,
-                                                                     anchor_size=rows * size)
-        if self.attention == "ring" and size > 1:
-            layout = RingLayout(rows * size, size, rank)
-            if layout.num_tokens != rows:
-                raise StarInputError(f"ring attention over {size} ranks needs an even split: {rows * size} tokens")
-            context = StarContext(layout, config, query.shape[1], ContextKV(self.num_layers), self.cp_group)
-            return Step(layout.positions(query.device), rows, RingPrefillPass(context, self.num_layers, check=self.layer == 0))
+        config = self.star
+        if size > 1:
+            advice = "or train through star_sp.training.megatron_loss.megatron_train_loss"
+            if self.attention != "star":
+                raise StarInputError(f"attention={self.attention!r} in Megatron's own loop needs context parallel size "
+                                     f"1 (here {size}): its batches are split contiguously; use attention='star', "
+                                     + advice)
+            if not _ROPE_USED[0]:
+                raise StarInputError("Megatron's own loop at context parallel size > 1 needs use_star_positions(model) "
+                                     "(RoPE at each rank's contiguous positions; Megatron's own is zigzag) and the "
+                                     "batch split by contiguous_share, " + advice)
+            if config.anchor_source == "recompute":
+                raise StarInputError("Megatron's own loop takes anchor_source='broadcast' (its rows are the rank's "
+                                     "own tokens, with no room for the anchor's), " + advice)
+            if rows % config.block_size:
+                raise StarInputError(f"Megatron's own batches give each of the {size} CP ranks {rows} rows, which must be "
+                                     f"whole blocks: choose a block size that divides {rows} (got {config.block_size})")
+        elif self.attention != "star":
+            config = replace(config, block_size=rows, anchor_size=rows)  # one process: causal attention
+        if self.layer == self.num_layers - 1:
+            _ROPE_USED[0] = False  # the next forward's RoPE sets it again
         layout = BlockLayout.from_config(config, rows * size, size, rank)
-        if layout.token_range != (rank * rows, (rank + 1) * rows) or layout.anchor_rows(
-                config.anchor_source == "recompute"):
-            raise StarInputError(
-                f"Megatron's own batches give each of the {size} CP rank(s) {rows} rows; Star needs them to be "
-                f"whole blocks of this rank's run: choose a block size that divides {rows} (got "
-                f"{config.block_size}) and anchor_source 'broadcast'")
+        assert layout.token_range == (rank * rows, (rank + 1) * rows), (layout.token_range, rows)
         context = StarContext(layout, config, query.shape[1], ContextKV(self.num_layers), self.cp_group)
         return Step(layout.positions(device=query.device), rows, PrefillPass(context, self.num_layers,
                                                                              check=self.layer == 0))
@@ -229,6 +245,7 @@ class StarRotary(torch.nn.Module):
         self.cp = max(1, context_parallel_size)  # Megatron's rotary length is the local rows x this
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        _ROPE_USED[0] = True
         step = _STEP.get()
         inv = self.inner.inv_freq
         if step is not None:
@@ -256,6 +273,9 @@ def use_star_positions(model) -> None:
     embeddings (learned absolute ones take ``position_ids`` as they are and need nothing)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+    if not hasattr(model, "decoder") or not hasattr(model, "output_layer"):
+        raise StarInputError(f"expected a Megatron-core GPTModel, got {type(model).__name__}: pass the model itself "
+                             "(a wrapper's .module)")
     rope = getattr(model, "rotary_pos_emb", None)
     if isinstance(rope, StarRotary) or getattr(model, "position_embedding_type", "rope") == "learned_absolute":
         return
@@ -283,7 +303,11 @@ def _forward(model, ids: torch.Tensor, step: Step) -> torch.Tensor:
     device = model_device(model)
     with running(step), _output_rows(model, step.keep, device):
         positions = step.positions.to(device)[None].expand(ids.shape[0], -1)
-        return model(ids.to(device), positions, None)
+        logits = model(ids.to(device), positions, None)
+    if step.keep is not None and logits.shape[1] != len(step.keep):
+        raise StarInputError(f"the model returned logits for {logits.shape[1]} rows, not the {len(step.keep)} asked for: "
+                             "pass the GPTModel itself (not a wrapper around it)")
+    return logits
 
 
 @contextlib.contextmanager
@@ -294,6 +318,7 @@ def _output_rows(model, keep: list[int] | None, device):
         yield
         return
     rows = torch.tensor(keep, dtype=torch.long, device=device)
+    own = layer.__dict__.get("forward")  # a forward set on the instance, put back afterwards
     project = layer.forward
 
     def forward(hidden, *args, **kwargs):  # hidden [rows, B, H]
@@ -303,7 +328,27 @@ def _output_rows(model, keep: list[int] | None, device):
     try:
         yield
     finally:
-        del layer.forward  # the class's forward again
+        if own is None:
+            del layer.forward  # the class's forward again
+        else:
+            layer.forward = own
+
+
+def _agreed(group, step: str, meta: dict, error: str | None) -> None:
+    """Every rank raises the same ``StarInputError`` if any rank found ``error`` or the ``meta`` differ."""
+    if group is None:
+        if error is not None:
+            raise StarInputError(error)
+        return
+    from ..distributed.agreement import agree
+    from ..distributed.guard import guarded_step
+
+    with guarded_step(step, group):
+        agree(group, step, meta, error)
+
+
+def _vocab(model) -> int:
+    return getattr(model, "vocab_size", None) or model.config.padded_vocab_size
 
 
 def megatron_prefill(model, context_ids: torch.Tensor, config: StarConfig, group=None, *,
@@ -311,7 +356,16 @@ def megatron_prefill(model, context_ids: torch.Tensor, config: StarConfig, group
     """Phase 1 on every rank of ``group`` (Megatron's CP group): this rank's blocks behind the anchor
     (``ring``: its zigzag share, exact). ``context_ids [B, Lc]``, the full ids on every rank. Returns
     the rank's ``StarContext`` (its own blocks' KV) for ``megatron_generate``."""
+    from .transformers import _check_ids, _fingerprint
+
     use_star_positions(model)
+    error = _check_ids("context_ids", context_ids, _vocab(model))
+    if error is None and attention not in ATTENTIONS:
+        error = f"attention must be one of {ATTENTIONS}, got {attention!r}"
+    if error is None and not isinstance(config, StarConfig):
+        error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
+    _agreed(group, "prefill", {"ids": None if error else _fingerprint(context_ids), "attention": attention,
+                               "config": None if error else config.to_dict()}, error)
     size, rank = _group_size(group)
     lc = context_ids.shape[1]
     num_layers = model.config.num_layers
@@ -345,11 +399,16 @@ def megatron_generate(model, context: StarContext, query_ids: torch.Tensor, max_
     context KV, the last rank also the query's and generated tokens' KV; outputs merge by all-reduce.
     Returns ``[B, n]`` new tokens (``n <= max_new_tokens``; stops when every row has produced EOS),
     the same on every rank (the last rank's choice is broadcast)."""
-    if query_ids.dim() != 2 or query_ids.shape[1] == 0:
-        raise StarInputError("query_ids must be a non-empty LongTensor [batch, tokens]")
-    if max_new_tokens < 1:
-        raise StarInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    from .transformers import _check_ids, _fingerprint
+
     group = context.group
+    error = _check_ids("query_ids", query_ids, _vocab(model))
+    if error is None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        error = f"max_new_tokens must be a positive integer, got {max_new_tokens!r}"
+    if error is None and query_ids.shape[0] != context.batch_size and context.batch_size != 1:
+        error = (f"query_ids has batch {query_ids.shape[0]} but the context was prefilled with batch "
+                 f"{context.batch_size}; pass one query per context sequence, or prefill one context (batch 1)")
+    _agreed(group, "generate", {"ids": None if error else _fingerprint(query_ids), "new": max_new_tokens}, error)
     size, rank = _group_size(group)
     num_layers = model.config.num_layers
     lc, lq = context.context_len, query_ids.shape[1]

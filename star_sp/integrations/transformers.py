@@ -150,6 +150,20 @@ def _query_positions(context_lens: list[int], lq: int, starts: torch.Tensor | No
     return torch.tensor(context_lens)[:, None] + (steps[None, :] - pad[:, None]).clamp(min=0)
 
 
+def _positions(config) -> int | None:
+    """The positions a model can take: ``max_position_embeddings``, or, with rope scaling over an original
+    length (YaRN and the like, as Qwen2.5 ships it: 32768 x 4), the original length times the factor if
+    that is more."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    factor, original = rope.get("factor"), rope.get("original_max_position_embeddings")
+    if isinstance(factor, (int, float)) and isinstance(original, int):
+        limit = max(limit, int(original * factor))
+    return limit
+
+
 def _check_ids(name: str, ids, vocab_size: int) -> str | None:
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int, torch.int32):
         return f"{name} must be a LongTensor of token ids, shape (batch, tokens), got {type(ids).__name__}" + (
@@ -302,6 +316,10 @@ class StarEngine:
 
     def _prefill_one(self, context_ids: torch.Tensor, progress) -> StarContext:
         error = _check_ids("context_ids", context_ids, self.vocab_size) or dropout_error(self.model)
+        limit = _positions(self.model.config)
+        if error is None and isinstance(limit, int) and context_ids.shape[1] >= limit:
+            error = (f"the context holds {context_ids.shape[1]} tokens, and the model has {limit} positions: no room "
+                     "is left for a question; shorten the context")
         fingerprint = _fingerprint(context_ids) if error is None else None
         layout = None
         ring = error is None and self._ring(context_ids.shape[1])
@@ -365,7 +383,7 @@ class StarEngine:
         if error is None and listed and context.batch_size != 1 and context.sequences is None:
             error = (f"a list of questions is asked of one context, but this one was prefilled with batch "
                      f"{context.batch_size}; prefill one context (batch 1)")
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        limit = _positions(self.model.config)
         if error is None and isinstance(limit, int) and context.context_len + query_ids.shape[1] + new_tokens > limit:
             error = (f"the context ({context.context_len} tokens), the longest question ({query_ids.shape[1]}) and "
                      f"{new_tokens} new tokens need up to {context.context_len + query_ids.shape[1] + new_tokens} "

@@ -19,6 +19,7 @@ stand-in row), exact causal attention. ``attention="ring"``: exact ring attentio
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -54,7 +55,7 @@ def _check(model, context_ids, target_ids, labels, weight, attention) -> str | N
     bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))]
     if bad.numel():
         return f"labels hold token id {int(bad[0])}, outside the model's vocabulary of {vocab} ids"
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         return f"context_loss_weight must be a finite number >= 0, got {weight!r}"
     if not bool((labels != IGNORE_INDEX).any()) and (weight == 0 or context_ids.shape[1] < 2):
         return "nothing to learn from: every label is -100 and there is no context loss; label a target token"

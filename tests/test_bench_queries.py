@@ -85,3 +85,49 @@ def test_context_shortened_to_the_model_positions():
     cfg = SimpleNamespace(max_position_embeddings=131072)
     assert tool.bench.fit_context(131072, cfg, 16, 64) == 130992
     assert tool.bench.fit_context(65536, cfg, 16, 64) == 65536
+
+
+def test_mixed_batch_against_one_at_a_time(tiny, tmp_path):
+    """``--mixed``: three contexts of different lengths, each with its own quarter-length block, answered
+    together and one request at a time by star and the engine's global attention: the same tokens either
+    way, positive aggregate rates, the prefill times summed over the contexts."""
+    lengths = [96, 160, 128]
+    assert _tool().main(["--model", tiny, "--dtype", "float32", "--mixed", "96,160,128", "--question-tokens", "4",
+                         "--new-tokens", "3", "--block", "1/4", "--warmup", "64", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert record["rows"] == [] and record["settings"]["mixed"] == lengths  # --mixed alone: no question counts
+    rows = {r["method"]: r for r in record["mixed_rows"]}
+    assert set(rows) == {"star", "star-one-at-a-time", "engine-global", "engine-global-one-at-a-time"}
+    for name, r in rows.items():
+        assert "error" not in r, r
+        assert r["contexts"] == 3 and r["lengths"] == lengths and r["context_tokens"] == sum(lengths)
+        assert r["new_tokens"] == 3 and r["prefill_s"] > 0 and r["generate_s"] > 0
+        assert r["total_s"] == pytest.approx(r["prefill_s"] + r["generate_s"])
+        assert r["decode_s"] == pytest.approx(r["generate_s"] - r["first_token_s"] - r["setup_s"], abs=1e-9)
+        assert r["decode_tokens_per_s"] > 0 and r["decode_tokens_per_s"] == pytest.approx(3 * 2 / r["decode_s"])
+        if name.endswith("-one-at-a-time"):  # greedy decoding: each context's answer is the same alone
+            batched = rows[name.removesuffix("-one-at-a-time")]
+            assert r["same_tokens_as_batched"] is True and r["tokens_sha"] == batched["tokens_sha"]
+            assert r["vs_one_at_a_time"] is None
+            assert batched["vs_one_at_a_time"] == pytest.approx(
+                batched["decode_tokens_per_s"] / r["decode_tokens_per_s"])
+    assert rows["star"]["blocks"] == rows["star"]["anchors"] == [24, 40, 32]  # 1/4 of each context
+    md = (tmp_path / "bench.md").read_text()
+    assert "| method | S | context tokens |" in md and "star-one-at-a-time (same tokens)" in md
+    assert "engine-global-one-at-a-time (same tokens)" in md and "mixed batch of 3 contexts (384 tokens" in md
+
+
+def test_per_length_engine_gives_each_context_its_own_block(tiny):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tool = _tool()
+    args = SimpleNamespace(block="1/4", anchor="block/2", backend="auto", decode_graphs="auto")
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    engine = tool.PerLengthEngine(model, lambda n: tool.engine_config(args, "star", n), "star", 160)
+    context = engine.prefill([torch.randint(4, 100, (1, n)) for n in (96, 160, 128)])
+    assert [(c.layout.block_size, c.layout.anchor_size) for c in context.sequences] == [(24, 12), (40, 20), (32, 16)]
+    assert engine.prefill(torch.randint(4, 100, (1, 64))).layout.block_size == 16  # alone, too
+    glob = tool.PerLengthEngine(model, lambda n: tool.engine_config(args, "global", n), "global", 160)
+    assert [c.layout.num_blocks for c in glob.prefill([torch.randint(4, 100, (1, n)) for n in (96, 160)]).sequences] \
+        == [1, 1]

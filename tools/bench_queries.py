@@ -1,7 +1,11 @@
-"""Many questions over one context: Q questions answered together against one at a time, one GPU.
+"""Many questions over one context (Q questions answered together against one at a time), and a mixed
+batch of contexts of different lengths (one question each, answered together against one request at a
+time), one GPU.
 
     python tools/bench_queries.py --contexts 128k --queries 1,8,32 --question-tokens 16 --new-tokens 64 \
         --out runs/bench-queries 2>&1 | tail -20                                   # one H200, ~2.5-3 minutes
+    python tools/bench_queries.py --mixed 8k,16k,24k,32k,40k,48k,56k,64k --question-tokens 16 \
+        --new-tokens 64 --out runs/bench-mixed 2>&1 | tail -12                     # one H200, ~2-2.5 minutes
     python tools/bench_queries.py --model DIR --dtype float32 --contexts 256 --queries 1,3 \
         --question-tokens 4 --new-tokens 3 --block 64 --warmup 64 --out /tmp/bq    # CPU smoke run
 
@@ -49,11 +53,48 @@ capture, the plain model's ``generate`` 83 ms per token): start and random weigh
 ~1.1 s (question pass, capture, 63 steps) ~45 s; engine-global prefill ~12 s and ~4 s of generates;
 global at Q = 1 ~17 s (12 s prefill, 63 x 83 ms), Q = 8 and 32 skipped (KV 138 and 550 GB): about
 2.5 minutes, well under 5.
+
+Mixed batch (``--mixed``: a comma list of context lengths, as ``--contexts``, each shortened to fit as
+above; given alone, no question-count run: ``--contexts`` then defaults to none). Context ``i`` is
+``(1, L_i)`` random ids (seed ``--seed + i``), its question ``(1, --question-tokens)``; star's block and
+anchor are the ``--block`` / ``--anchor`` specs at each context's own length (``1/4``: a quarter of each;
+``PerLengthEngine``, since one ``StarConfig`` holds one block size). Methods, per engine:
+
+- ``star`` / ``engine-global``: ``prefill([ctx_1, ..., ctx_S])`` (one after another, each with its own
+  layout, into one context of S sequences), then ONE ``generate`` of the S questions ``(S, Lq)``, each
+  row attending its own context's KV;
+- ``star-one-at-a-time`` / ``engine-global-one-at-a-time``: the same contexts, each prefilled and its
+  question answered alone, S requests whose times are summed (peaks: the largest).
+
+``--methods``: ``star`` and ``star-one-at-a-time`` pick star's rows; ``engine-global`` gives both of its
+rows; the plain model (``global``) takes no mixed batch (its ``generate`` would pad every row to the
+longest) and is not run here. Each engine is warmed up once with both request shapes over the same
+contexts scaled down to at most ``--warmup`` tokens (8K ... 64K: 1K ... 8K). Per row (``mixed_rows``
+in ``bench.json``, a second table in ``bench.md``): ``contexts`` (S), ``lengths``, ``context_tokens``
+(their sum), star's ``blocks`` and ``anchors``, ``prefill_s`` (the sum over the contexts),
+``generate_s`` (time to answer all S after the prefill), ``total_s`` (both), ``first_token_s``,
+``decode_tokens_per_s`` = ``S x (new - 1) / decode_s`` (the aggregate rate; ``decode_s`` as above),
+``vs_one_at_a_time`` (on the batched rows: that rate over the one-at-a-time rate), ``peak_gb`` (the
+answer, every context's KV held), ``prefill_peak_gb`` (the engine restarts the peak counter at each
+context: for the batch, the last context's prefill with the KV of those before it), ``tokens_sha``,
+and ``same_tokens_as_batched`` on the one-at-a-time rows.
+
+Time of the mixed command on one H200 (an estimate from docs/benchmarks.md's one-GPU figures; no run
+yet): 8 contexts of 8K-64K are 288K tokens of prefill per method, and each engine prefills them twice
+(batched and one at a time). Global prefill ~1.42 s at 32K and ~3.73 s at 64K, i.e. about 0.98 s per
+32K tokens plus 0.45 s x (L / 32K)^2: ~14.5 s for the eight; star with quarter blocks (anchor = block:
+about 5/8 of global's attention; 3.28 s at 64K) ~12.5 s. Start and random weights ~30 s; warm-ups
+(1K-8K contexts, 36K tokens, and two generates with graph capture) ~5 s per engine; star: 2 x 12.5 s of
+prefill, one batched generate of 8 questions ~2 s (8 x 32 attention calls a step through one graph),
+8 lone requests ~1.1 s each: ~36 s; engine-global: 2 x 14.5 s of prefill and the same answers: ~40 s.
+About 2-2.5 minutes, under 5: the list of the issue (8K ... 64K) is kept as is. Peak memory: the eight
+contexts' KV (288K tokens x 128 KiB = 36 GiB) and the weights (15 GiB), ~55-60 GiB.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -108,6 +149,14 @@ def _attempt(row: dict, fn):
     return None
 
 
+def engine_config(args, attention: str, length: int) -> StarConfig:
+    """The engine's config for a context of ``length`` tokens: star's block and anchor from the ``--block``
+    and ``--anchor`` specs at that length (``1/4``: a quarter of it); global takes no block."""
+    block = bench._size(args.block, length, 1) if attention == "star" else length
+    anchor = bench._size(args.anchor, length, 1, block) if attention == "star" else 0
+    return StarConfig(block_size=block, anchor_size=anchor, backend=args.backend, decode_graphs=args.decode_graphs)
+
+
 def answer_together(engine, context, questions: torch.Tensor, new_tokens: int) -> tuple[dict, torch.Tensor]:
     """One ``generate`` for all questions ``(Q, Lq)`` over the prefilled ``context``."""
     bench._reset(engine.device)
@@ -122,20 +171,22 @@ def answer_together(engine, context, questions: torch.Tensor, new_tokens: int) -
 
 def answer_one_at_a_time(engine, context, questions: torch.Tensor, new_tokens: int) -> tuple[dict, torch.Tensor]:
     """``Q`` ``generate`` calls of one question each over the same prefilled ``context``, summed."""
-    bench._reset(engine.device)
-    keys = ("generate_s", "first_token_s", "decode_setup_s")
-    total = dict.fromkeys(keys, 0.0)
-    tokens = []
-    for question in questions:
-        tokens.append(engine.generate(context, question[None], new_tokens))
-        for key in keys:
-            total[key] += engine.stats[key]
-    decode_s = total["generate_s"] - total["first_token_s"] - total["decode_setup_s"]
-    new = engine.stats["new_tokens"]
-    return {"generate_s": total["generate_s"], "first_token_s": total["first_token_s"],
-            "setup_s": total["decode_setup_s"], "decode_s": decode_s, "new_tokens": new,
-            "decode_mode": engine.stats["decode_mode"], "decode_tokens_per_s": _rate(len(questions), new, decode_s),
-            "peak_gb": bench._peak(engine.device)}, torch.cat(tokens)
+    return combine([answer_together(engine, context, q[None], new_tokens) for q in questions])
+
+
+def combine(parts: list[tuple[dict, torch.Tensor]]) -> tuple[dict, torch.Tensor]:
+    """Requests run one after another as one row: their times summed, their peaks the largest, the
+    aggregate rate every request's tokens after its first over the summed decode time, the tokens stacked."""
+    stats = [p for p, _ in parts]
+    total = {k: sum(p[k] for p in stats) for k in ("prefill_s", "generate_s", "first_token_s", "setup_s", "decode_s")
+             if k in stats[0]}
+    for key in ("peak_gb", "prefill_peak_gb"):
+        if key in stats[0]:
+            peaks = [p[key] for p in stats if p[key] is not None]
+            total[key] = max(peaks) if peaks else None
+    new = stats[-1]["new_tokens"]
+    return {**total, "new_tokens": new, "decode_mode": stats[-1]["decode_mode"],
+            "decode_tokens_per_s": _rate(len(parts), new, total["decode_s"])}, torch.cat([t for _, t in parts])
 
 
 def answer_plain(model, context, questions: torch.Tensor, new_tokens: int, device) -> tuple[dict, torch.Tensor]:
@@ -182,12 +233,7 @@ def engine_rows(model, method: str, context, questions, counts, args, run_both: 
     ``engine-global``) at one context: warm-up, one prefill, then each question count."""
     length = context.shape[1]
     attention = "global" if method == "engine-global" else "star"
-
-    def config(n: int) -> StarConfig:
-        block = bench._size(args.block, n, 1) if attention == "star" else n
-        anchor = bench._size(args.anchor, n, 1, block) if attention == "star" else 0
-        return StarConfig(block_size=block, anchor_size=anchor, backend=args.backend, decode_graphs=args.decode_graphs)
-
+    config = functools.partial(engine_config, args, attention)
     methods = [method, "star-one-at-a-time"] if run_both else [method]
     cfg = config(length)
     common = {"context": length}
@@ -262,6 +308,116 @@ def plain_rows(model, context, questions, counts, args, warm: list) -> list[dict
     return rows
 
 
+class PerLengthEngine(StarEngine):
+    """A ``StarEngine`` whose star block and anchor follow each context's own length, ``config_for(length)``,
+    whether the context comes alone or in a list (one ``StarConfig`` holds one block size: an engine of
+    one config would give the 8K and the 64K context of a batch the same block). Global attention keeps
+    its one block per context."""
+
+    def __init__(self, model, config_for, attention: str, longest: int):
+        super().__init__(model, config_for(longest), attention=attention)
+        self.config_for = config_for
+
+    def _config_for(self, context_len: int) -> StarConfig:
+        return self.config_for(context_len) if self.attention == "star" else super()._config_for(context_len)
+
+
+def prefill_and_answer(engine, contexts, questions: torch.Tensor, new_tokens: int) -> tuple[dict, torch.Tensor]:
+    """Prefill ``contexts`` (a list of ``S`` contexts ``(1, L_i)``: one batch, each with its own layout;
+    or one context ``(1, L)``) and answer ``questions (S, Lq)``, one per context, in one ``generate``."""
+    bench._reset(engine.device)
+    context = engine.prefill(contexts)
+    prefill = {"prefill_s": engine.stats["prefill_s"], "prefill_peak_gb": bench._peak(engine.device)}
+    stats, tokens = answer_together(engine, context, questions, new_tokens)
+    return {**prefill, **stats}, tokens
+
+
+def mixed_rows(model, method: str, contexts: list, questions: torch.Tensor, args, together: bool, alone: bool
+               ) -> list[dict]:
+    """Rows of one engine (``star`` or ``engine-global``) over the mixed batch, after one warm-up of
+    both request shapes: ``method`` (the S contexts prefilled as one list, then one ``generate`` of the
+    S questions) and ``method-one-at-a-time`` (each context prefilled and its question answered alone,
+    the S requests' times summed)."""
+    attention = "global" if method == "engine-global" else "star"
+    config = functools.partial(engine_config, args, attention)
+    lengths = [c.shape[1] for c in contexts]
+    engine = PerLengthEngine(model, config, attention, max(lengths))
+    common = {"contexts": len(contexts), "context_tokens": sum(lengths), "lengths": lengths}
+    if attention == "star":
+        common.update(blocks=[config(n).block_size for n in lengths], anchors=[config(n).anchor_size for n in lengths])
+    top = max(lengths)  # the warm-up: the same contexts scaled down to at most --warmup tokens
+    warm = [c[:, : max(1, c.shape[1] * min(top, args.warmup) // top)] for c in contexts]
+    failed: dict = {}
+    _attempt(failed, lambda: (prefill_and_answer(engine, warm, questions, args.new_tokens),
+                              prefill_and_answer(engine, warm[0], questions[:1], args.new_tokens)))
+    bench._reset(model.device)
+
+    def each_alone():
+        return combine([prefill_and_answer(engine, c, q[None], args.new_tokens) for c, q in zip(contexts, questions)])
+
+    rows, batched = [], None
+    for name in ([method] if together else []) + ([f"{method}-one-at-a-time"] if alone else []):
+        row = {"method": name, **common, **failed}
+        one = name.endswith("-one-at-a-time")
+        if "error" not in row:
+            got = _attempt(row, each_alone if one else lambda: prefill_and_answer(engine, contexts, questions,
+                                                                                   args.new_tokens))
+            if got:
+                stats, tokens = got
+                row.update(**stats, total_s=stats["prefill_s"] + stats["generate_s"], tokens_sha=_sha(tokens))
+                if one:
+                    row["same_tokens_as_batched"] = None if batched is None else bool(torch.equal(tokens, batched))
+                else:
+                    batched = tokens
+        bench._reset(model.device)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def compare_to_alone(rows: list[dict]) -> None:
+    """``vs_one_at_a_time`` on each batched mixed row: its aggregate decode rate over the rate of the same
+    engine answering the same contexts one at a time (None on the one-at-a-time rows)."""
+    rates = {r["method"]: r.get("decode_tokens_per_s") for r in rows}
+    for r in rows:
+        alone = rates.get(f"{r['method']}-one-at-a-time")
+        rate = r.get("decode_tokens_per_s")
+        r["vs_one_at_a_time"] = rate / alone if rate and alone else None
+
+
+def mixed_table(rows: list[dict]) -> str:
+    head = ("| method | S | context tokens | prefill s (sum) | answer all s | total s | first token s | "
+            "decode tok/s (all S) | x one at a time | decode | peak GiB (answer / prefill) | tokens |")
+    lines = [head, "|" + "---|" * 12]
+    fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['contexts']} | {r['context_tokens']} | {r['error']} | | | | | | | | |")
+            continue
+        same = r.get("same_tokens_as_batched")
+        mark = "" if same is None else (" (same tokens)" if same else " (OTHER TOKENS)")
+        lines.append(f"| {r['method']}{mark} | {r['contexts']} | {r['context_tokens']} | {fmt(r['prefill_s'])} | "
+                     f"{fmt(r['generate_s'])} | {fmt(r['total_s'])} | {fmt(r['first_token_s'])} | "
+                     f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r['vs_one_at_a_time'], 1)} | {r['decode_mode']} | "
+                     f"{fmt(r['peak_gb'], 1)} / {fmt(r['prefill_peak_gb'], 1)} | {r['tokens_sha']} |")
+    return "\n".join(lines)
+
+
+def mixed_summary(rows: list[dict]) -> str:
+    """One line per engine: the batched aggregate decode rate over one at a time, and the times to answer all."""
+    ok = {r["method"]: r for r in rows if "error" not in r}
+    out = []
+    for method in ("star", "engine-global"):
+        batch, alone = ok.get(method), ok.get(f"{method}-one-at-a-time")
+        if batch and alone:
+            out.append(f"mixed batch of {batch['contexts']} contexts ({batch['context_tokens']} tokens, "
+                       f"{min(batch['lengths'])}-{max(batch['lengths'])} each): {method} decodes "
+                       f"{batch['vs_one_at_a_time'] or float('nan'):.1f}x the aggregate rate of one at a time; answers "
+                       f"all in {batch['generate_s']:.2f} s after the prefill against {alone['generate_s']:.2f} s, "
+                       f"{batch['total_s']:.2f} s against {alone['total_s']:.2f} s with it")
+    return "\n".join(out)
+
+
 def compare_to_one(rows: list[dict]) -> None:
     """``vs_q1``: each row's aggregate decode rate over its method's at Q = 1 on the same context."""
     ones = {(r["context"], r["method"]): r.get("decode_tokens_per_s") for r in rows if r["queries"] == 1}
@@ -315,12 +471,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="configs/models/llama-3.1-8b", help="a model config directory")
-    p.add_argument("--contexts", default="128k")
+    p.add_argument("--contexts", default=None,
+                   help="context lengths for the question counts (default 128k; none with --mixed alone)")
     p.add_argument("--queries", default="1,8,32", help="question counts Q, asked of one context")
+    p.add_argument("--mixed", default="",
+                   help="context lengths of one mixed batch (e.g. 8k,16k,...,64k): one question per context, "
+                        "answered together against one request at a time")
     p.add_argument("--question-tokens", type=int, default=16, help="tokens of each question")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated for each question (no EOS)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS)}")
-    p.add_argument("--block", default="1/4", help="star block: 1/k of the context, or tokens")
+    p.add_argument("--block", default="1/4", help="star block: 1/k of the context (of each one, --mixed), or tokens")
     p.add_argument("--anchor", default="block", help="star anchor: block, block/k, or tokens")
     p.add_argument("--plain-max-gb", type=float, default=120.0,
                    help="skip the plain model where its KV cache alone would need more GB (1e9)")
@@ -339,13 +499,12 @@ def main(argv=None) -> int:
     counts = sorted({int(q) for q in args.queries.split(",") if q})
     if not counts or counts[0] < 1 or args.question_tokens < 1 or args.new_tokens < 1:
         p.error("--queries, --question-tokens and --new-tokens must be positive")
+    contexts = args.contexts if args.contexts is not None else ("" if args.mixed else "128k")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = bench._model(args.model, device, getattr(torch, args.dtype), args.seed)
     vocab = model.config.vocab_size
-    questions = _questions(max(counts), args.question_tokens, vocab, args.seed + 1, device)
-    rows: list[dict] = []
-    plain_warm: list = []
-    for asked in map(parse_length, args.contexts.split(",")):
+
+    def fit(asked: int) -> int:
         length = bench.fit_context(asked, model.config, args.question_tokens, args.new_tokens)
         if length < 1:
             p.error(f"--question-tokens and --new-tokens leave no room for a context in the model's "
@@ -354,6 +513,13 @@ def main(argv=None) -> int:
             print(f"context {asked} shortened to {length}: the context, a {args.question_tokens}-token question and "
                   f"{args.new_tokens} new tokens must fit the model's {model.config.max_position_embeddings} "
                   "positions", flush=True)
+        return length
+
+    questions = _questions(max(counts), args.question_tokens, vocab, args.seed + 1, device)
+    rows: list[dict] = []
+    plain_warm: list = []
+    for asked in (parse_length(c) for c in contexts.split(",") if c):
+        length = fit(asked)
         context = bench._ids(length, vocab, args.seed, device)
         if "star" in methods or "star-one-at-a-time" in methods:
             rows += engine_rows(model, "star" if "star" in methods else "star-one-at-a-time", context, questions,
@@ -363,19 +529,33 @@ def main(argv=None) -> int:
         if "global" in methods:
             rows += plain_rows(model, context, questions, counts, args, plain_warm)
     compare_to_one(rows)
+    mixed: list[dict] = []
+    asked_mixed = [parse_length(c) for c in args.mixed.split(",") if c]
+    if asked_mixed:
+        batch = [bench._ids(fit(n), vocab, args.seed + i, device) for i, n in enumerate(asked_mixed)]
+        asks = _questions(len(batch), args.question_tokens, vocab, args.seed + 1, device)
+        if "star" in methods or "star-one-at-a-time" in methods:
+            mixed += mixed_rows(model, "star", batch, asks, args, together="star" in methods,
+                                alone="star-one-at-a-time" in methods)
+        if "engine-global" in methods:
+            mixed += mixed_rows(model, "engine-global", batch, asks, args, together=True, alone=True)
+        compare_to_alone(mixed)
     prov = bench._provenance(device, argv)
     prov["command"] = " ".join(["tools/bench_queries.py", *argv])
     settings = {"question_tokens": args.question_tokens, "new_tokens": args.new_tokens, "queries": counts,
-                "block": args.block, "anchor": args.anchor, "decode_graphs": args.decode_graphs}
+                "mixed": asked_mixed, "block": args.block, "anchor": args.anchor, "decode_graphs": args.decode_graphs}
+    report = "\n\n".join(part for part in (
+        rows and f"{table(rows)}\n\n{summary(rows)}",
+        mixed and f"Mixed batch: one question per context, answered together against one request at a time\n\n"
+                  f"{mixed_table(mixed)}\n\n{mixed_summary(mixed)}") if part)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"provenance": prov, "settings": settings, "rows": rows}, f, indent=1)
+        json.dump({"provenance": prov, "settings": settings, "rows": rows, "mixed_rows": mixed}, f, indent=1)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(f"{table(rows)}\n\n{summary(rows)}\n\nOne process on {prov['device']}; {args.question_tokens}-token "
-                f"questions, {args.new_tokens} new tokens each; torch {prov['torch']}, transformers "
-                f"{prov['transformers']}, CUDA {prov['cuda']}; {prov['date']}; `{prov['command']}`\n")
-    print(table(rows))
-    print(summary(rows))
+        f.write(f"{report}\n\nOne process on {prov['device']}; {args.question_tokens}-token questions, "
+                f"{args.new_tokens} new tokens each; torch {prov['torch']}, transformers {prov['transformers']}, "
+                f"CUDA {prov['cuda']}; {prov['date']}; `{prov['command']}`\n")
+    print(report)
     return 0
 
 

@@ -117,17 +117,18 @@ def test_mixed_batch_against_one_at_a_time(tiny, tmp_path):
     assert "engine-global-one-at-a-time (same tokens)" in md and "mixed batch of 3 contexts (384 tokens" in md
 
 
-def test_per_length_engine_gives_each_context_its_own_block(tiny):
+def test_engine_sizes_give_each_context_its_own_block(tiny):
     import torch
     from transformers import AutoModelForCausalLM
 
     tool = _tool()
     args = SimpleNamespace(block="1/4", anchor="block/2", backend="auto", decode_graphs="auto")
     model = AutoModelForCausalLM.from_pretrained(tiny).eval()
-    engine = tool.PerLengthEngine(model, lambda n: tool.engine_config(args, "star", n), "star", 160)
+    config = lambda n: tool.engine_config(args, "star", n)  # noqa: E731
+    engine = tool.StarEngine(model, config(160), sizes=lambda n: (config(n).block_size, config(n).anchor_size))
     context = engine.prefill([torch.randint(4, 100, (1, n)) for n in (96, 160, 128)])
     assert [(c.layout.block_size, c.layout.anchor_size) for c in context.sequences] == [(24, 12), (40, 20), (32, 16)]
     assert engine.prefill(torch.randint(4, 100, (1, 64))).layout.block_size == 16  # alone, too
-    glob = tool.PerLengthEngine(model, lambda n: tool.engine_config(args, "global", n), "global", 160)
+    glob = tool.StarEngine(model, attention="global", sizes=lambda n: (n // 4, 0))  # global: one block anyway
     assert [c.layout.num_blocks for c in glob.prefill([torch.randint(4, 100, (1, n)) for n in (96, 160)]).sequences] \
         == [1, 1]

@@ -58,7 +58,7 @@ Mixed batch (``--mixed``: a comma list of context lengths, as ``--contexts``, ea
 above; given alone, no question-count run: ``--contexts`` then defaults to none). Context ``i`` is
 ``(1, L_i)`` random ids (seed ``--seed + i``), its question ``(1, --question-tokens)``; star's block and
 anchor are the ``--block`` / ``--anchor`` specs at each context's own length (``1/4``: a quarter of each;
-``PerLengthEngine``, since one ``StarConfig`` holds one block size). Methods, per engine:
+``StarEngine(sizes=...)``, since one ``StarConfig`` holds one block size). Methods, per engine:
 
 - ``star`` / ``engine-global``: ``prefill([ctx_1, ..., ctx_S])`` (one after another, each with its own
   layout, into one context of S sequences), then ONE ``generate`` of the S questions ``(S, Lq)``, each
@@ -308,20 +308,6 @@ def plain_rows(model, context, questions, counts, args, warm: list) -> list[dict
     return rows
 
 
-class PerLengthEngine(StarEngine):
-    """A ``StarEngine`` whose star block and anchor follow each context's own length, ``config_for(length)``,
-    whether the context comes alone or in a list (one ``StarConfig`` holds one block size: an engine of
-    one config would give the 8K and the 64K context of a batch the same block). Global attention keeps
-    its one block per context."""
-
-    def __init__(self, model, config_for, attention: str, longest: int):
-        super().__init__(model, config_for(longest), attention=attention)
-        self.config_for = config_for
-
-    def _config_for(self, context_len: int) -> StarConfig:
-        return self.config_for(context_len) if self.attention == "star" else super()._config_for(context_len)
-
-
 def prefill_and_answer(engine, contexts, questions: torch.Tensor, new_tokens: int) -> tuple[dict, torch.Tensor]:
     """Prefill ``contexts`` (a list of ``S`` contexts ``(1, L_i)``: one batch, each with its own layout;
     or one context ``(1, L)``) and answer ``questions (S, Lq)``, one per context, in one ``generate``."""
@@ -341,7 +327,8 @@ def mixed_rows(model, method: str, contexts: list, questions: torch.Tensor, args
     attention = "global" if method == "engine-global" else "star"
     config = functools.partial(engine_config, args, attention)
     lengths = [c.shape[1] for c in contexts]
-    engine = PerLengthEngine(model, config, attention, max(lengths))
+    engine = StarEngine(model, config(max(lengths)), attention=attention,
+                        sizes=lambda n: (config(n).block_size, config(n).anchor_size))
     common = {"contexts": len(contexts), "context_tokens": sum(lengths), "lengths": lengths}
     if attention == "star":
         common.update(blocks=[config(n).block_size for n in lengths], anchors=[config(n).anchor_size for n in lengths])

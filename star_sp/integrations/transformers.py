@@ -14,6 +14,7 @@ import functools
 import time
 import weakref
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -216,12 +217,16 @@ class StarEngine:
     of the other fields apply). A context shorter than the ring's two chunks per host is encoded as
     one block on the last host (plain causal attention, exact too).
 
+    ``sizes(length) -> (block_size, anchor_size)``: Star's block and anchor for a context of that length,
+    instead of the config's (e.g. a quarter of each context, when contexts of different lengths share a
+    batch through ``prefill([...])``).
+
     The model is switched to the ``star`` attention function only while an engine method runs; the
     user's ``model(...)`` and ``model.generate(...)`` are untouched between calls.
     """
 
     def __init__(self, model, config: StarConfig | None = None, group: "dist.ProcessGroup | None" = None, *,
-                 attention: str = "star"):
+                 attention: str = "star", sizes: "Callable[[int], tuple[int, int]] | None" = None):
         if attention not in ("star", "global", "ring"):
             raise StarInputError(f"attention must be 'star', 'global' or 'ring', got {attention!r}")
         if config is None and attention != "star":
@@ -238,6 +243,7 @@ class StarEngine:
         check_model(model)
         _register()
         self.model, self.config, self.group, self.attention = model, config, group, attention
+        self.sizes = sizes  # (block, anchor) for a context of a given length (Star), instead of the config's
         self.base = getattr(model, model.base_model_prefix)
         self.num_layers = model.config.num_hidden_layers
         self._cache_kwarg = _compat.cache_kwarg(self.base)
@@ -270,6 +276,9 @@ class StarEngine:
             # one block: phase 1 is plain causal attention (ring attention in one process, or over a
             # context too short to give every host two chunks, is just that, on the last host)
             return replace(self.config, block_size=context_len, anchor_size=1)
+        if self.sizes is not None and self.attention == "star":
+            block, anchor = self.sizes(context_len)
+            return replace(self.config, block_size=block, anchor_size=anchor)
         return self.config
 
     def _forward(self, state, ids: torch.Tensor, positions: torch.Tensor, **kw):

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--collective-timeout-s", type=float, help="seconds a collective may wait (default 600)")
     g.add_argument("--decode-graphs", choices=DECODE_GRAPHS,
                    help="decode steps as one CUDA graph per request (auto: in one process on CUDA)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="fuse the model's element-wise work with torch.compile around Star's attention (compiled "
+                        "once; the compile time is reported apart)")
     g = gen.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, help="tokens to generate at most (default 64)")
     g.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
@@ -120,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--collective-timeout-s", type=float, default=600.0)
     ev.add_argument("--decode-graphs", choices=DECODE_GRAPHS, default="auto",
                     help="decode steps as one CUDA graph per request (auto: in one process on CUDA)")
+    ev.add_argument("--compile", action="store_true",
+                    help="fuse the model's element-wise work with torch.compile around Star's attention")
     ev.add_argument("--batch", type=int, default=8,
                     help="samples of one task and length answered together per method (their contexts prefilled "
                          "into one batch, their questions decoded together; the same answers as one by one)")

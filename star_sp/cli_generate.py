@@ -47,7 +47,7 @@ def generate(args) -> int:
 
     overrides = {k: getattr(args, k, None) for k in (
         "model", "random_weights", "dtype", "device", "attention", "block_size", "anchor_size", "anchor_source",
-        "phase2_merge", "backend", "collective_timeout_s", "decode_graphs", "max_new_tokens", "do_sample",
+        "phase2_merge", "backend", "collective_timeout_s", "decode_graphs", "compile", "max_new_tokens", "do_sample",
         "temperature", "top_p", "top_k", "seed", "stop")}
     cfg = same_everywhere(lambda: RunConfig.load(args.config, overrides))
     group, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)
@@ -75,13 +75,14 @@ def _generate(args, cfg, group, device) -> int:
     if args.warmup:
         engine.generate(engine.prefill(context_ids), query_ids, cfg.max_new_tokens, sampling=cfg.sampling())
     context = engine.prefill(context_ids, progress=_Progress(show, f"prefill {context_ids.shape[1]} tokens"))
-    prefill_s = engine.stats["prefill_s"]
+    prefill_s, prefill_compile_s = engine.stats["prefill_s"], engine.stats.get("compile_s", 0.0)
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     if eos is None:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     tokens = engine.generate(context, query_ids, cfg.max_new_tokens, sampling=cfg.sampling(), eos_token_id=eos,
                              stop_strings=cfg.stop or None, tokenizer=tokenizer if cfg.stop else None)
     stats = dict(engine.stats, prefill_s=prefill_s, peak_memory_gb=_peak_memory_gb(device), world_size=world,
+                 compile_s=prefill_compile_s + engine.stats["compile_s"] if cfg.compile else None,
                  attention=cfg.attention, block_size=cfg.block_size, anchor_size=cfg.anchor_size or cfg.block_size)
     if rank == 0:
         answers = [_answer(row.tolist(), tokenizer, eos) for row in tokens]
@@ -116,6 +117,8 @@ def _stats_line(cfg, world: int, context_len: int, stats: dict) -> str:
     decode = f"{speed:.1f} tokens/s" if speed is not None else \
         f"decode speed n/a ({stats.get('new_tokens', 0)} new token(s))"
     sizes = f", block {cfg.block_size}, anchor {stats['anchor_size']}" if cfg.attention == "star" else ""
+    if stats.get("compile_s") is not None:  # inside the prefill and first-token times below
+        sizes += f", compiled ({stats['compile_s']:.1f} s of it compiling)"
     return (f"[star-sp] {cfg.attention} attention, {world} process(es), context {context_len} tokens{sizes}: "
             f"prefill {num('prefill_s', '.3f')} s, "
             f"first token {num('first_token_s', '.3f')} s, {decode}, "

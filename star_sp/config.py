@@ -75,7 +75,16 @@ class StarConfig:
     ``"off"``: plainly, a fresh forward per token. ``"static"``: the capturable step (fixed shapes,
     device-side positions) run without capture, on any device and any number of processes."""
 
+    compile: bool | str = False
+    """Fuse the model's own element-wise work (norms, rotary embedding, activations, residual adds) with
+    ``torch.compile`` around Star's attention, in prefill and decoding (``integrations/compiled.py``):
+    ``True`` (the ``inductor`` backend) or a ``torch.compile`` backend's name. Compiled once per engine
+    and layer, for every length (dynamic shapes); a model it cannot compile runs as it is, with one
+    warning. The compile time is reported apart (``engine.stats["compile_s"]``)."""
+
     def __post_init__(self) -> None:
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise StarInputError(f"compile must be True, False or a torch.compile backend name, got {self.compile!r}")
         check_block_anchor(self.block_size, self.block_size if self.anchor_size is None else self.anchor_size)
         if self.anchor_source not in ANCHOR_SOURCES:
             raise StarInputError(f"anchor_source must be one of {ANCHOR_SOURCES}, got {self.anchor_source!r}")

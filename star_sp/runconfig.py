@@ -32,6 +32,8 @@ class RunConfig:
     collective_timeout_s: float = 600.0
     decode_graphs: str = "auto"
     """Decode steps as a CUDA graph per request: auto (one process on CUDA), on, off, static."""
+    compile: bool = False
+    """Fuse the model's element-wise work with torch.compile around Star's attention."""
     max_new_tokens: int = 64
     do_sample: bool = False
     temperature: float = 1.0
@@ -55,7 +57,7 @@ class RunConfig:
     def star_config(self) -> StarConfig:
         return StarConfig(block_size=self.block_size, anchor_size=self.anchor_size, anchor_source=self.anchor_source,
                           phase2_merge=self.phase2_merge, backend=self.backend, collective_timeout_s=self.collective_timeout_s,
-                          decode_graphs=self.decode_graphs)
+                          decode_graphs=self.decode_graphs, compile=self.compile)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,

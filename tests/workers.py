@@ -352,3 +352,26 @@ def contexts_run(group, spec: dict) -> dict:
         alone.append(engine.generate(one, q[None], spec["steps"]))
     return {"contexts": contexts, "questions": questions, "greedy": engine.generate(batch, questions, spec["steps"]),
             "logits": engine.score(batch, questions), "alone": alone}
+
+
+def compiled_run(group, spec: dict) -> dict:
+    """A compiled engine (StarConfig.compile) on a tiny float64 model: prefill, score and greedy tokens of
+    two requests of different lengths, the compile time of each, and whether the model was restored."""
+    from star_sp import StarConfig, StarEngine
+    from star_sp.testing import build
+
+    model, _ = build(spec["family"], dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], collective_timeout_s=120,
+                                          decode_graphs="static", compile=spec["compile"]), group)
+    gen = torch.Generator().manual_seed(55)
+    out = []
+    for lc, lq in spec["requests"]:
+        ctx = torch.randint(4, model.config.vocab_size, (1, lc), generator=gen)
+        q = torch.randint(4, model.config.vocab_size, (1, lq), generator=gen)
+        context = engine.prefill(ctx)
+        compile_s = engine.stats.get("compile_s", 0.0)
+        logits = engine.score(context, q)
+        tokens = engine.generate(context, q, spec["steps"])
+        out.append({"ctx": ctx, "q": q, "logits": logits, "tokens": tokens,
+                    "compile_s": compile_s + engine.stats.get("compile_s", 0.0)})
+    return {"requests": out, "restored": all("forward" not in layer.__dict__ for layer in model.model.layers)}

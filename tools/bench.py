@@ -48,6 +48,7 @@ from star_sp.ops import local_attention, phase1_parts  # noqa: E402
 from star_sp.distributed.process_group import init_from_env  # noqa: E402
 from star_sp.eval.runner import parse_length  # noqa: E402
 
+COMPILE = {"off": (False,), "on": (True,), "both": (False, True)}
 METHODS = ("global", "star", "star-paper", "ring", "torch-cp", "engine-global")
 DEFAULT_METHODS = METHODS[:-1]
 
@@ -105,13 +106,14 @@ def _peak(device) -> float | None:
 
 
 def run_engine(model, method: str, block: int, anchor: int, context, query, decode: int, group, backend: str,
-               warmup: int, decode_graphs: str = "auto"):
-    """TTFT, decode and memory of one engine method on this rank."""
+               warmup: int, decode_graphs: str = "auto", compile: bool = False):
+    """TTFT, decode and memory of one engine method on this rank (``compile``: the model's element-wise
+    work compiled; the compile time, spent in the warm-up, is reported apart as ``compile_s``)."""
     attention = {"engine-global": "global", "star": "star", "star-paper": "star", "ring": "ring"}[method]
     paper = method == "star-paper"
     cfg = StarConfig(block_size=block, anchor_size=anchor, backend=backend,
                      anchor_source="recompute" if paper else "broadcast",
-                     phase2_merge="allgather" if paper else "allreduce", decode_graphs=decode_graphs)
+                     phase2_merge="allgather" if paper else "allreduce", decode_graphs=decode_graphs, compile=compile)
     group = None if method == "engine-global" else group
     # warm-up (kernels, plans, allocator) at a short context, with blocks scaled to keep every host busy
     warm = context[:, : min(context.shape[1], warmup)]
@@ -122,7 +124,12 @@ def run_engine(model, method: str, block: int, anchor: int, context, query, deco
     else:
         warm_cfg = cfg
     warm_engine = StarEngine(model, warm_cfg, group, attention=attention)
-    warm_engine.generate(warm_engine.prefill(warm), query, 2)
+    compile_s = 0.0
+    warm_engine.prefill(warm)
+    compile_s += warm_engine.stats.get("compile_s", 0.0)
+    for steps in (2, 9):  # the plain query pass, then the decode step (a graph from 8 new tokens)
+        warm_engine.generate(warm_engine.prefill(warm), query, steps)
+        compile_s += warm_engine.stats.get("compile_s", 0.0)
     engine = StarEngine(model, cfg, group, attention=attention)
     device = engine.device
     _reset(device)
@@ -133,7 +140,8 @@ def run_engine(model, method: str, block: int, anchor: int, context, query, deco
     ms = 1000 / stats["decode_tokens_per_s"] if decode else None
     return {"prefill_s": prefill, "first_token_s": stats["first_token_s"], "ttft_s": prefill + stats["first_token_s"],
             "decode_ms_per_token": ms, "peak_gb": _peak(device), "kv_tokens_here": ctx.kv.num_tokens,
-            "decode_mode": stats["decode_mode"], "decode_setup_s": stats["decode_setup_s"]}
+            "decode_mode": stats["decode_mode"], "decode_setup_s": stats["decode_setup_s"], "compiled": compile,
+            "compile_s": compile_s + stats.get("compile_s", 0.0) if compile else None}
 
 
 def run_plain(model, context, query, decode: int, device, warmup: int):
@@ -426,7 +434,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['context']} | {r['method']} | {r['hosts']} | {r.get('block', '-')} | "
                          f"{r.get('anchor', '-')} | {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['context']} | {r['method']} | {r['hosts']} | {r.get('block', '-')} | {r.get('anchor', '-')} | "
+        method = r["method"] + (f" (compiled, {r['compile_s']:.0f} s)" if r.get("compiled") else "")
+        lines.append(f"| {r['context']} | {method} | {r['hosts']} | {r.get('block', '-')} | {r.get('anchor', '-')} | "
                      f"{fmt(r['ttft_s'])} | {fmt(r['prefill_s'])} | {fmt(r.get('floor_s'))} | "
                      f"{fmt(r['prefill_s'] / r['floor_s'] if r.get('floor_s') else None)} | "
                      f"{fmt(r['decode_ms_per_token'], 1)}{' (graph)' if r.get('decode_mode') == 'graph' else ''} | "
@@ -452,6 +461,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-graphs", default="auto", choices=DECODE_GRAPHS,
                    help="the engine methods' StarConfig.decode_graphs (auto: a CUDA graph per request in one "
                         "process; the time to capture it is reported apart, as decode_setup_s)")
+    p.add_argument("--compile", default="off", choices=tuple(COMPILE),
+                   help="the engine methods with StarConfig(compile=True): off, on, or both side by side (the "
+                        "compile time is reported apart, as compile_s)")
     p.add_argument("--project", default="", help="comma-separated host counts to project phase 1 for (e.g. 4,8)")
     p.add_argument("--cp-rotate", default="alltoall", choices=("alltoall", "allgather"),
                    help="how torch-cp passes the KV (alltoall: around the ring)")
@@ -487,7 +499,8 @@ def main(argv=None) -> int:
             if method.startswith("star"):
                 settings = [(b, _size(a, length, world, b), a)
                             for b in (_size(x, length, world) for x in args.blocks.split(",")) for a in args.anchors.split(",")]
-            for block, anchor, anchor_spec in settings:
+            compiles = COMPILE[args.compile] if method not in ("global", "torch-cp") else (False,)
+            for (block, anchor, anchor_spec), compiled in ((x, c) for x in settings for c in compiles):
                 row = {"context": length, "method": method, "hosts": 1 if method.endswith("global") else world}
                 if method.startswith("star"):
                     row.update(block=block, anchor=anchor, anchor_spec=anchor_spec)
@@ -498,7 +511,7 @@ def main(argv=None) -> int:
                         row.update(run_plain(model, context, query, args.decode, device, args.warmup))
                     else:
                         row.update(run_engine(model, method, block, anchor, context, query, args.decode, group,
-                                              args.backend, args.warmup, args.decode_graphs))
+                                              args.backend, args.warmup, args.decode_graphs, compiled))
                 except torch.cuda.OutOfMemoryError:
                     row["error"] = "out of memory"
                 except (RuntimeError, StarError) as exc:

@@ -10,6 +10,7 @@ carry padding (every sequence of a batch has the same context and query length).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import weakref
@@ -35,6 +36,7 @@ from .decode_step import DecodeStep
 ATTENTION_NAME = "star"
 
 
+@torch.compiler.disable  # compiled layers (StarConfig.compile) run Star's attention as it is, between two graphs
 def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: ``query (B, H, S, D)``, ``key, value (B, Hkv, S', D)`` ->
     ``(out (B, S, H, D), None)``. The ``star`` keyword carries the pass that knows the phase."""
@@ -197,8 +199,11 @@ def _with_star_attention(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with torch.no_grad(), _compat.attn_implementation_set(self.model, ATTENTION_NAME):
-            return method(self, *args, **kwargs)
+        with torch.no_grad(), _compat.attn_implementation_set(self.model, ATTENTION_NAME), self._compiling() as layers:
+            result = method(self, *args, **kwargs)
+        if layers is not None:
+            self.stats["compile_s"] = layers.seconds
+        return result
 
     return wrapper
 
@@ -244,6 +249,7 @@ class StarEngine:
         _register()
         self.model, self.config, self.group, self.attention = model, config, group, attention
         self.sizes = sizes  # (block, anchor) for a context of a given length (Star), instead of the config's
+        self._compiled = None  # CompiledLayers, made at the first call with config.compile
         self.base = getattr(model, model.base_model_prefix)
         self.num_layers = model.config.num_hidden_layers
         self._cache_kwarg = _compat.cache_kwarg(self.base)
@@ -251,6 +257,17 @@ class StarEngine:
         self.stats: dict[str, float] = {}
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _compiling(self):
+        """The compiled decoder layers for one engine call (``StarConfig.compile``), or nothing."""
+        choice = self.config.compile
+        if not choice:
+            return contextlib.nullcontext()
+        if self._compiled is None:
+            from .compiled import CompiledLayers
+
+            self._compiled = CompiledLayers(self.base, "inductor" if choice is True else choice)
+        return self._compiled.active()
 
     @property
     def device(self) -> torch.device:

@@ -121,6 +121,6 @@ def read_inputs(args, cfg, tokenizer, vocab: int, group) -> tuple[torch.Tensor, 
     ctx, qry, error = payload[0]
     if error:
         raise on_every_rank(StarInputError(error))
-    if len(qry) == 1:
+    if len(qry) == 1 and getattr(args, "questions_file", None) is None:  # a file of questions answers as a list
         return torch.tensor([ctx]), torch.tensor(qry)
     return torch.tensor([ctx]), [torch.tensor(q) for q in qry]

@@ -204,6 +204,10 @@ def generate(group, spec):
     with torch.no_grad():
         context = megatron_prefill(model, ctx, _star(spec), group, attention=attention)
         tokens = megatron_generate(model, context, query, spec["new"])
+        if spec.get("eos_at") is not None:  # the token greedy decoding gives at that step, as EOS
+            eos = int(tokens[0, spec["eos_at"]])
+            stopped = megatron_generate(model, context, query, spec["new"], eos_token_id=eos)
+            return {"tokens": tokens, "stopped": stopped, "eos": eos}
         ids = torch.cat([ctx.expand(query.shape[0], -1), query], dim=1)
         for _ in range(spec["new"]):
             logits = oracle_logits(oracle, ids, ctx.shape[1], *_oracle_sizes(spec))

@@ -166,6 +166,9 @@ def test_several_questions_of_one_context_give_each_its_own_answer(dirs, capsys)
         assert [a["tokens"] for a in json.loads(out)["answers"]] == alone
     code, out, err = _run(capsys, *common[:-1], "--query", questions[0], "--query", questions[1])
     assert code == 0 and out.startswith("[1] ") and "\n[2] " in out, out
+    (dirs / "one-question.txt").write_text(questions[1] + "\n")  # a file of one question still answers as a list
+    code, out, err = _run(capsys, *common, "--questions-file", str(dirs / "one-question.txt"))
+    assert code == 0 and [a["tokens"] for a in json.loads(out)["answers"]] == alone[1:], (out, err)
     (dirs / "no-questions.txt").write_text("\n \n")
     _refused(capsys, [*common, "--questions-file", str(dirs / "no-questions.txt")], "holds no questions")
     _refused(capsys, [*common, "--query", "a?", "--query", "b?", "--query-ids", "5 6"],

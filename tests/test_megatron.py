@@ -159,3 +159,16 @@ def test_megatrons_own_loop_refuses_what_it_cannot_run_on_every_rank(cluster):
     assert "needs context parallel size 1" in ring
     assert "anchor_source='broadcast'" in recompute
     assert "choose a block size that divides 16" in block
+
+
+def test_generation_stops_at_eos_row_by_row(cluster):
+    """A row that produced EOS keeps producing EOS (padding) while the others go on; all stop when every
+    row has produced it."""
+    for r in cluster(2).run(mc.generate, dict(CASES[0], lt=4, new=6, eos_at=2)):
+        tokens, stopped, eos = r["tokens"], r["stopped"], r["eos"]
+        for row in range(tokens.shape[0]):
+            hit = (tokens[row] == eos).nonzero()
+            cut = int(hit[0]) + 1 if len(hit) else tokens.shape[1]
+            assert torch.equal(stopped[row, :cut], tokens[row, :cut])
+            assert bool((stopped[row, cut:] == eos).all())
+        assert stopped.shape[1] <= tokens.shape[1]

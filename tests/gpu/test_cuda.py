@@ -253,3 +253,56 @@ def test_decode_graph_replays_the_step(attention, dtype):
             assert torch.equal(a, b)
     else:
         assert_greedy_within_oracle(model, ctx, q, runs["on"][0], 16, 8)
+
+
+def test_questions_and_contexts_of_different_lengths_decode_with_a_graph():
+    """Several questions of different lengths over one context, and several contexts of different lengths
+    (one question each), decoded with a captured CUDA graph ('on'): the same tokens as the same step
+    without capture ('static') and as the plain loop ('off'), in float64."""
+    from star_sp import StarConfig, StarEngine
+    from star_sp.testing import build
+
+    model, _ = build("llama", dtype=torch.float64, head_dim=16)
+    model = model.cuda()
+    gen = torch.Generator().manual_seed(6)
+    vocab = model.config.vocab_size
+    ctx = torch.randint(4, vocab, (1, 61), generator=gen)
+    contexts = [torch.randint(4, vocab, (n,), generator=gen) for n in (45, 12, 33)]
+    questions = [torch.randint(4, vocab, (n,), generator=gen) for n in (2, 6, 3)]
+    runs = {}
+    for mode in ("off", "static", "on"):
+        engine = StarEngine(model, StarConfig(block_size=16, anchor_size=8, decode_graphs=mode))
+        one = engine.generate(engine.prefill(ctx), questions, 12)
+        assert engine.stats["decode_mode"] == {"off": "plain", "static": "static", "on": "graph"}[mode]
+        several = engine.generate(engine.prefill(contexts), questions, 12)
+        runs[mode] = one, several
+    for mode in ("static", "on"):
+        for a, b in zip(runs["off"], runs[mode]):
+            assert torch.equal(a, b), mode
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_compiled_engine_on_cuda(dtype):
+    """``StarConfig(compile=True)`` on the GPU with graph decoding: in float64 the same greedy tokens as the
+    uncompiled engine; in bf16 every greedy token is one the float64 oracle allows at bf16's error; a
+    second request of other lengths compiles nothing."""
+    from star_sp import StarConfig, StarEngine
+    from star_sp.testing import build
+
+    model, _ = build("llama", dtype=dtype, head_dim=16)
+    model = model.cuda()
+    gen = torch.Generator().manual_seed(8)
+    ctx = torch.randint(4, model.config.vocab_size, (1, 61), generator=gen)
+    q = torch.randint(4, model.config.vocab_size, (1, 3), generator=gen)
+    plain = StarEngine(model, StarConfig(block_size=16, anchor_size=8, decode_graphs="on"))
+    compiled = StarEngine(model, StarConfig(block_size=16, anchor_size=8, decode_graphs="on", compile=True))
+    want = plain.generate(plain.prefill(ctx), q, 12)
+    got = compiled.generate(compiled.prefill(ctx), q, 12)
+    assert compiled.stats["decode_mode"] == "graph"
+    if dtype == torch.float64:
+        assert torch.equal(got, want)
+    else:
+        assert_greedy_within_oracle(model, ctx, q, got, 16, 8)
+    other = torch.randint(4, model.config.vocab_size, (1, 77), generator=gen)
+    compiled.prefill(other)
+    assert compiled.stats["compile_s"] == 0.0

@@ -35,6 +35,18 @@ def agree(group: "dist.ProcessGroup", step: str, meta: dict, error: str | None) 
                 )
 
 
+def agree_or_raise(group: "dist.ProcessGroup | None", step: str, meta: dict, error: str | None) -> None:
+    """``agree`` as one guarded step of ``group``; with no group (one process), raise ``error`` if any."""
+    if group is None:
+        if error is not None:
+            raise StarInputError(error)
+        return
+    from .guard import guarded_step
+
+    with guarded_step(step, group):
+        agree(group, step, meta, error)
+
+
 def _everywhere(message: str) -> StarInputError:
     exc = StarInputError(message)
     exc.on_every_rank = True  # every rank raises this same error: nothing to tell the others

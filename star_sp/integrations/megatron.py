@@ -39,8 +39,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import StarConfig
+from ..distributed.agreement import agree_or_raise
 from ..distributed.kv_cache import ContextKV, QueryKV
 from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
+from ..distributed.rows import phase1_rows
 from ..errors import StarInputError
 from ..layout import BlockLayout, RingLayout
 
@@ -334,19 +336,6 @@ def _output_rows(model, keep: list[int] | None, device):
             layer.forward = own
 
 
-def _agreed(group, step: str, meta: dict, error: str | None) -> None:
-    """Every rank raises the same ``StarInputError`` if any rank found ``error`` or the ``meta`` differ."""
-    if group is None:
-        if error is not None:
-            raise StarInputError(error)
-        return
-    from ..distributed.agreement import agree
-    from ..distributed.guard import guarded_step
-
-    with guarded_step(step, group):
-        agree(group, step, meta, error)
-
-
 def _vocab(model) -> int:
     return getattr(model, "vocab_size", None) or model.config.padded_vocab_size
 
@@ -364,7 +353,7 @@ def megatron_prefill(model, context_ids: torch.Tensor, config: StarConfig, group
         error = f"attention must be one of {ATTENTIONS}, got {attention!r}"
     if error is None and not isinstance(config, StarConfig):
         error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
-    _agreed(group, "prefill", {"ids": None if error else _fingerprint(context_ids), "attention": attention,
+    agree_or_raise(group, "prefill", {"ids": None if error else _fingerprint(context_ids), "attention": attention,
                                "config": None if error else config.to_dict()}, error)
     size, rank = _group_size(group)
     lc = context_ids.shape[1]
@@ -379,14 +368,10 @@ def megatron_prefill(model, context_ids: torch.Tensor, config: StarConfig, group
             config = replace(config, block_size=lc, anchor_size=lc)
         layout = BlockLayout.from_config(config, lc, size, rank)
         context = StarContext(layout, config, context_ids.shape[0], ContextKV(num_layers), group)
-        recompute = config.anchor_source == "recompute"
-        if layout.is_idle:
-            ids, positions = context_ids[:, :1], torch.arange(1)
-        else:
-            skip = layout.anchor_rows(recompute)
-            ids = torch.cat([context_ids[:, :skip], layout.shard(context_ids, 1)], dim=1)
-            positions = layout.positions(recompute)
-        step = Step(positions, ids.shape[1], PrefillPass(context, num_layers), group=group, keep=[0])
+        rows = phase1_rows(layout, context_ids, recompute=config.anchor_source == "recompute", context_loss=False,
+                           answer_from_last=False)  # an idle host: one stand-in row
+        ids = rows.ids
+        step = Step(rows.positions, rows.num_rows, PrefillPass(context, num_layers), group=group, keep=[0])
     with torch.no_grad():  # the KV is what prefill is for: one row of logits, unread
         _forward(model, ids, step)
     return context
@@ -408,7 +393,7 @@ def megatron_generate(model, context: StarContext, query_ids: torch.Tensor, max_
     if error is None and query_ids.shape[0] != context.batch_size and context.batch_size != 1:
         error = (f"query_ids has batch {query_ids.shape[0]} but the context was prefilled with batch "
                  f"{context.batch_size}; pass one query per context sequence, or prefill one context (batch 1)")
-    _agreed(group, "generate", {"ids": None if error else _fingerprint(query_ids), "new": max_new_tokens}, error)
+    agree_or_raise(group, "generate", {"ids": None if error else _fingerprint(query_ids), "new": max_new_tokens}, error)
     size, rank = _group_size(group)
     num_layers = model.config.num_layers
     lc, lq = context.context_len, query_ids.shape[1]

@@ -23,11 +23,11 @@ import torch.distributed as dist
 
 from .. import _compat
 from ..config import DECODE_GRAPH_MIN_TOKENS, StarConfig
-from ..distributed.agreement import agree
+from ..distributed.agreement import agree_or_raise
 from ..distributed.collectives import broadcast_tokens
-from ..distributed.guard import guarded_step
 from ..distributed.kv_cache import ContextKV, QueryKV, StaticQueryKV
 from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
+from ..distributed.rows import phase1_rows
 from ..errors import StarInputError
 from ..layout import BlockLayout, RingLayout
 from ..sampling import SamplingConfig, next_tokens
@@ -278,11 +278,7 @@ class StarEngine:
             torch.cuda.synchronize(self.device)
 
     def _agree(self, step: str, meta: dict, error: str | None) -> None:
-        if error is not None and self.group is None:
-            raise StarInputError(error)
-        if self.group is not None:
-            with guarded_step(step, self.group):
-                agree(self.group, step, meta, error)
+        agree_or_raise(self.group, step, meta, error)
 
     def _ring(self, context_len: int) -> bool:
         """Ring attention for this context: several hosts, each with two non-empty zigzag chunks."""
@@ -372,24 +368,15 @@ class StarEngine:
         start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if layout.is_idle:
-            self._idle_prefill(state, context_ids)
-        elif ring:
+        if ring:
             self._forward(state, layout.shard(context_ids, 1), layout.positions())
-        else:
-            ids = layout.shard(context_ids, 1)
-            if layout.anchor_rows(recompute):
-                ids = torch.cat([context_ids[:, : layout.anchor_len], ids], dim=1)
-            self._forward(state, ids, layout.positions(recompute))
+        else:  # an idle host runs one stand-in row, which PrefillPass keeps none of
+            rows = phase1_rows(layout, context_ids, recompute=recompute, context_loss=False, answer_from_last=False)
+            self._forward(state, rows.ids, rows.positions)
         self._sync()
         self.stats = {"prefill_s": time.perf_counter() - start, "context_tokens": layout.context_len,
                       "local_tokens": layout.num_tokens, "context_kv_bytes": context.kv.nbytes()}
         return context
-
-    def _idle_prefill(self, state: PrefillPass, context_ids: torch.Tensor) -> None:
-        """An idle host holds no block but takes part in each layer's collectives: it runs the model over
-        one stand-in row (``PrefillPass`` keeps none of it)."""
-        self._forward(state, context_ids[:, :1], torch.arange(1))
 
     # -- phase 2 ------------------------------------------------------------------------------
 

@@ -48,7 +48,8 @@ from ..layout import BlockLayout
 IGNORE_INDEX = -100
 
 
-def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | None:
+def check_train_inputs(context_ids, target_ids, labels, weight, vocab: int) -> str | None:
+    """What is wrong with a training step's ids, labels and context-loss weight, for any framework, or None."""
     error = _check_ids("context_ids", context_ids, vocab) or _check_ids("target_ids", target_ids, vocab)
     if error:
         return error
@@ -67,13 +68,25 @@ def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | 
     if not bool((labels != IGNORE_INDEX).any()) and (weight == 0 or context_ids.shape[1] < 2):
         return ("nothing to learn from: every label is -100 and there is no context loss (context_loss_weight 0, "
                 "or a one-token context); label at least one target token")
-    dropout = dropout_error(model)
-    if dropout:
-        return dropout
-    if _compat.gradient_checkpointing_on(model):
-        return ("star_train_loss does not support gradient checkpointing (recomputing a layer in the backward pass "
-                "would repeat its collectives out of order); call model.gradient_checkpointing_disable()")
     return None
+
+
+def train_meta(context_ids, target_ids, labels, config, weight, error: str | None) -> dict:
+    """What every rank of a training step must agree on (``agreement.agree``): shapes, the ids' and labels'
+    fingerprints, the config and weight, and whether gradients are on."""
+    return {"shapes": (tuple(context_ids.shape), tuple(target_ids.shape)) if error is None else None,
+            "ids": (_fingerprint(context_ids), _fingerprint(target_ids), _fingerprint(labels + 100))
+            if error is None else None,
+            "config": config.to_dict() if isinstance(config, StarConfig) else None, "context_loss_weight": weight,
+            "grad": torch.is_grad_enabled()}
+
+
+def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | None:
+    error = check_train_inputs(context_ids, target_ids, labels, weight, vocab) or dropout_error(model)
+    if error is None and _compat.gradient_checkpointing_on(model):
+        error = ("star_train_loss does not support gradient checkpointing (recomputing a layer in the backward pass "
+                 "would repeat its collectives out of order); call model.gradient_checkpointing_disable()")
+    return error
 
 
 class _RankShare(torch.autograd.Function):
@@ -124,12 +137,7 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     engine = StarEngine(model, config, group)  # checks the model and the config
     vocab = engine.vocab_size
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, vocab)
-    meta = {"shapes": (tuple(context_ids.shape), tuple(target_ids.shape)) if error is None else None,
-            "ids": (_fingerprint(context_ids), _fingerprint(target_ids), _fingerprint(labels + 100))
-            if error is None else None,
-            "config": config.to_dict(), "context_loss_weight": context_loss_weight,
-            "grad": torch.is_grad_enabled()}
-    engine._agree("train", meta, error)
+    engine._agree("train", train_meta(context_ids, target_ids, labels, config, context_loss_weight, error), error)
 
     batch, lc = context_ids.shape
     lt = target_ids.shape[1]

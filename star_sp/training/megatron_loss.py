@@ -19,46 +19,29 @@ stand-in row), exact causal attention. ``attention="ring"``: exact ring attentio
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from ..config import StarConfig
-from ..distributed.agreement import agree
+from ..distributed.agreement import agree_or_raise
 from ..distributed.collectives import tie
-from ..distributed.guard import guarded_step
 from ..distributed.kv_cache import ContextKV, TrainingQueryKV
 from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ..distributed.rows import phase1_rows
-from ..errors import StarInputError
 from ..integrations.megatron import ATTENTIONS, Step, _forward, _group_size, use_star_positions
-from ..integrations.transformers import _check_ids, _fingerprint
 from ..layout import BlockLayout, RingLayout
-from .loss import IGNORE_INDEX, _ce_sum, _RankShare, phase1_terms
+from .loss import IGNORE_INDEX, _ce_sum, _RankShare, check_train_inputs, phase1_terms, train_meta
 
 
 def _check(model, context_ids, target_ids, labels, weight, attention) -> str | None:
     vocab = getattr(model, "vocab_size", None) or model.config.padded_vocab_size
-    error = _check_ids("context_ids", context_ids, vocab) or _check_ids("target_ids", target_ids, vocab)
+    error = check_train_inputs(context_ids, target_ids, labels, weight, vocab)
     if error:
         return error
     if attention not in ATTENTIONS:
         return f"attention must be one of {ATTENTIONS}, got {attention!r}"
-    if context_ids.shape[0] != target_ids.shape[0]:
-        return (f"context_ids has batch {context_ids.shape[0]} but target_ids has batch {target_ids.shape[0]}; "
-                "pass one target segment per context")
-    if not isinstance(labels, torch.Tensor) or labels.shape != target_ids.shape or labels.is_floating_point():
-        return (f"labels must be a LongTensor of target_ids' shape {tuple(target_ids.shape)} (token ids, -100 where "
-                "ignored)")
-    bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))]
-    if bad.numel():
-        return f"labels hold token id {int(bad[0])}, outside the model's vocabulary of {vocab} ids"
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        return f"context_loss_weight must be a finite number >= 0, got {weight!r}"
-    if not bool((labels != IGNORE_INDEX).any()) and (weight == 0 or context_ids.shape[1] < 2):
-        return "nothing to learn from: every label is -100 and there is no context loss; label a target token"
     cfg = model.config
     if (cfg.hidden_dropout or 0) > 0 or (cfg.attention_dropout or 0) > 0:
         return (f"the model uses dropout (hidden {cfg.hidden_dropout}, attention {cfg.attention_dropout}); every CP "
@@ -81,15 +64,8 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, attention)
     if error is None and not isinstance(config, StarConfig):
         error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
-    if group is not None:
-        meta = {"shapes": (tuple(context_ids.shape), tuple(target_ids.shape)) if error is None else None,
-                "ids": (_fingerprint(context_ids), _fingerprint(target_ids), _fingerprint(labels + 100))
-                if error is None else None, "attention": attention, "weight": context_loss_weight,
-                "config": config.to_dict() if isinstance(config, StarConfig) else None}
-        with guarded_step("train", group):
-            agree(group, "train", meta, error)
-    elif error is not None:
-        raise StarInputError(error)
+    meta = {**train_meta(context_ids, target_ids, labels, config, context_loss_weight, error), "attention": attention}
+    agree_or_raise(group, "train", meta, error)
 
     batch, lc = context_ids.shape
     lt = target_ids.shape[1]

@@ -418,36 +418,16 @@ def test_token_ids_outside_the_vocabulary_are_refused():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("attention, decode_graphs", [("star", "off"), ("star", "static"), ("ring", "off")])
+@pytest.mark.parametrize("lengths, listed", [([4, 4, 4], False), ([2, 6, 3], True)], ids=["one-length", "list"])
 def test_many_questions_over_one_context_equal_each_alone_and_the_oracle(cluster, world_size, attention,
-                                                                          decode_graphs):
-    """One context prefilled once (batch 1), three questions decoded together: each question's tokens
-    are what it gets alone and what the oracle gives for [context ; question], and its logits the
-    oracle's."""
-    spec = dict(family="llama", block=16, anchor=5, lc=45, lq=4, questions=3, steps=4, attention=attention,
-                decode_graphs=decode_graphs)
-    results = ([workers.questions_run(None, spec)] if world_size == 1
-               else cluster(world_size).run(workers.questions_run, spec))
-    model, _ = build("llama", dtype=torch.float64)
-    ref = reference_model(model)
-    block, anchor = (spec["block"], spec["anchor"]) if attention == "star" else (spec["lc"], 1)
-    for r in results:
-        for i in range(spec["questions"]):
-            q = r["questions"][i:i + 1]
-            want = oracle_greedy(ref, r["ctx"], q, block, anchor, spec["steps"])
-            assert torch.equal(r["greedy"][i:i + 1], want), (i, r["greedy"][i], want)
-            assert torch.equal(r["alone"][i], want)
-            logits = oracle_logits(ref, r["ctx"], q, block, anchor)
-            torch.testing.assert_close(r["logits"][i:i + 1], logits.float(), rtol=0, atol=LOGIT_ATOL)
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("attention, decode_graphs", [("star", "off"), ("star", "static"), ("ring", "off")])
-def test_questions_of_different_lengths_equal_each_alone_and_the_oracle(cluster, world_size, attention,
-                                                                        decode_graphs):
-    """A list of questions of different lengths over one context, decoded together (left-padded, the
-    padding never attended, each question at its own positions): each equals itself alone and the oracle."""
-    spec = dict(family="llama", block=16, anchor=5, lc=45, lengths=[2, 6, 3], steps=4, attention=attention,
-                decode_graphs=decode_graphs)
+                                                                          decode_graphs, lengths, listed):
+    """One context prefilled once (batch 1), three questions decoded together, as one (Q, Lq) tensor or as
+    a list of different lengths (left-padded, the padding never attended, each question at its own
+    positions): each question's greedy tokens are what it gets alone and what the oracle gives for
+    [context ; question], its logits the oracle's, and its sampled tokens (its own seed) what it samples
+    alone."""
+    spec = dict(family="llama", block=16, anchor=5, lc=45, lengths=lengths, listed=listed, steps=4,
+                attention=attention, decode_graphs=decode_graphs)
     results = ([workers.questions_run(None, spec)] if world_size == 1
                else cluster(world_size).run(workers.questions_run, spec))
     model, _ = build("llama", dtype=torch.float64)
@@ -459,9 +439,9 @@ def test_questions_of_different_lengths_equal_each_alone_and_the_oracle(cluster,
             assert torch.equal(r["greedy"][i:i + 1], want), (i, r["greedy"][i], want)
             assert torch.equal(r["alone"][i], want)
             assert r["logits"][i].shape[1] == len(q)
-            assert torch.equal(r["sampled"][i:i + 1], r["sampled_alone"][i])  # its own seed, batched or alone
             torch.testing.assert_close(r["logits"][i], oracle_logits(ref, r["ctx"], q[None], block, anchor).float(),
                                        rtol=0, atol=LOGIT_ATOL)
+            assert torch.equal(r["sampled"][i:i + 1], r["sampled_alone"][i])  # its own seed, batched or alone
 
 
 def test_bad_question_lists_are_refused_in_one_line():

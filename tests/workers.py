@@ -300,9 +300,9 @@ def train_parts(group, spec: dict) -> dict:
 
 
 def questions_run(group, spec: dict) -> dict:
-    """One context (batch 1) and Q questions of one length (or a list of different lengths): the batched
-    score and greedy tokens, and each question's greedy tokens asked alone (the same engine); for a list
-    also sampled tokens with one seed per question, batched and alone; on a tiny float64 model."""
+    """One context (batch 1) and several questions, ``(Q, Lq)`` (``lengths`` all equal) or a list of
+    different lengths: the batched score, greedy tokens and sampled tokens (one seed per question), and
+    each question asked alone (the same engine); every result per question, on a tiny float64 model."""
     from dataclasses import replace
 
     from star_sp import SamplingConfig, StarConfig, StarEngine
@@ -314,21 +314,18 @@ def questions_run(group, spec: dict) -> dict:
                         group, attention=spec.get("attention", "star"))
     gen = torch.Generator().manual_seed(33)
     ctx = torch.randint(4, model.config.vocab_size, (1, spec["lc"]), generator=gen)
-    if "lengths" in spec:  # a list of questions of different lengths
-        questions = [torch.randint(4, model.config.vocab_size, (n,), generator=gen) for n in spec["lengths"]]
-        context = engine.prefill(ctx)
-        sampling = SamplingConfig(do_sample=True, temperature=1.3, top_k=30, seeds=tuple(range(7, 7 + len(questions))))
-        return {"ctx": ctx, "questions": questions, "logits": engine.score(context, questions),
-                "greedy": engine.generate(context, questions, spec["steps"]),
-                "alone": [engine.generate(context, q[None], spec["steps"]) for q in questions],
-                "sampled": engine.generate(context, questions, spec["steps"], sampling=sampling),
-                "sampled_alone": [engine.generate(context, q[None], spec["steps"], sampling=replace(
-                    sampling, seeds=None, seed=7 + i)) for i, q in enumerate(questions)]}
-    questions = torch.randint(4, model.config.vocab_size, (spec["questions"], spec["lq"]), generator=gen)
+    questions = [torch.randint(4, model.config.vocab_size, (n,), generator=gen) for n in spec["lengths"]]
+    asked = questions if spec.get("listed") else torch.stack(questions)  # a list, or one (Q, Lq) tensor
     context = engine.prefill(ctx)
-    return {"ctx": ctx, "questions": questions, "logits": engine.score(context, questions),
-            "greedy": engine.generate(context, questions, spec["steps"]),
-            "alone": [engine.generate(context, questions[i:i + 1], spec["steps"]) for i in range(len(questions))]}
+    logits = engine.score(context, asked)
+    sampling = SamplingConfig(do_sample=True, temperature=1.3, top_k=30, seeds=tuple(range(7, 7 + len(questions))))
+    return {"ctx": ctx, "questions": questions,
+            "logits": logits if spec.get("listed") else [logits[i:i + 1] for i in range(len(questions))],
+            "greedy": engine.generate(context, asked, spec["steps"]),
+            "alone": [engine.generate(context, q[None], spec["steps"]) for q in questions],
+            "sampled": engine.generate(context, asked, spec["steps"], sampling=sampling),
+            "sampled_alone": [engine.generate(context, q[None], spec["steps"], sampling=replace(
+                sampling, seeds=None, seed=7 + i)) for i, q in enumerate(questions)]}
 
 
 def contexts_run(group, spec: dict) -> dict:

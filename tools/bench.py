@@ -53,6 +53,15 @@ METHODS = ("global", "star", "star-paper", "ring", "torch-cp", "engine-global")
 DEFAULT_METHODS = METHODS[:-1]
 
 
+def parse_methods(p: argparse.ArgumentParser, text: str, known) -> list[str]:
+    """``--methods`` as a list; an unknown one is the parser's error (exit code 2)."""
+    methods = [m for m in text.split(",") if m]
+    unknown = sorted(set(methods) - set(known))
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(known)}")
+    return methods
+
+
 def fit_context(length: int, cfg, question_tokens: int, new_tokens: int) -> int:
     """``length``, shortened where needed so that the context, a question and its new tokens fit the
     model's ``max_position_embeddings`` (the engine refuses a request past them): 128K with 16 + 64
@@ -469,10 +478,7 @@ def main(argv=None) -> int:
                    help="how torch-cp passes the KV (alltoall: around the ring)")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    methods = parse_methods(p, args.methods, METHODS)
     group, device, created = init_from_env(600.0)
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0

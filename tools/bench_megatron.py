@@ -108,12 +108,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=4, help="decoder layers (the 8B model has 32)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (each of the same length)")
-    p.add_argument("--contexts", default="16k,32k,64k")
-    p.add_argument("--target", type=int, default=256, help="target tokens after the context")
-    p.add_argument("--blocks", default="1/4,1/8", help="block sizes: 1/k of the context, or a length")
-    p.add_argument("--anchors", default="block,block/4")
-    p.add_argument("--methods", default="global,star")
+    bench_train.add_step_args(p)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--repeats", type=int, default=2, help="timed steps per row (after one warm-up step)")
@@ -173,13 +168,7 @@ def main(argv=None) -> int:
             parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
-    with open(os.path.join(args.out, "bench_megatron.json"), "w") as f:
-        json.dump({"provenance": provenance, "rows": rows}, f, indent=1)
-    md = (f"# One Megatron-core training step, {provenance['device']}\n\n{json.dumps(provenance)}\n\n"
-          + bench_train.table(rows))
-    with open(os.path.join(args.out, "bench_megatron.md"), "w") as f:
-        f.write(md)
-    print(md)
+    bench_train.write_report(args.out, "bench_megatron", "One Megatron-core training step", provenance, rows)
     return 0
 
 

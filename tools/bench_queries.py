@@ -372,21 +372,27 @@ def compare_to_alone(rows: list[dict]) -> None:
         r["vs_one_at_a_time"] = rate / alone if rate and alone else None
 
 
+def _answer_cells(r: dict, ratio: str) -> str:
+    """The cells both tables share, from the prefill to the peaks (``ratio``: the row's ratio key)."""
+    fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    return (f"{fmt(r['prefill_s'])} | {fmt(r['generate_s'])} | {fmt(r['total_s'])} | {fmt(r['first_token_s'])} | "
+            f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r[ratio], 1)} | {r['decode_mode']} | "
+            f"{fmt(r['peak_gb'], 1)} / {fmt(r['prefill_peak_gb'], 1)} |")
+
+
+def _method(r: dict) -> str:
+    same = r.get("same_tokens_as_batched")
+    return r["method"] + ("" if same is None else (" (same tokens)" if same else " (OTHER TOKENS)"))
+
+
 def mixed_table(rows: list[dict]) -> str:
     head = ("| method | S | context tokens | prefill s (sum) | answer all s | total s | first token s | "
             "decode tok/s (all S) | x one at a time | decode | peak GiB (answer / prefill) | tokens |")
     lines = [head, "|" + "---|" * 12]
-    fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['method']} | {r['contexts']} | {r['context_tokens']} | {r['error']} | | | | | | | | |")
-            continue
-        same = r.get("same_tokens_as_batched")
-        mark = "" if same is None else (" (same tokens)" if same else " (OTHER TOKENS)")
-        lines.append(f"| {r['method']}{mark} | {r['contexts']} | {r['context_tokens']} | {fmt(r['prefill_s'])} | "
-                     f"{fmt(r['generate_s'])} | {fmt(r['total_s'])} | {fmt(r['first_token_s'])} | "
-                     f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r['vs_one_at_a_time'], 1)} | {r['decode_mode']} | "
-                     f"{fmt(r['peak_gb'], 1)} / {fmt(r['prefill_peak_gb'], 1)} | {r['tokens_sha']} |")
+        lead = f"| {_method(r)} | {r['contexts']} | {r['context_tokens']} | "
+        lines.append(lead + (f"{r['error']} | | | | | | | | |" if "error" in r
+                             else f"{_answer_cells(r, 'vs_one_at_a_time')} {r['tokens_sha']} |"))
     return "\n".join(lines)
 
 
@@ -418,17 +424,9 @@ def table(rows: list[dict]) -> str:
     head = ("| context | Q | method | prefill s | answer all s | total s | first token s | "
             "decode tok/s (all questions) | x Q=1 | decode | peak GiB (answer / prefill) |")
     lines = [head, "|" + "---|" * 11]
-    fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['context']} | {r['queries']} | {r['method']} | {r['error']} | | | | | | | |")
-            continue
-        same = r.get("same_tokens_as_batched")
-        mark = "" if same is None else (" (same tokens)" if same else " (OTHER TOKENS)")
-        lines.append(f"| {r['context']} | {r['queries']} | {r['method']}{mark} | {fmt(r['prefill_s'])} | "
-                     f"{fmt(r['generate_s'])} | {fmt(r['total_s'])} | {fmt(r['first_token_s'])} | "
-                     f"{fmt(r['decode_tokens_per_s'], 1)} | {fmt(r['vs_q1'], 1)} | {r['decode_mode']} | "
-                     f"{fmt(r['peak_gb'], 1)} / {fmt(r['prefill_peak_gb'], 1)} |")
+        lead = f"| {r['context']} | {r['queries']} | {_method(r)} | "
+        lines.append(lead + (f"{r['error']} | | | | | | | |" if "error" in r else _answer_cells(r, "vs_q1")))
     return "\n".join(lines)
 
 
@@ -479,10 +477,7 @@ def main(argv=None) -> int:
                    help="the engines' StarConfig.decode_graphs (auto: a CUDA graph per request on one GPU)")
     p.add_argument("--out", default="runs/bench-queries")
     args = p.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    methods = bench.parse_methods(p, args.methods, METHODS)
     counts = sorted({int(q) for q in args.queries.split(",") if q})
     if not counts or counts[0] < 1 or args.question_tokens < 1 or args.new_tokens < 1:
         p.error("--queries, --question-tokens and --new-tokens must be positive")

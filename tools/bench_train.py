@@ -95,17 +95,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="configs/models/llama-3.1-8b", help="model config directory")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers kept (the 8B model has 32; 0: all)")
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """The flags of what a training-step benchmark times: batch, contexts, target, blocks, anchors, methods."""
     p.add_argument("--batch", type=int, default=1, help="sequences per step (each of the same length)")
     p.add_argument("--contexts", default="16k,32k,64k")
     p.add_argument("--target", type=int, default=256, help="target tokens after the context")
     p.add_argument("--blocks", default="1/4,1/8", help="block sizes: 1/k of the context, or a length")
     p.add_argument("--anchors", default="block,block/4")
     p.add_argument("--methods", default="global,star")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="configs/models/llama-3.1-8b", help="model config directory")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers kept (the 8B model has 32; 0: all)")
+    add_step_args(p)
     p.add_argument("--context-loss-weight", type=float, default=0.0)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=2)
@@ -155,13 +160,19 @@ def main(argv=None) -> int:
                     print(json.dumps(row), flush=True)
     provenance = bench._provenance(device, argv)
     provenance["command"] = " ".join(["tools/bench_train.py", *argv])
-    with open(os.path.join(args.out, "bench_train.json"), "w") as f:
+    write_report(args.out, "bench_train", "One training step", provenance, rows)
+    return 0
+
+
+def write_report(out: str, name: str, title: str, provenance: dict, rows: list[dict]) -> None:
+    """``OUT/NAME.json`` (provenance and rows) and ``OUT/NAME.md`` (a title, the provenance and the table),
+    the latter printed too."""
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump({"provenance": provenance, "rows": rows}, f, indent=1)
-    md = f"# One training step, {provenance['device']}\n\n{json.dumps(provenance)}\n\n" + table(rows)
-    with open(os.path.join(args.out, "bench_train.md"), "w") as f:
+    md = f"# {title}, {provenance['device']}\n\n{json.dumps(provenance)}\n\n" + table(rows)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
-    return 0
 
 
 if __name__ == "__main__":

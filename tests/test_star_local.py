@@ -210,3 +210,31 @@ def test_fused_and_split_prefill_give_the_same_model_outputs(tmp_path):
         engine = StarEngine(model, StarConfig(block_size=11, anchor_size=4, backend=backend))
         assert_close_to_oracle(f"{backend} logits", engine.score(engine.prefill(context), query), ref, plain,
                                torch.float32)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (3, 1)])
+def test_many_questions_over_one_context_fold_heads_into_rows(heads, kv_heads, monkeypatch):
+    """Q questions of L rows over one context: each question's output and LSE equal the float64 oracle
+    of that question alone, and the kernel is called once, over the context's KV heads (the query heads
+    that share a KV head fold into rows, so the KV is read once for all of them)."""
+    from star_sp.ops import parts as parts_mod
+    from star_sp.ops.star import shared_context_attention
+
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    n, rows, ctx, d = 3, 2, 11, 8
+    q = torch.randn(n, heads, rows, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, kv_heads, ctx, d, generator=g, dtype=torch.float64) for _ in range(2))
+    calls = []
+    real = parts_mod.parts_attention
+
+    def spy(q_, parts, *a, **kw):
+        calls.append(tuple(q_.shape))
+        return real(q_, parts, *a, **kw)
+
+    monkeypatch.setattr("star_sp.ops.star.parts_attention", spy)
+    out, lse = shared_context_attention(q, k, v)
+    assert calls == [(1, kv_heads, heads // kv_heads * n * rows, d)]
+    for i in range(n):
+        ref_out, ref_lse = reference_attention(q[i:i + 1], k, v)
+        torch.testing.assert_close(out[i:i + 1], ref_out, rtol=0, atol=1e-12)
+        torch.testing.assert_close(lse[i:i + 1], ref_lse, rtol=0, atol=1e-12)

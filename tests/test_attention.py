@@ -132,3 +132,14 @@ def test_softmax_lse_matches_oracle(keep):
     assert torch.isfinite(p).all() and (p[:, :, 2] == 0).all() == (keep == "empty row")
     again, _ = softmax_lse(q, k, 0.3, mask, lse)
     assert torch.equal(again, p)
+
+
+def test_cudnn_only_where_its_row_tiles_fill_the_gpu():
+    """cuDNN does not split the keys: a call with fewer 128-row tiles than SMs (decode questions folded
+    into rows over a long context) or with decode-sized rows goes to flash."""
+    from star_sp.ops.backends import cudnn_fills
+
+    assert cudnn_fills(1, 32, 16384, 132)          # a 16K prefill block: 4096 tiles
+    assert not cudnn_fills(1, 8, 128, 132)         # 32 questions x 4 heads per KV head: 8 tiles
+    assert not cudnn_fills(64, 32, 16, 132)        # short rows: decode-sized, whatever the tile count
+    assert cudnn_fills(1, 8, 129 * 16, 132) and not cudnn_fills(1, 8, 128 * 16, 132)  # 136 vs 128 tiles

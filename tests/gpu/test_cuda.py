@@ -69,6 +69,8 @@ def test_auto_picks_a_fused_kernel():
     assert select_kernel("auto", q[:, :, :1], k).name == "flash"  # decoding: no per-shape plan
     assert select_kernel("auto", q.float(), k.float()).name == "efficient"
     assert select_kernel("auto", q[..., :59], k[..., :59]).name in ("efficient", "math")
+    folded = torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16)  # decode questions folded into rows
+    assert select_kernel("auto", folded, k[:, :, :1].expand(1, 2, 4096, 128)).name == "flash"  # 2 tiles: split keys
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -44,3 +44,18 @@ def test_compile_setting_is_checked():
     for bad in ("", 1, None):
         with pytest.raises(StarInputError, match="compile must be True, False or a torch.compile backend"):
             StarConfig(block_size=8, compile=bad)
+
+
+def test_every_layer_of_a_deep_model_runs_compiled(caplog):
+    """The decoder layers share one code object: a 10-layer model (more than torch._dynamo's 8
+    compilations per code object) compiles without hitting the recompile limit, which would leave the
+    layers after the 8th eager with only a log line to say so."""
+    from star_sp import StarEngine
+
+    model, _ = build("llama", dtype=torch.float64, num_hidden_layers=10)
+    engine = StarEngine(model, StarConfig(block_size=16, anchor_size=5, decode_graphs="static", compile="aot_eager"))
+    ctx = torch.randint(4, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger="torch._dynamo"):
+        engine.generate(engine.prefill(ctx), ctx[:, :3], 3)
+    hits = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert not hits, hits[0]

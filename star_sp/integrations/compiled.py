@@ -6,7 +6,11 @@ The engine's attention function is excluded from compilation (``torch.compiler.d
 projections, rotary embedding) and the part after it (output projection, residual adds, norm, MLP),
 with Star's attention, its collectives and its LSE kernels running between them as they do uncompiled.
 Shapes are dynamic (one compilation serves every context and query length), and the compiled layers
-live as long as the engine, so requests after the first compile nothing.
+live as long as the engine, so requests after the first compile nothing. The layers share one code
+object, and torch._dynamo allows a code object 8 compilations: a guard on each layer's own
+``layer_idx`` (an int attribute, static by default) used them up by the 8th layer, after which the
+rest of a 32-layer model ran eagerly (seen on an H200). Inside ``active()`` such int attributes are
+symbolic, so one graph serves every layer, and the limit covers every layer in case one still guards.
 
 The user's model is not changed for good: ``active()`` points each layer's ``forward`` at its compiled
 form for the length of one engine call and puts it back afterwards. A layer that cannot be compiled
@@ -57,7 +61,10 @@ class CompiledLayers:
         for layer, fn in zip(self.layers, self.compiled):
             layer.forward = fn
         try:
-            with torch._dynamo.config.patch(suppress_errors=True):
+            n = len(self.layers)
+            with torch._dynamo.config.patch(suppress_errors=True, allow_unspec_int_on_nn_module=True,
+                                            recompile_limit=max(8, 4 * n),
+                                            accumulated_recompile_limit=max(256, 8 * n)):
                 yield self
         finally:
             for layer, forward in zip(self.layers, own):

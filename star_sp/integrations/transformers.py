@@ -60,7 +60,8 @@ class TransformersCache:
     def __init__(self, state):
         self.state = state
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+    @torch.compiler.disable  # compiled layers: the pass's KV bookkeeping runs as it is (traced, each pass
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):  # type recompiled)
         return self.state.update(k, v, layer_idx)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

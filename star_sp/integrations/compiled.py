@@ -6,10 +6,11 @@ The engine's attention function is excluded from compilation (``torch.compiler.d
 projections, rotary embedding) and the part after it (output projection, residual adds, norm, MLP),
 with Star's attention, its collectives and its LSE kernels running between them as they do uncompiled.
 Shapes are dynamic (one compilation serves every context and query length), and the compiled layers
-live as long as the engine, so requests after the first compile nothing. The layers share one code
-object, and torch._dynamo allows a code object 8 compilations: a guard on each layer's own
-``layer_idx`` (an int attribute, static by default) used them up by the 8th layer, after which the
-rest of a 32-layer model ran eagerly (seen on an H200). Inside ``active()`` such int attributes are
+live as long as the engine, so requests after the first compile nothing. The layers' attention modules
+share one code object, and torch._dynamo allows a code object 8 compilations: guards on each layer's
+own ``layer_idx`` (an int attribute, static by default) and on the pass behind the cache used them up
+by the 8th layer, after which the other 24 of a 32-layer model ran their attention modules eagerly
+(seen on an H200). The cache's ``update`` runs outside the graphs, like the attention. Inside ``active()`` such int attributes are
 symbolic, so one graph serves every layer, and the limit covers every layer in case one still guards.
 
 The user's model is not changed for good: ``active()`` points each layer's ``forward`` at its compiled

@@ -164,7 +164,7 @@ def test_multi_gpu_check_passes_on_cpu_processes():
                     "tools/multi_gpu_check.py"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 check(s) failed on 2 process(es), cpu" in proc.stdout
-    assert proc.stdout.count("ok   rank") == 2 * (2 * (5 + 4 + 2) + 3)  # ranks x (dtypes x checks + engine)
+    assert proc.stdout.count("ok   rank") == 2 * (2 * (5 + 10 + 2) + 3)  # ranks x (dtypes x checks + engine)
 
 
 def test_host_overhead_tool_runs_and_reports(capsys):

@@ -3,7 +3,7 @@
     python3 -m torch.distributed.run --nproc_per_node 2 tools/multi_gpu_check.py
 
 Checks, on every rank, against the float64 oracle computed on the CPU: exact ring attention (output,
-log-sum-exp and gradients) and the two Star phases (output), in float32 and bfloat16, each within a
+log-sum-exp and gradients) and the two Star phases (outputs and q, k, v gradients), in float32 and bfloat16, each within a
 bound derived from the plain implementation's error in the same dtype (``_bound``); then the
 engine: greedy tokens of a tiny float32 model under Star (anchor broadcast and recomputed) and ring
 attention equal those of one process; and training: ``star_train_loss`` + ``reduce_gradients``, every
@@ -104,6 +104,12 @@ def check_ring(group, device, dtype) -> list[tuple[str, float, float]]:
 
 
 def check_star(group, device, dtype, anchor_source: str) -> list[tuple[str, float, float]]:
+    """Both phases with autograd: this rank's phase-1 rows (its blocks, behind the anchor's keys) and
+    the query's phase-2 rows, loss ``sum(out * g)`` over the context rows and, counted on the query
+    host alone (weight 0 elsewhere, as training does), the query rows. Outputs against the oracle on
+    every rank; gradients summed over the ranks at their token positions (an anchor recomputed on a
+    host gets its share there; a broadcast anchor's gradient returns to its owner) against the
+    oracle's, also on every rank."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     lc, lq, block, anchor = 61 * world + 7, 5, 61, 29
     q, k, v, g = _qkv(lc + lq, seed=1)
@@ -111,27 +117,44 @@ def check_star(group, device, dtype, anchor_source: str) -> list[tuple[str, floa
     recompute = anchor_source == "recompute"
     start, end = layout.token_range
     rows = list(range(layout.anchor_rows(recompute))) + list(range(start, end))
-    x1 = [t[:, :, rows].to(device, dtype) for t in (q, k, v)]
+    x1 = [t[:, :, rows].to(device, dtype).requires_grad_() for t in (q, k, v)]
     out1, _ = phase1_attention(*x1, layout, group=group, anchor_source=anchor_source)
     own = len(rows) - (end - start)
-    qk = qv = None
+    x2 = [q[:, :, lc:].to(device, dtype).requires_grad_()]
     if layout.is_query_host:
-        qk, qv = (t[:, :, lc:].to(device, dtype) for t in (k, v))
-    out2, _ = phase2_attention(q[:, :, lc:].to(device, dtype), x1[1][:, :, own:], x1[2][:, :, own:], group=group,
-                               query_k=qk, query_v=qv)
+        x2 += [t[:, :, lc:].to(device, dtype).requires_grad_() for t in (k, v)]
+    out2, _ = phase2_attention(x2[0], x1[1][:, :, own:], x1[2][:, :, own:], group=group,
+                               query_k=x2[1] if len(x2) > 1 else None, query_v=x2[2] if len(x2) > 1 else None)
+    weight = 1.0 if layout.is_query_host else 0.0
+    loss = (out1[:, :, own:] * g[:, :, start:end].to(device, dtype)).sum() + \
+        weight * (out2 * g[:, :, lc:].to(device, dtype)).sum()
+    loss.backward()
     mask = star_mask(lc, block, anchor, lq)
-    ref, _ = reference_attention(q, k, v, mask)
-    plain = _plain(q, k, v, g, mask, device, dtype)[0]
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = reference_attention(*ref, mask)
+    ref_grads = torch.autograd.grad((ref_out * g).sum(), ref)
+    plain, _, plain_grads = _plain(q, k, v, g, mask, device, dtype)
     # each row averages its parts' outputs (anchor and own block; hosts), every one an average of rows
     # of v: one more rounding than the plain one's, at v's scale
     vmax = v.abs().max().item()
     phase1 = (0.0, 0.0)
     if end > start:
-        phase1 = (_err(out1[:, :, own:], ref[:, :, start:end]),
-                  _bound(dtype, vmax, _err(plain[:, :, start:end], ref[:, :, start:end]), 1))
-    return [(f"star {anchor_source} phase 1", *phase1),
-            (f"star {anchor_source} phase 2", _err(out2, ref[:, :, lc:]),
-             _bound(dtype, vmax, _err(plain[:, :, lc:], ref[:, :, lc:]), 1))]
+        phase1 = (_err(out1[:, :, own:], ref_out[:, :, start:end]),
+                  _bound(dtype, vmax, _err(plain[:, :, start:end], ref_out[:, :, start:end]), 1))
+    found = [(f"star {anchor_source} phase 1", *phase1),
+             (f"star {anchor_source} phase 2", _err(out2, ref_out[:, :, lc:]),
+              _bound(dtype, vmax, _err(plain[:, :, lc:], ref_out[:, :, lc:]), 1))]
+    for i, name in enumerate("qkv"):  # this rank's gradients at their positions, summed over the ranks
+        full = torch.zeros(q.shape if i == 0 else k.shape, dtype=torch.float64, device=device)
+        full[:, :, rows] += x1[i].grad.double()
+        if i == 0 or layout.is_query_host:
+            full[:, :, lc:] += x2[i].grad.double()
+        dist.all_reduce(full, group=group)
+        # a gradient row sums the parts' results of every host (anchor, own block, query keys), each
+        # rounded once, and the ranks' shares: 2 roundings per host
+        found.append((f"star {anchor_source} d{name}", _err(full, ref_grads[i]),
+                      _bound(dtype, ref_grads[i].abs().max().item(), _err(plain_grads[i], ref_grads[i]), 2 * world)))
+    return found
 
 
 def check_engine(group, device) -> list[tuple[str, float, float]]:

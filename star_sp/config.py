@@ -71,7 +71,9 @@ class StarConfig:
     decode_graphs: Literal["auto", "on", "off", "static"] = "auto"
     """How decode steps run. ``"auto"``: as one captured CUDA graph per request, replayed per token,
     in one process on CUDA when at least ``DECODE_GRAPH_MIN_TOKENS`` tokens may be generated; plainly
-    otherwise. ``"on"``: always captured (an error where impossible: CPU, several processes).
+    otherwise. ``"on"``: always captured, in one process or across processes over NCCL, with phase 2's
+    all-reduce merge inside the graph (an error elsewhere: CPU, gloo; the ranks share the capture's
+    outcome, so a failure on one raises on all).
     ``"off"``: plainly, a fresh forward per token. ``"static"``: the capturable step (fixed shapes,
     device-side positions) run without capture, on any device and any number of processes."""
 

@@ -506,3 +506,27 @@ def test_positions_limit_counts_rope_scaling_and_is_checked_at_prefill():
     limit = model.config.max_position_embeddings
     with pytest.raises(StarInputError, match="no room is left for a question"):
         engine.prefill(torch.randint(4, 100, (1, limit)))
+
+
+def test_ranks_share_the_outcome_of_a_decode_graph_capture(cluster):
+    """Across processes a decode-step capture that fails on one rank must not leave the others
+    replaying a graph: under 'auto' every rank falls back (one warning naming the rank) and the tokens
+    equal the float64 oracle's; under 'on' every rank raises the same error. On CPU processes 'on' is
+    refused on every rank in one line (graphs need CUDA, and across processes NCCL)."""
+    spec = dict(block=16, anchor=5, steps=5)
+    c = cluster(2)
+    auto = c.run(workers.capture_agreement_run, dict(spec, graphs="auto", fails_on=1))
+    model, _ = build("llama", dtype=torch.float64)
+    want = oracle_greedy(reference_model(model), auto[0]["ctx"], auto[0]["q"], spec["block"], spec["anchor"],
+                         spec["steps"])
+    for r in auto:
+        assert r["error"] is None and torch.equal(r["tokens"], want), (r["error"], r["tokens"], want)
+        assert r["mode"] == "static" and len(r["warnings"]) == 1
+        assert "rank 1: RuntimeError: capture refused here" in r["warnings"][0]
+    insist = c.run(workers.capture_agreement_run, dict(spec, graphs="on", fails_on=1))
+    assert insist[0]["error"] == insist[1]["error"] and insist[0]["tokens"] is None
+    assert "capturing the decode step failed on rank 1: RuntimeError: capture refused here" in insist[0]["error"]
+    gloo = c.run(workers.capture_agreement_run, dict(spec, graphs="on", fails_on=None))
+    for r in gloo:
+        assert r["error"] is not None and r["error"].count("\n") == 0
+        assert "in one process or across processes over NCCL; here the model is on cpu" in r["error"]

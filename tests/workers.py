@@ -372,3 +372,48 @@ def compiled_run(group, spec: dict) -> dict:
         out.append({"ctx": ctx, "q": q, "logits": logits, "tokens": tokens,
                     "compile_s": compile_s + engine.stats.get("compile_s", 0.0)})
     return {"requests": out, "restored": all("forward" not in layer.__dict__ for layer in model.model.layers)}
+
+
+def capture_agreement_run(group, spec: dict) -> dict:
+    """Greedy generation with ``decode_graphs=spec['graphs']`` on a tiny float64 model. With
+    ``spec['fails_on']`` set, the engine is made to capture (``_decode_mode`` says "graph") and the
+    capture fails on that rank alone (elsewhere it "succeeds" as the uncaptured step, which CPU runs
+    can execute); without it, nothing is patched. Returns tokens or the error, and the capture
+    warnings seen."""
+    import warnings
+
+    from star_sp import StarConfig, StarEngine, StarError
+    from star_sp.integrations import transformers as tf
+    from star_sp.testing import build
+
+    rank = dist.get_rank(group)
+    real_step, real_mode = tf.DecodeStep, tf.StarEngine._decode_mode
+
+    class OneRankFails(real_step):
+        def __init__(self, engine, context, query_kv, batch, position, capture):
+            if capture and rank == spec["fails_on"]:
+                raise RuntimeError("capture refused here")
+            super().__init__(engine, context, query_kv, batch, position, capture=False)
+
+    if spec.get("fails_on") is not None:
+        tf.DecodeStep = OneRankFails
+        tf.StarEngine._decode_mode = lambda self, context, n: ("graph", None)
+    try:
+        model, _ = build("llama", dtype=torch.float64)
+        gen = torch.Generator().manual_seed(8)
+        ctx = torch.randint(4, model.config.vocab_size, (1, 37), generator=gen)
+        q = torch.randint(4, model.config.vocab_size, (1, 3), generator=gen)
+        engine = StarEngine(model, StarConfig(block_size=spec["block"], anchor_size=spec["anchor"],
+                                              decode_graphs=spec["graphs"], collective_timeout_s=60), group)
+        context = engine.prefill(ctx)
+        tokens = error = None
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            try:
+                tokens = engine.generate(context, q, spec["steps"])
+            except StarError as exc:
+                error = str(exc)
+        return {"ctx": ctx, "q": q, "tokens": tokens, "error": error, "mode": engine.stats.get("decode_mode"),
+                "warnings": [str(w.message) for w in seen if "capturing the decode step" in str(w.message)]}
+    finally:
+        tf.DecodeStep, tf.StarEngine._decode_mode = real_step, real_mode

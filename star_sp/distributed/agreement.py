@@ -47,6 +47,18 @@ def agree_or_raise(group: "dist.ProcessGroup | None", step: str, meta: dict, err
         agree(group, step, meta, error)
 
 
+def first_failure(group: "dist.ProcessGroup | None", error: str | None) -> str | None:
+    """Every rank's outcome of a local attempt (``error``: None where it worked), gathered: the first
+    failing rank's ``"rank r: error"``, the same on every rank, or None where every rank succeeded.
+    For attempts each rank makes alone whose outcome the ranks must share (a CUDA graph capture
+    that would otherwise leave the ranks running different steps)."""
+    if group is None:
+        return error
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, error, group=group)
+    return next((f"rank {r}: {e}" for r, e in enumerate(gathered) if e), None)
+
+
 def _everywhere(message: str) -> StarInputError:
     exc = StarInputError(message)
     exc.on_every_rank = True  # every rank raises this same error: nothing to tell the others

@@ -23,12 +23,13 @@ import torch.distributed as dist
 
 from .. import _compat
 from ..config import DECODE_GRAPH_MIN_TOKENS, StarConfig
-from ..distributed.agreement import agree_or_raise
+from ..distributed.agreement import agree_or_raise, first_failure
 from ..distributed.collectives import broadcast_tokens
+from ..distributed.guard import guarded_step
 from ..distributed.kv_cache import ContextKV, QueryKV, StaticQueryKV
 from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ..distributed.rows import phase1_rows
-from ..errors import StarInputError
+from ..errors import StarError, StarInputError
 from ..layout import BlockLayout, RingLayout
 from ..sampling import SamplingConfig, next_tokens
 from .decode_step import DecodeStep
@@ -559,29 +560,47 @@ class StarEngine:
 
     def _decode_step(self, context, query_kv, batch: int, pos: int, mode: str) -> DecodeStep:
         """The request's fixed-shape step; with ``decode_graphs='auto'`` a capture that fails (a model whose
-        forward synchronises with the host, say) falls back to the same step without a graph, once."""
+        forward synchronises with the host, say) falls back to the same step without a graph, once. With
+        several processes the ranks share their captures' outcome first (``first_failure``): a capture
+        that failed on any rank makes every rank fall back, or, under ``'on'``, raise the same error,
+        so no rank replays a graph whose collectives the others do not run."""
         if mode != "graph":
             return DecodeStep(self, context, query_kv, batch, pos, capture=False)
+        step, error, failure = None, None, None
         try:
-            return DecodeStep(self, context, query_kv, batch, pos, capture=True)
+            step = DecodeStep(self, context, query_kv, batch, pos, capture=True)
         except Exception as exc:  # noqa: BLE001 - any capture failure: see above
-            if context.config.decode_graphs == "on":
-                raise
-            warnings.warn(f"decode_graphs='auto': capturing the decode step failed ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); decoding without a graph. decode_graphs='static' or 'off' "
-                          "skips the attempt", RuntimeWarning, stacklevel=3)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            return DecodeStep(self, context, query_kv, batch, pos, capture=False)
+            failure, error = exc, f"{type(exc).__name__}: {str(exc)[:200]}"
+        if context.group is not None:
+            with guarded_step("decode capture", context.group):
+                error = first_failure(context.group, error)
+        if error is None:
+            return step
+        if context.config.decode_graphs == "on":
+            if failure is not None and context.group is None:
+                raise failure
+            raise StarError(f"decode_graphs='on': capturing the decode step failed on {error}; use "
+                            "decode_graphs='auto' (falls back without a graph) or 'static'")
+        warnings.warn(f"decode_graphs='auto': capturing the decode step failed ({error}); decoding without a "
+                      "graph. decode_graphs='static' or 'off' skips the attempt", RuntimeWarning, stacklevel=3)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return DecodeStep(self, context, query_kv, batch, pos, capture=False)
 
     def _decode_mode(self, context: StarContext, max_new_tokens) -> tuple[str, str | None]:
-        """``("plain" | "static" | "graph", error)`` for a request, from ``decode_graphs``."""
+        """``("plain" | "static" | "graph", error)`` for a request, from ``decode_graphs``. Graphs capture
+        on CUDA in one process, and, under ``'on'``, across processes whose group runs NCCL (the
+        phase-2 merge's all-reduce is captured with the step); ``'auto'`` with several processes runs
+        the static step until that capture has been measured on several GPUs."""
         choice = context.config.decode_graphs
         cuda, alone = self.device.type == "cuda", context.group is None
-        if choice == "on" and not (cuda and alone):
-            return "plain", ("decode_graphs='on' captures CUDA graphs in one process on a CUDA device; here "
-                             f"{'the model is on ' + self.device.type if not cuda else 'there are several processes'}"
-                             ". Use decode_graphs='auto' (graphs where they can run) or 'static'")
+        nccl = not alone and dist.get_backend(context.group) == "nccl"
+        if choice == "on" and not (cuda and (alone or nccl)):
+            where = "the model is on " + self.device.type if not cuda else "the processes' group runs " + \
+                dist.get_backend(context.group)
+            return "plain", ("decode_graphs='on' captures CUDA graphs on CUDA devices, in one process or across "
+                             f"processes over NCCL; here {where}. Use decode_graphs='auto' (graphs where they can "
+                             "run) or 'static'")
         if choice == "on" or (choice == "auto" and cuda and alone and isinstance(max_new_tokens, int)
                               and max_new_tokens >= DECODE_GRAPH_MIN_TOKENS):
             return "graph", None

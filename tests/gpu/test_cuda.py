@@ -308,3 +308,33 @@ def test_compiled_engine_on_cuda(dtype):
     other = torch.randint(4, model.config.vocab_size, (1, 77), generator=gen)
     compiled.prefill(other)
     assert compiled.stats["compile_s"] == 0.0
+
+
+def test_decode_graph_captures_the_merge_over_nccl(tmp_path):
+    """The decode step captured with phase 2's merge (its NCCL all-reduces) inside the graph: one GPU,
+    a one-rank NCCL group, so the engine runs its distributed path ('on' across processes needs NCCL).
+    The same tokens as the static step through the same group and as one process, in float64."""
+    import torch.distributed as dist
+
+    from star_sp import StarConfig, StarEngine
+    from star_sp.testing import build
+
+    model, _ = build("llama", dtype=torch.float64, head_dim=16)
+    model = model.cuda()
+    gen = torch.Generator().manual_seed(9)
+    ctx = torch.randint(4, model.config.vocab_size, (1, 61), generator=gen)
+    q = torch.randint(4, model.config.vocab_size, (1, 3), generator=gen)
+    alone = StarEngine(model, StarConfig(block_size=16, anchor_size=8, decode_graphs="on"))
+    want = alone.generate(alone.prefill(ctx), q, 12)
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        group = dist.new_group([0])
+        runs = {}
+        for mode in ("static", "on"):
+            engine = StarEngine(model, StarConfig(block_size=16, anchor_size=8, decode_graphs=mode), group)
+            runs[mode] = engine.generate(engine.prefill(ctx), q, 12)
+            assert engine.stats["decode_mode"] == {"static": "static", "on": "graph"}[mode]
+        assert torch.equal(runs["static"], want) and torch.equal(runs["on"], want)
+    finally:
+        dist.destroy_process_group()

@@ -4,6 +4,8 @@ and with the ``aot_eager`` backend (the same graphs, no code generation) in two:
 float64 oracle's, logits equal it to ``LOGIT_ATOL``, a second request of other lengths compiles nothing
 (dynamic shapes), and the user's model is left as it was."""
 
+import logging
+
 import pytest
 import torch
 
@@ -55,7 +57,12 @@ def test_every_layer_of_a_deep_model_runs_compiled(caplog):
     model, _ = build("llama", dtype=torch.float64, num_hidden_layers=10)
     engine = StarEngine(model, StarConfig(block_size=16, anchor_size=5, decode_graphs="static", compile="aot_eager"))
     ctx = torch.randint(4, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
-    with caplog.at_level("WARNING", logger="torch._dynamo"):
-        engine.generate(engine.prefill(ctx), ctx[:, :3], 3)
+    dynamo_log = logging.getLogger("torch._dynamo")  # its own handler: torch may stop it propagating to root
+    dynamo_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="torch._dynamo"):
+            engine.generate(engine.prefill(ctx), ctx[:, :3], 3)
+    finally:
+        dynamo_log.removeHandler(caplog.handler)
     hits = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
     assert not hits, hits[0]

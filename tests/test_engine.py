@@ -530,3 +530,31 @@ def test_ranks_share_the_outcome_of_a_decode_graph_capture(cluster):
     for r in gloo:
         assert r["error"] is not None and r["error"].count("\n") == 0
         assert "in one process or across processes over NCCL; here the model is on cpu" in r["error"]
+
+
+def test_a_failed_warm_up_run_is_the_requests_error_not_a_capture_to_fall_back_from(monkeypatch):
+    """The un-captured run before a capture runs the step itself (and, across processes, its
+    collectives as far as it gets): its failure is raised as it is, under 'auto' too, with no fallback."""
+    import warnings
+
+    from star_sp.integrations import transformers as tf
+    from star_sp.integrations.decode_step import WarmUpError
+
+    class WarmUpFails(tf.DecodeStep):
+        def __init__(self, engine, context, query_kv, batch, position, capture):
+            if capture:
+                try:
+                    raise ValueError("the step's own run failed")
+                except ValueError as exc:
+                    raise WarmUpError(str(exc)) from exc
+            super().__init__(engine, context, query_kv, batch, position, capture=False)
+
+    monkeypatch.setattr(tf, "DecodeStep", WarmUpFails)
+    monkeypatch.setattr(StarEngine, "_decode_mode", lambda self, context, n: ("graph", None))
+    model, _ = build("llama", dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=8, anchor_size=3))
+    ctx = torch.randint(4, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        with pytest.raises(ValueError, match="the step's own run failed"):
+            engine.generate(engine.prefill(ctx), ctx[:, :2], 4)

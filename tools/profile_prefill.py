@@ -1,8 +1,9 @@
 """Where a prefill's GPU time goes: the plain model (global) and Star Attention on one GPU, each run
 once under ``torch.profiler`` after a warm-up, kernels grouped by name, sorted by total GPU time.
-With ``--decode N``, Star's decode steps instead: a ``(1, 16)`` question and ``N`` new tokens through
+With ``--decode N``, Star's decode steps instead: a ``(1, 16)`` question and ``N`` decode steps through
 the capturable step run without capture (``decode_graphs="static"``: the kernels a graph replays),
-with the GPU time per step (``--compile``: the model's element-wise work compiled).
+with the GPU time per forward (the question's and the ``N`` steps', ``N + 1`` in all; ``--compile``:
+the model's element-wise work compiled).
 
     python tools/profile_prefill.py --context 128k --block 16k --anchor 16k --out runs/profile
     python tools/profile_prefill.py --context 128k --block 32k --anchor 32k --decode 32 --compile \
@@ -44,7 +45,8 @@ def profile(fn, device, rows: int, steps: int = 1) -> str:
     if steps > 1 and device.type == "cuda":  # the kernels' own events (an op's row repeats its kernels' time)
         total_ms = sum(e.self_device_time_total for e in events
                        if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e3
-        table += f"\nGPU time {total_ms:.1f} ms in all, {total_ms / steps:.2f} ms per decode step ({steps} steps)\n"
+        table += (f"\nGPU time {total_ms:.1f} ms in all, {total_ms / steps:.2f} ms per forward ({steps} forwards: "
+                  "the question's and the decode steps')\n")
     return table
 
 
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
         context = engine.prefill(ids)
         question = bench._ids(16, model.config.vocab_size, 1, device)
         text = (f"## star decode, {setting}, {args.decode} steps\n"
-                + profile(lambda: engine.generate(context, question, args.decode + 1), device, args.rows, args.decode))
+                + profile(lambda: engine.generate(context, question, args.decode + 1), device, args.rows,
+                          args.decode + 1))
         return _write(text, args.out)
     from star_sp import _compat
 

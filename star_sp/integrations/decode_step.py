@@ -20,6 +20,12 @@ from ..distributed.kv_cache import StaticQueryKV
 from ..distributed.passes import DecodeStepPass, StarContext
 
 
+class WarmUpError(RuntimeError):
+    """The un-captured run before a capture failed: the step itself failed, not its capture. It ran the
+    step's collectives (phase 2's merge) as far as it got, so with several processes it is the
+    request's failure, not one to fall back from (``__cause__`` is the original error)."""
+
+
 class DecodeStep:
     """Decode steps for one request, from ``position`` on. ``capture=True`` (CUDA only) records the step
     once as a graph (after one warm-up run on a side stream, whose KV write lands in the slot the first
@@ -41,7 +47,10 @@ class DecodeStep:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                self._run(advance=False)  # kernels pick their plans and workspaces outside the capture
+                try:  # kernels pick their plans and workspaces outside the capture
+                    self._run(advance=False)
+                except Exception as exc:  # noqa: BLE001 - see WarmUpError
+                    raise WarmUpError(f"{type(exc).__name__}: {exc}") from exc
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

@@ -32,7 +32,7 @@ from ..distributed.rows import phase1_rows
 from ..errors import StarError, StarInputError
 from ..layout import BlockLayout, RingLayout
 from ..sampling import SamplingConfig, next_tokens
-from .decode_step import DecodeStep
+from .decode_step import DecodeStep, WarmUpError
 
 ATTENTION_NAME = "star"
 
@@ -61,8 +61,9 @@ class TransformersCache:
     def __init__(self, state):
         self.state = state
 
-    @torch.compiler.disable  # compiled layers: the pass's KV bookkeeping runs as it is (traced, each pass
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):  # type recompiled)
+    # compiled layers: the pass's KV bookkeeping runs as it is (traced, it recompiled for each pass type)
+    @torch.compiler.disable
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
         return self.state.update(k, v, layer_idx)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -569,6 +570,9 @@ class StarEngine:
         step, error, failure = None, None, None
         try:
             step = DecodeStep(self, context, query_kv, batch, pos, capture=True)
+        except WarmUpError as exc:  # the step's own run failed, collectives part-way: the request's error
+            with guarded_step("decode", context.group):  # the other ranks hear of it through the guard
+                raise exc.__cause__ from None
         except Exception as exc:  # noqa: BLE001 - any capture failure: see above
             failure, error = exc, f"{type(exc).__name__}: {str(exc)[:200]}"
         if context.group is not None:
@@ -590,11 +594,11 @@ class StarEngine:
     def _decode_mode(self, context: StarContext, max_new_tokens) -> tuple[str, str | None]:
         """``("plain" | "static" | "graph", error)`` for a request, from ``decode_graphs``. Graphs capture
         on CUDA in one process, and, under ``'on'``, across processes whose group runs NCCL (the
-        phase-2 merge's all-reduce is captured with the step); ``'auto'`` with several processes runs
-        the static step until that capture has been measured on several GPUs."""
+        phase-2 merge's all-reduce is captured with the step); ``'auto'`` with several processes decodes
+        plainly (a fresh forward per token) until that capture has been measured on several GPUs."""
         choice = context.config.decode_graphs
         cuda, alone = self.device.type == "cuda", context.group is None
-        nccl = not alone and dist.get_backend(context.group) == "nccl"
+        nccl = not alone and "nccl" in str(dist.get_backend(context.group))  # "nccl", "cpu:gloo,cuda:nccl"
         if choice == "on" and not (cuda and (alone or nccl)):
             where = "the model is on " + self.device.type if not cuda else "the processes' group runs " + \
                 dist.get_backend(context.group)

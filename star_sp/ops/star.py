@@ -159,6 +159,8 @@ def shared_context_attention(
     if ctx_k.shape[2] == 0:
         return torch.zeros_like(q), q.new_full((n, h, rows), float("-inf"), dtype=accumulation_dtype(q.dtype))
     hkv = ctx_k.shape[1]
+    if h % hkv:
+        raise StarInputError(f"{h} query heads cannot share {hkv} KV heads: the query heads must be a multiple")
     groups = h // hkv  # head h reads KV head h // groups
     folded = q.reshape(n, hkv, groups, rows, d).permute(1, 2, 0, 3, 4).reshape(1, hkv, groups * n * rows, d)
     out, lse = local_attention(folded, key_parts(0, groups * n * rows, ctx_k, ctx_v, causal=False), scale=scale,
@@ -172,17 +174,16 @@ def per_sequence_context_attention(
     backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Several contexts of different lengths, one per sequence: row ``i`` of ``q: (S, H, L, D)`` attends
-    its own context's ``(k_i, v_i): (1, Hkv, Lc_i, D)`` unmasked, one kernel call each (no padding).
+    its own context's ``(k_i, v_i): (1, Hkv, Lc_i, D)`` unmasked, one kernel call each (no padding;
+    ``shared_context_attention``'s head folding, so each KV head is read once).
     Returns ``(out, lse)`` in the accumulation dtype; a sequence with an empty context gets ``out = 0,
     lse = -inf``."""
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     for i, (k, v) in enumerate(contexts):
-        if k.shape[2]:
-            o, s = local_attention(q[i:i + 1], key_parts(0, q.shape[2], k, v, causal=False), scale=scale,
-                                   backend=backend)
-            out[i:i + 1], lse[i:i + 1] = o, s
+        if k.shape[2]:  # one sequence's rows, its query heads folded onto its KV heads
+            out[i:i + 1], lse[i:i + 1] = shared_context_attention(q[i:i + 1], k, v, scale=scale, backend=backend)
     return out, lse
 
 

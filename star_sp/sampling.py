@@ -42,13 +42,21 @@ class SamplingConfig:
                 isinstance(x, int) and not isinstance(x, bool) for x in self.seeds)):
             raise StarInputError(f"seeds must be a non-empty tuple of integers (one per sequence), got {self.seeds!r}")
 
+    def seeds_error(self, batch: int) -> str | None:
+        """What is wrong with ``seeds`` for a batch of ``batch`` sequences, or None."""
+        if self.seeds is not None and len(self.seeds) != batch:
+            return (f"sampling.seeds holds {len(self.seeds)} seeds for {batch} sequences; give one per sequence (or "
+                    "seed= for all)")
+        return None
+
     def generators(self, batch: int, device) -> list[torch.Generator] | None:
         """One generator per sequence (None when greedy); ``seeds`` must then hold ``batch`` seeds."""
         if not self.do_sample:
             return None
+        error = self.seeds_error(batch)
+        if error is not None:
+            raise StarInputError(error)
         seeds = [self.seed] * batch if self.seeds is None else list(self.seeds)
-        if len(seeds) != batch:
-            raise StarInputError(f"seeds holds {len(seeds)} seeds for {batch} sequences; give one per sequence")
         return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 

@@ -388,12 +388,8 @@ def _method(r: dict) -> str:
 def mixed_table(rows: list[dict]) -> str:
     head = ("| method | S | context tokens | prefill s (sum) | answer all s | total s | first token s | "
             "decode tok/s (all S) | x one at a time | decode | peak GiB (answer / prefill) | tokens |")
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
-        lead = f"| {_method(r)} | {r['contexts']} | {r['context_tokens']} | "
-        lines.append(lead + (f"{r['error']} | | | | | | | | |" if "error" in r
-                             else f"{_answer_cells(r, 'vs_one_at_a_time')} {r['tokens_sha']} |"))
-    return "\n".join(lines)
+    return _table(head, rows, lambda r: (_method(r), r["contexts"], r["context_tokens"]), "vs_one_at_a_time",
+                  tail=lambda r: f" {r['tokens_sha']} |")
 
 
 def mixed_summary(rows: list[dict]) -> str:
@@ -423,10 +419,19 @@ def compare_to_one(rows: list[dict]) -> None:
 def table(rows: list[dict]) -> str:
     head = ("| context | Q | method | prefill s | answer all s | total s | first token s | "
             "decode tok/s (all questions) | x Q=1 | decode | peak GiB (answer / prefill) |")
-    lines = [head, "|" + "---|" * 11]
+    return _table(head, rows, lambda r: (r["context"], r["queries"], _method(r)), "vs_q1")
+
+
+def _table(head: str, rows: list[dict], lead, ratio: str, tail=lambda r: "") -> str:
+    """A Markdown table: per row its ``lead(r)`` cells, then the error (the rest of the row empty) or the
+    answer cells (``ratio``: the row's ratio key) and ``tail(r)``."""
+    columns = head.count("|") - 1
+    lines = [head, "|" + "---|" * columns]
     for r in rows:
-        lead = f"| {r['context']} | {r['queries']} | {_method(r)} | "
-        lines.append(lead + (f"{r['error']} | | | | | | | |" if "error" in r else _answer_cells(r, "vs_q1")))
+        cells = lead(r)
+        start = "| " + " | ".join(map(str, cells)) + " | "
+        lines.append(start + (r["error"] + " |" * (columns - len(cells)) if "error" in r
+                              else _answer_cells(r, ratio) + tail(r)))
     return "\n".join(lines)
 
 

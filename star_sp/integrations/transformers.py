@@ -472,10 +472,8 @@ class StarEngine:
         mode, why_not = (self._decode_mode(context, max_new_tokens) if isinstance(context, StarContext)
                          else ("plain", None))  # a bad context: _check_query says so on every rank
         error = error or why_not
-        if error is None and sampling.seeds is not None and isinstance(query_ids, torch.Tensor) and len(
-                sampling.seeds) != query_ids.shape[0]:
-            error = (f"sampling.seeds holds {len(sampling.seeds)} seeds for {query_ids.shape[0]} sequences; give one "
-                     "per sequence (or seed= for all)")
+        if error is None and isinstance(query_ids, torch.Tensor):
+            error = sampling.seeds_error(query_ids.shape[0])
         self._check_query("generate", context, query_ids, error, listed=listed,
                           new_tokens=max_new_tokens if isinstance(max_new_tokens, int) else 0,
                           max_new_tokens=max_new_tokens,

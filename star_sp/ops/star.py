@@ -181,9 +181,8 @@ def per_sequence_context_attention(
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-    for i, (k, v) in enumerate(contexts):
-        if k.shape[2]:  # one sequence's rows, its query heads folded onto its KV heads
-            out[i:i + 1], lse[i:i + 1] = shared_context_attention(q[i:i + 1], k, v, scale=scale, backend=backend)
+    for i, (k, v) in enumerate(contexts):  # one sequence's rows, its query heads folded onto its KV heads
+        out[i:i + 1], lse[i:i + 1] = shared_context_attention(q[i:i + 1], k, v, scale=scale, backend=backend)
     return out, lse
 
 

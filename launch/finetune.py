@@ -6,7 +6,7 @@
 
 ``--help`` lists every setting (each key of the TOML config has a flag). The deepspeed launcher appends
 ``--local_rank=N``, which is accepted and ignored (LOCAL_RANK is read instead). Exit codes: 0, 1 after
-an error (one line), 2 for a bad flag, 130 after Ctrl-C. The job itself is ``star_sp.training.job``.
+an error (one line), 2 for a bad flag, 130 after Ctrl-C. The job itself is ``star_sp.apps.jobs.finetune``.
 """
 
 import importlib
@@ -29,4 +29,4 @@ def launch(job: str) -> None:
 
 
 if __name__ == "__main__":
-    launch("star_sp.training.job")
+    launch("star_sp.apps.jobs.finetune")

@@ -20,7 +20,7 @@ import sys
 if __name__ == "__main__":
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C while torch is being imported
         signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-    from star_sp.cli import main
+    from star_sp.apps.cli import main
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     code = main(["generate", *argv])

@@ -8,7 +8,7 @@ parallelism (the CP group is the Star group), or a checkpoint answering a query 
     python launch/megatron_gpt.py --config configs/megatron-tiny-cpu.toml  # one process
 
 ``--help`` lists every setting (each key of the TOML config has a flag). Exit codes: 0, 1 after an
-error (one line), 2 for a bad flag, 130 after Ctrl-C. The job itself is ``star_sp.training.megatron_job``.
+error (one line), 2 for a bad flag, 130 after Ctrl-C. The job itself is ``star_sp.apps.jobs.megatron_gpt``.
 """
 
 import os
@@ -16,4 +16,4 @@ import runpy
 
 if __name__ == "__main__":  # launch/finetune.py's start (Ctrl-C, --local_rank, exit code), by path: no torch yet
     launch = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py"))["launch"]
-    launch("star_sp.training.megatron_job")
+    launch("star_sp.apps.jobs.megatron_gpt")

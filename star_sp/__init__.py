@@ -4,13 +4,13 @@ from .config import StarConfig
 from .errors import BackendUnavailableError, StarCollectiveError, StarError, StarInputError
 from .layout import BlockLayout
 from .models import reference_model_path
-from .sampling import SamplingConfig
+from .runtime.sampling import SamplingConfig
 
 
 def __getattr__(name):  # the engine pulls in the transformers adapter: import it only when asked
     if name in ("StarEngine", "StarContext"):
-        from .integrations.transformers import StarEngine
-        from .distributed.passes import StarContext
+        from .integrations.hf.engine import StarEngine
+        from .runtime.passes import StarContext
 
         return {"StarEngine": StarEngine, "StarContext": StarContext}[name]
     raise AttributeError(f"module 'star_sp' has no attribute {name!r}")

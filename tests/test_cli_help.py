@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from star_sp.cli import main
+from star_sp.apps.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -10,7 +10,7 @@ import os
 import pytest
 import transformers
 
-from star_sp.cli import main
+from star_sp.apps.cli import main
 from star_sp.testing import save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

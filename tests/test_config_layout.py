@@ -112,7 +112,7 @@ def test_layout_shard_checks_length():
 def test_run_config_carries_decode_graphs(tmp_path):
     """``decode_graphs`` from a TOML run config and from the command line reaches StarConfig; a bad
     value is refused with the valid choices."""
-    from star_sp.runconfig import RunConfig
+    from star_sp.apps.runconfig import RunConfig
 
     path = tmp_path / "run.toml"
     path.write_text('model = "m"\nblock_size = 8\ndecode_graphs = "static"\n')

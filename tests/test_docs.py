@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from star_sp.cli import build_parser
+from star_sp.apps.cli import build_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

@@ -284,9 +284,9 @@ def test_decode_step_guards_and_capture_fallback(monkeypatch):
     """A failed capture under decode_graphs='auto' warns once and decodes with the same step uncaptured
     (same tokens as the plain loop); 'on' lets the failure through. The static KV refuses to grow
     past its capacity, a decode step refuses more than one token, and a bad context is a clear error."""
-    from star_sp.distributed.kv_cache import StaticQueryKV
-    from star_sp.distributed.passes import DecodeStepPass
-    from star_sp.integrations.decode_step import DecodeStep
+    from star_sp.runtime.kv_cache import StaticQueryKV
+    from star_sp.runtime.passes import DecodeStepPass
+    from star_sp.runtime.decode_step import DecodeStep
 
     model, _ = build("llama", dtype=torch.float64)
     ctx, q = _ids(2, 19, 41, model.config.vocab_size), _ids(2, 2, 42, model.config.vocab_size)
@@ -494,7 +494,7 @@ def test_contexts_of_different_lengths_decode_together_as_each_alone_and_the_ora
 def test_positions_limit_counts_rope_scaling_and_is_checked_at_prefill():
     from types import SimpleNamespace
 
-    from star_sp.integrations.transformers import _positions
+    from star_sp.integrations.hf.engine import _positions
 
     assert _positions(SimpleNamespace(max_position_embeddings=32768, rope_parameters={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})) == 131072
@@ -537,8 +537,8 @@ def test_a_failed_warm_up_run_is_the_requests_error_not_a_capture_to_fall_back_f
     collectives as far as it gets): its failure is raised as it is, under 'auto' too, with no fallback."""
     import warnings
 
-    from star_sp.integrations import transformers as tf
-    from star_sp.integrations.decode_step import WarmUpError
+    from star_sp.integrations.hf import engine as tf
+    from star_sp.runtime.decode_step import WarmUpError
 
     class WarmUpFails(tf.DecodeStep):
         def __init__(self, engine, context, query_kv, batch, position, capture):

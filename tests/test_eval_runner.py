@@ -7,7 +7,7 @@ import os
 import pytest
 
 import workers
-from star_sp.cli import main
+from star_sp.apps.cli import main
 from star_sp.eval.plots import BASELINE_ZORDER, block_anchor_figure, length_figure, method_label
 from star_sp.eval.runner import Method, parse_methods, summarize
 from star_sp.testing import save

@@ -1,4 +1,4 @@
-"""The fine-tuning job (``launch/finetune.py``, ``star_sp.training.job``) on the tiny model, on CPU.
+"""The fine-tuning job (``launch/finetune.py``, ``star_sp.apps.jobs.finetune``) on the tiny model, on CPU.
 
 Bugs these localize: DeepSpeed's averaging over every rank not undone for the sequence-parallel sum
 (gradients off by ``sp_size``), the data-parallel mean or the accumulation mean missing or doubled,
@@ -27,7 +27,7 @@ BIN = os.path.dirname(sys.executable)
 
 def _worker(argv: list[str]) -> int:
     """The job under a launcher, saving step 0's gradients (rank 0) to ``--grads-out``."""
-    from star_sp.training.job import main
+    from star_sp.apps.jobs.finetune import main
 
     argv = [a for a in argv if not a.startswith("--local_rank")]
     out = argv[argv.index("--grads-out") + 1]
@@ -104,7 +104,7 @@ def _rows(out: str) -> dict[int, dict]:
 def _samples(tiny_dir, step: int, accumulation: int, dp_ranks, blocks=(2, 4)):
     from transformers import AutoTokenizer
 
-    from star_sp.training.data import TaskData
+    from star_sp.apps.jobs.data import TaskData
 
     data = TaskData(AutoTokenizer.from_pretrained(tiny_dir), TASKS.split(","), [100, 160], list(blocks), [0, 1], 3)
     return [data.sample(step, m, d) for d in dp_ranks for m in range(accumulation)]
@@ -253,7 +253,7 @@ def test_deepspeed_loss_falls_and_checkpoints_load(deepspeed_run, tiny_dir):
 
 def _assert_generate_loads(path: str) -> None:
     """``star-sp generate --model CHECKPOINT`` runs (exit code 0) on the saved folder as it is."""
-    from star_sp.cli import main
+    from star_sp.apps.cli import main
 
     ids = os.path.join(path, "..", "context-ids.txt")
     with open(ids, "w") as f:
@@ -331,7 +331,7 @@ def test_torchrun_gradients_match_the_oracle(tiny_dir, tmp_path):
 # -- one process: resume, the control, bad settings --------------------------------------------------
 
 def _run(argv) -> int:
-    from star_sp.training.job import main
+    from star_sp.apps.jobs.finetune import main
 
     return main([str(a) for a in argv])
 
@@ -358,7 +358,7 @@ def test_resume_continues_as_an_uninterrupted_run(tiny_dir, tmp_path):
     """Stopped in step 3 after a checkpoint at step 2, rerun: the same weights, Adam moments,
     schedule and log as four steps in one go (float32 in one process is deterministic: equal to the
     bit)."""
-    from star_sp.training.job import main
+    from star_sp.apps.jobs.finetune import main
 
     args = ["--model", tiny_dir, *COMMON, "--warmup-steps", "1", "--gradient-accumulation-steps", "2", "--steps", 4]
     assert _run([*args, "--out", tmp_path / "whole"]) == 0
@@ -386,7 +386,7 @@ def test_global_loss_matches_the_oracle(tiny_dir):
     float64 oracle with one block (``M_star`` is then the causal mask), at 1e-9 as in test_training."""
     from transformers import AutoModelForCausalLM
 
-    from star_sp.training.objective import global_train_loss
+    from star_sp.apps.jobs.objective import global_train_loss
 
     model = exact_norms(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64))
     for s in _samples(tiny_dir, 0, 2, [0]):
@@ -411,7 +411,7 @@ def test_star_loss_parts_come_from_the_one_training_forward(tiny_dir):
     from transformers import AutoModelForCausalLM
 
     from star_sp.training import star_train_loss
-    from star_sp.training.objective import TrainModule
+    from star_sp.apps.jobs.objective import TrainModule
 
     model = exact_norms(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64))
     runs = []
@@ -440,7 +440,7 @@ def test_samples_are_drawn_from_the_step_and_never_from_evaluation_seeds(tiny_di
     from transformers import AutoTokenizer
 
     from star_sp.eval.tasks import generate
-    from star_sp.training.data import IGNORE_INDEX, TaskData
+    from star_sp.apps.jobs.data import IGNORE_INDEX, TaskData
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     data = TaskData(tok, ["niah_single_1", "vt"], [100, 160], [2, 4], [0.25, 1.0], 0)
@@ -478,7 +478,7 @@ def test_samples_are_drawn_from_the_step_and_never_from_evaluation_seeds(tiny_di
 def test_background_workers_give_the_same_samples_in_order(tiny_dir):
     from transformers import AutoTokenizer
 
-    from star_sp.training.data import TaskData, samples
+    from star_sp.apps.jobs.data import TaskData, samples
 
     data = TaskData(AutoTokenizer.from_pretrained(tiny_dir), ["niah_single_1", "vt"], [100, 160], [2, 4], [0, 1], 0)
     here = list(samples(data, 1, 4, 2, 1, workers=0))
@@ -493,7 +493,7 @@ def test_jsonl_data_and_its_errors(tiny_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from star_sp import StarInputError
-    from star_sp.training.data import JsonlData
+    from star_sp.apps.jobs.data import JsonlData
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     path = tmp_path / "data.jsonl"
@@ -541,12 +541,12 @@ def test_bad_settings_give_one_line(tiny_dir, tmp_path, capsys):
 
 
 def test_errors_and_ctrl_c_are_told_as_the_cli_tells_them_with_the_job_name(monkeypatch, tmp_path, capsys):
-    """The job reports through ``star_sp.cli_report`` under its own name: an error of one rank is marked
+    """The job reports through ``star_sp.apps.report`` under its own name: an error of one rank is marked
     with that rank, on stderr and in torchrun's error file; an error every rank has is printed by the
     host's first process alone; Ctrl-C is one line and exit code 130."""
     from star_sp import StarError
-    from star_sp.cli_report import on_every_rank, report
-    from star_sp.training import job
+    from star_sp.apps.report import on_every_rank, report
+    from star_sp.apps.jobs import finetune as job
 
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -596,7 +596,7 @@ def finetune_rank(group, argv: list[str]) -> tuple[int, str]:
 
 def finetune_gradients(group, argv: list[str]) -> dict:
     """On a test cluster's rank: the job, returning step 0's full gradients."""
-    from star_sp.training.job import main
+    from star_sp.apps.jobs.finetune import main
 
     seen = {}
     assert main(argv, inspect=lambda step, grads: seen.setdefault(step, grads)) == 0
@@ -609,7 +609,7 @@ def test_global_control_gradients_match_the_oracle(cluster, tiny_dir, tmp_path):
     plain model, the first carries the loss, and the summed gradients are the plain causal model's."""
     from transformers import AutoModelForCausalLM
 
-    from star_sp.training.objective import global_train_loss
+    from star_sp.apps.jobs.objective import global_train_loss
 
     argv = ["--model", tiny_dir, "--out", str(tmp_path), *COMMON, "--attention", "global", "--sp-size", "2",
             "--steps", "1", "--gradient-accumulation-steps", "2"]

@@ -11,7 +11,7 @@ import pytest
 
 import workers
 from cluster import free_port
-from star_sp.cli import main
+from star_sp.apps.cli import main
 from star_sp.testing import save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""The Megatron-core launcher (``launch/megatron_gpt.py``, ``star_sp.training.megatron_job``) on CPU.
+"""The Megatron-core launcher (``launch/megatron_gpt.py``, ``star_sp.apps.jobs.megatron_gpt``) on CPU.
 
 Bugs these localize: a CP group that is not the Star group or gradients not summed over it (the loss
 does not fall, or global and ring, both exact, disagree), the data-parallel or resume bookkeeping off
@@ -102,7 +102,7 @@ def test_wandb_offline_run_holds_the_logged_rows(trained):
 def test_generate_answers_from_the_checkpoint_as_one_process_does(trained, tmp_path, capsys):
     """``--generate`` on 2 processes (global: exact, so a CP group of 2 must write what one process
     writes) prints the greedy answer once."""
-    from star_sp.training.megatron_job import main
+    from star_sp.apps.jobs.megatron_gpt import main
 
     context = tmp_path / "context.txt"
     context.write_text("The special magic number is 7321. " * 12 + "The grass is green. " * 10)
@@ -120,7 +120,7 @@ def test_generate_answers_from_the_checkpoint_as_one_process_does(trained, tmp_p
 def test_resume_continues_as_an_uninterrupted_run(tmp_path):
     """One process: stopped after the checkpoint at step 2, rerun: the same weights and log as four
     steps in one go (float32 on CPU in one process is deterministic: equal to the bit)."""
-    from star_sp.training.megatron_job import main
+    from star_sp.apps.jobs.megatron_gpt import main
 
     flags = [*TINY, "--context-parallel-size", 1, "--steps", 4, "--save-every", 2, "--keep-last", 0,
              "--lengths", "200,260"]
@@ -143,8 +143,8 @@ def test_jsonl_data_trains_one_sample_per_step(tmp_path):
     from transformers import AutoTokenizer
 
     from star_sp import reference_model_path
-    from star_sp.training.data import JsonlData
-    from star_sp.training.megatron_job import main
+    from star_sp.apps.jobs.data import JsonlData
+    from star_sp.apps.jobs.megatron_gpt import main
 
     data = tmp_path / "data.jsonl"
     records = [{"context": f"Record {i}: the code is {i * 37}. " * 20, "query": " The code is", "answer": f" {i * 37}."}
@@ -171,7 +171,7 @@ BAD = [  # (flags, words of the one line)
 
 
 def test_bad_settings_give_one_line(tmp_path, capsys, monkeypatch):
-    from star_sp.training.megatron_job import main
+    from star_sp.apps.jobs.megatron_gpt import main
 
     for flags, words in BAD:
         assert main([str(a) for a in [*TINY, "--out", tmp_path, *flags]]) == 1, flags

@@ -8,7 +8,7 @@ import pytest
 
 import workers
 from star_sp import reference_model_path
-from star_sp.cli import main
+from star_sp.apps.cli import main
 from star_sp.eval.runner import MARGIN_TOKENS, answer_budget
 
 REFERENCE = reference_model_path()

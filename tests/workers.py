@@ -134,7 +134,7 @@ def cli(group, command: str, argv: list) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from star_sp.cli import main
+    from star_sp.apps.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -383,7 +383,7 @@ def capture_agreement_run(group, spec: dict) -> dict:
     import warnings
 
     from star_sp import StarConfig, StarEngine, StarError
-    from star_sp.integrations import transformers as tf
+    from star_sp.integrations.hf import engine as tf
     from star_sp.testing import build
 
     rank = dist.get_rank(group)

@@ -42,8 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from star_sp import BlockLayout, StarConfig, StarEngine, StarError  # noqa: E402
 from star_sp.config import DECODE_GRAPHS  # noqa: E402
-from star_sp.distributed.kv_cache import ContextKV  # noqa: E402
-from star_sp.distributed.passes import PrefillPass, StarContext  # noqa: E402
+from star_sp.runtime.kv_cache import ContextKV  # noqa: E402
+from star_sp.runtime.passes import PrefillPass, StarContext  # noqa: E402
 from star_sp.ops import local_attention, phase1_parts  # noqa: E402
 from star_sp.distributed.process_group import init_from_env  # noqa: E402
 from star_sp.eval.runner import parse_length  # noqa: E402
@@ -310,7 +310,7 @@ def project_phase1(model, length: int, hosts: int, anchor_spec: str, backend: st
     own, own_pos = ids[:, length - block:], torch.arange(length - block, length)
     akv = (torch.randn(1, kv_heads, anchor, head_dim, dtype=dtype, device=device),) * 2
     from star_sp import _compat
-    from star_sp.integrations.transformers import ATTENTION_NAME
+    from star_sp.integrations.hf.engine import ATTENTION_NAME
 
     with torch.no_grad(), _compat.attn_implementation_set(model, ATTENTION_NAME):  # engine._forward needs it
         ours = _timed(lambda: engine._forward(_HostPass(context, engine.num_layers, 0, akv, backend), own, own_pos),

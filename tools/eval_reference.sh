@@ -15,7 +15,7 @@ tasks=$(python3 -c "from star_sp.eval.tasks import TASKS; print(' '.join(TASKS))
 mkdir -p "$out"
 n=0
 for task in $tasks; do
-    CUDA_VISIBLE_DEVICES=${gpus[$(( n % ${#gpus[@]} ))]} timeout "$seconds" python3 -m star_sp.cli eval \
+    CUDA_VISIBLE_DEVICES=${gpus[$(( n % ${#gpus[@]} ))]} timeout "$seconds" python3 -m star_sp.apps.cli eval \
         --model "$model" --tasks "$task" --lengths "${LENGTHS:-4k,8k,16k}" --samples "$samples" --dtype bfloat16 --quiet \
         --attention global,star --block-size 1/4,1/8 --anchor-size block,block/4,0 \
         --out "$out/$task" > "$out/$task.log" 2>&1 &

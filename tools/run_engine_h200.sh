@@ -10,6 +10,6 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())' | tee "$out/versions.txt"
 for attention in star global; do
-  python3 -m star_sp.cli generate --config configs/llama-3.1-8b-random.toml --random-context "$ctx" \
+  python3 -m star_sp.apps.cli generate --config configs/llama-3.1-8b-random.toml --random-context "$ctx" \
       --random-query 16 --max-new-tokens 64 --attention "$attention" --json --quiet --warmup | tee "$out/engine_${attention}_${ctx}.json"
 done

@@ -13,4 +13,4 @@ for source in broadcast recompute; do
   python3 -m torch.distributed.run --nproc_per_node 2 launch/infer.py "${common[@]}" --anchor-source "$source" \
     | grep '^{' | tee "$out/engine_star2_${source}_${ctx}.json"
 done
-python3 -m star_sp.cli generate "${common[@]}" --attention global | tee "$out/engine_global1_${ctx}.json"
+python3 -m star_sp.apps.cli generate "${common[@]}" --attention global | tee "$out/engine_global1_${ctx}.json"

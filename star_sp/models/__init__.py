@@ -8,7 +8,7 @@ at 16K tokens. ``recipe*.json`` and ``training_log*.jsonl`` beside the weights r
 It loads offline::
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from star_sp import reference_model_path
+    from .. import reference_model_path
 
     model = AutoModelForCausalLM.from_pretrained(reference_model_path())
     tokenizer = AutoTokenizer.from_pretrained(reference_model_path())

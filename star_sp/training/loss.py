@@ -38,11 +38,11 @@ from .. import _compat
 from ..config import StarConfig
 from ..distributed.collectives import tie
 from ..distributed.guard import guarded_step, wait
-from ..distributed.kv_cache import ContextKV, TrainingQueryKV
-from ..distributed.passes import PrefillPass, QueryPass, StarContext
+from ..runtime.kv_cache import ContextKV, TrainingQueryKV
+from ..runtime.passes import PrefillPass, QueryPass, StarContext
 from ..distributed.rows import Phase1Rows, phase1_rows
 from ..errors import StarInputError
-from ..integrations.transformers import ATTENTION_NAME, StarEngine, _check_ids, _fingerprint, dropout_error
+from ..integrations.hf.engine import ATTENTION_NAME, StarEngine, _check_ids, _fingerprint, dropout_error
 from ..layout import BlockLayout
 
 IGNORE_INDEX = -100

@@ -27,10 +27,10 @@ import torch.distributed as dist
 from ..config import StarConfig
 from ..distributed.agreement import agree_or_raise
 from ..distributed.collectives import tie
-from ..distributed.kv_cache import ContextKV, TrainingQueryKV
-from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
+from ..runtime.kv_cache import ContextKV, TrainingQueryKV
+from ..runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ..distributed.rows import phase1_rows
-from ..integrations.megatron import ATTENTIONS, Step, _forward, _group_size, use_star_positions
+from ..integrations.megatron.core import ATTENTIONS, Step, _forward, _group_size, use_star_positions
 from ..layout import BlockLayout, RingLayout
 from .loss import IGNORE_INDEX, _ce_sum, _RankShare, check_train_inputs, phase1_terms, train_meta
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..config import ANCHOR_SOURCES, StarConfig
-from ..errors import StarInputError
+from ...config import ANCHOR_SOURCES, StarConfig
+from ...errors import StarInputError
 from .settings import TrainSettings, _booleans, _choice, _help, _integer, _number, redefault
 
 MODEL_KEYS = ("tokenizer", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -104,7 +104,7 @@ class MegatronConfig(TrainSettings, _MegatronKeys):
                 raise StarInputError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         _booleans(self, "tie_embeddings", "generate")
         if self.star_block_size is not None:
-            from ..integrations.megatron_args import star_config_from_args
+            from ...integrations.megatron.args import star_config_from_args
 
             star_config_from_args(self.flags())  # one line for block 0, anchor > block
         elif self.star_anchor_size is not None:
@@ -113,7 +113,7 @@ class MegatronConfig(TrainSettings, _MegatronKeys):
             raise StarInputError("generate needs --context-file FILE (the long context) and --query TEXT")
 
     def flags(self) -> argparse.Namespace:
-        """The Star settings as ``integrations.megatron_args`` reads Megatron-LM's parsed flags."""
+        """The Star settings as ``integrations.megatron.args`` reads Megatron-LM's parsed flags."""
         return argparse.Namespace(attention=self.attention, star_block_size=self.star_block_size,
                                   star_anchor_size=self.star_anchor_size, star_anchor_source=self.star_anchor_source,
                                   context_parallel_size=self.context_parallel_size)
@@ -177,7 +177,7 @@ def build_model(cfg: MegatronConfig, vocab: int, device: torch.device, seed: int
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from ..integrations.megatron import star_layer_spec, use_star_positions
+    from ...integrations.megatron.core import star_layer_spec, use_star_positions
 
     config = TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,

@@ -1,4 +1,4 @@
-"""W&B for a fine-tuning run (``star_sp.tracking.Tracker``: offline without an API key; a no-op without
+"""W&B for a fine-tuning run (``star_sp.apps.tracking.Tracker``: offline without an API key; a no-op without
 a project name or off rank 0).
 
 Per logged step, under ``train/``: ``loss``, ``answer_loss``, ``context_loss``, ``lr``, ``grad_norm``,

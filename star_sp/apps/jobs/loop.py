@@ -23,14 +23,14 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from ..cli_report import on_every_rank, report
-from ..errors import StarInputError
+from ..report import on_every_rank, report
+from ...errors import StarInputError
 
 
 # -- command line -------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
-    """A bad flag: one line on every rank (``cli_report``), exit code 2."""
+    """A bad flag: one line on every rank (``apps.report``), exit code 2."""
 
     def error(self, message: str):
         report(f"{self.prog}: error: {message} (see --help)", everywhere=True, prog=self.prog, exiting=True)

@@ -10,8 +10,8 @@ import contextlib
 
 import torch
 
-from .errors import StarInputError
-from .models import resolve_model
+from ..errors import StarInputError
+from ..models import resolve_model
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..config import ANCHOR_SOURCES, BACKENDS
-from ..errors import StarInputError
+from ...config import ANCHOR_SOURCES, BACKENDS
+from ...errors import StarInputError
 from ..runconfig import load_config
 
 DTYPES = ("auto", "float32", "bfloat16")

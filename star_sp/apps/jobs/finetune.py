@@ -27,9 +27,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ..cli_report import everyone, exit_on_interrupt, report, same_everywhere
-from ..errors import StarError, StarInputError
-from .job_parts import (add_config_flags, job_parser, load_from_args, open_tracker, resume_point, train_steps,
+from ..report import everyone, exit_on_interrupt, report, same_everywhere
+from ...errors import StarError, StarInputError
+from .loop import (add_config_flags, job_parser, load_from_args, open_tracker, resume_point, train_steps,
                         training_dtype)
 from .settings import FinetuneConfig
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None, *, inspect=None) -> int:
 # -- the run ------------------------------------------------------------------------------------------
 
 def run(cfg: FinetuneConfig, *, inspect=None) -> int:
-    from ..distributed.process_group import close_process_group, init_from_env
+    from ...distributed.process_group import close_process_group, init_from_env
 
     world, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)
     ok = False
@@ -100,7 +100,7 @@ def _load(cfg: FinetuneConfig, device: torch.device):
     """The tokenizer and the float32 model, checked for training."""
     import transformers
 
-    from ..models import resolve_model
+    from ...models import resolve_model
 
     path = resolve_model(cfg.model)
     if not os.path.isdir(path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..errors import StarInputError
+from ...errors import StarInputError
 
 
 @dataclass(frozen=True)

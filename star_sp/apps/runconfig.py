@@ -5,9 +5,9 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields
 
-from .config import StarConfig
-from .errors import StarInputError
-from .sampling import SamplingConfig
+from ..config import StarConfig
+from ..errors import StarInputError
+from ..runtime.sampling import SamplingConfig
 
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 

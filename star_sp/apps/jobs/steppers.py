@@ -24,9 +24,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..distributed.guard import guarded_step
-from ..errors import StarInputError
-from .grads import guarded_backward, reduce_gradients
+from ...distributed.guard import guarded_step
+from ...errors import StarInputError
+from ...training.grads import guarded_backward, reduce_gradients
 
 
 def lr_lambda(cfg):
@@ -178,7 +178,7 @@ class DeepSpeedStepper:
     parameters (3) over all ``W`` ranks. Stage 3 needs every rank to run the same modules' forward and
     backward in the same order (it gathers a module's parameters in both): in a Star group every rank
     runs every module (an idle one over a stand-in row), and what a rank computes but does not use joins
-    its output at weight 0 (``distributed/passes.py: _same_backward``)."""
+    its output at weight 0 (``runtime/passes.py: _same_backward``)."""
 
     def __init__(self, module, cfg, groups, ds_config: dict):
         import deepspeed

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 
-from ..errors import StarInputError
+from ...errors import StarInputError
 from .settings import RESUMABLE_CHANGES
 
 STATE_FILE = "trainer_state.json"

@@ -1,7 +1,7 @@
 """Star Attention for transformers causal LMs, through transformers' public extension points.
 
 The engine registers one attention function under the name ``"star"`` (``AttentionInterface``),
-switches the model to it for the length of each engine call (and back afterwards), and passes a ``StarPass`` (``distributed/passes.py``) both as the model's
+switches the model to it for the length of each engine call (and back afterwards), and passes a ``StarPass`` (``runtime/passes.py``) both as the model's
 KV cache and as a keyword argument that reaches the attention function. No modeling file is copied
 and no private function is patched; the version differences live in ``star_sp/_compat.py``.
 No mask function is registered: the attention function builds Star's masks itself, and inputs never
@@ -21,18 +21,18 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from .. import _compat
-from ..config import DECODE_GRAPH_MIN_TOKENS, StarConfig
-from ..distributed.agreement import agree_or_raise, first_failure
-from ..distributed.collectives import broadcast_tokens
-from ..distributed.guard import guarded_step
-from ..distributed.kv_cache import ContextKV, QueryKV, StaticQueryKV
-from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
-from ..distributed.rows import phase1_rows
-from ..errors import StarError, StarInputError
-from ..layout import BlockLayout, RingLayout
-from ..sampling import SamplingConfig, next_tokens
-from .decode_step import DecodeStep, WarmUpError
+from ... import _compat
+from ...config import DECODE_GRAPH_MIN_TOKENS, StarConfig
+from ...distributed.agreement import agree_or_raise, first_failure
+from ...distributed.collectives import broadcast_tokens
+from ...distributed.guard import guarded_step
+from ...runtime.kv_cache import ContextKV, QueryKV, StaticQueryKV
+from ...runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
+from ...distributed.rows import phase1_rows
+from ...errors import StarError, StarInputError
+from ...layout import BlockLayout, RingLayout
+from ...runtime.sampling import SamplingConfig, next_tokens
+from ...runtime.decode_step import DecodeStep, WarmUpError
 
 ATTENTION_NAME = "star"
 
@@ -52,7 +52,7 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
 
 
 class TransformersCache:
-    """transformers' cache protocol around a pass (``distributed/passes.py``): the attention module calls
+    """transformers' cache protocol around a pass (``runtime/passes.py``): the attention module calls
     ``update(k, v, layer_idx, cache_kwargs)`` before the attention function, and the model asks
     ``get_seq_length()`` for the rows' positions; KV policy stays in the pass."""
 

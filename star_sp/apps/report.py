@@ -19,14 +19,14 @@ import time
 
 import torch.distributed as dist
 
-from .errors import StarInputError
+from ..errors import StarInputError
 
 PROG = "star-sp"
 
 
 def everyone(group, step: str, fn):
     """Run ``fn`` on every rank; if it fails anywhere, raise the same error everywhere."""
-    from .distributed.agreement import agree
+    from ..distributed.agreement import agree
 
     try:
         result, error = fn(), None

@@ -32,9 +32,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ..cli_report import everyone, exit_on_interrupt, on_every_rank, report, same_everywhere
-from ..errors import StarError, StarInputError
-from .job_parts import (add_config_flags, job_parser, load_from_args, open_tracker, resume_point, train_steps,
+from ..report import everyone, exit_on_interrupt, on_every_rank, report, same_everywhere
+from ...errors import StarError, StarInputError
+from .loop import (add_config_flags, job_parser, load_from_args, open_tracker, resume_point, train_steps,
                         training_dtype)
 from .megatron_model import GENERATE_KEYS, MODEL_KEYS, MegatronConfig, quiet_megatron
 
@@ -44,8 +44,8 @@ STAR_FLAGS = ("attention", "star_block_size", "star_anchor_size", "star_anchor_s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``--config``, Star's flags (``integrations.megatron_args.add_star_args``) and a flag per other key."""
-    from ..integrations.megatron_args import add_star_args
+    """``--config``, Star's flags (``integrations.megatron.args.add_star_args``) and a flag per other key."""
+    from ...integrations.megatron.args import add_star_args
 
     parser = job_parser(PROG, "Train a Megatron-core GPT model under Star Attention with context parallelism (the "
                         "CP group is the Star group; data-parallel across groups), or answer a query over a long "
@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_star(cfg: MegatronConfig, world_size: int, sequence: int | None) -> None:
-    from ..integrations.megatron_args import check_star_args
+    from ...integrations.megatron.args import check_star_args
 
     check_star_args(cfg.flags(), world_size, sequence if cfg.attention == "star" else None)
 
 
 def run(cfg: MegatronConfig) -> int:
-    from ..distributed.process_group import close_process_group, init_from_env
+    from ...distributed.process_group import close_process_group, init_from_env
     from .megatron_model import close_parallel, init_parallel
 
     world, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)
@@ -105,7 +105,7 @@ def run(cfg: MegatronConfig) -> int:
 def _tokenizer(name: str):
     import transformers
 
-    from ..models import SHIPPED, resolve_model
+    from ...models import SHIPPED, resolve_model
 
     path = resolve_model(name, weights=False) if name in SHIPPED else name
     try:
@@ -136,8 +136,8 @@ class MegatronModule(torch.nn.Module):
         return self.cfg.star_config(sample.context_ids.shape[1], sample.block_size, sample.anchor_size)
 
     def forward(self, sample):
-        from ..ops.backends import many_shapes
-        from .megatron_loss import megatron_train_loss
+        from ...ops.backends import many_shapes
+        from ...training.megatron_loss import megatron_train_loss
 
         with many_shapes():
             loss, parts = megatron_train_loss(
@@ -196,7 +196,7 @@ def _train(cfg: MegatronConfig, world, device, cp_group, dp_group) -> int:
 def _generate(cfg: MegatronConfig, world, device, cp_group, dp_group) -> int:
     from dataclasses import replace
 
-    from ..integrations.megatron import megatron_generate, megatron_prefill
+    from ...integrations.megatron.core import megatron_generate, megatron_prefill
     from .checkpoints import STATE_FILE, complete_checkpoints, read_state
     from .megatron_model import build_model
 

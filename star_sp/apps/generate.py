@@ -13,10 +13,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from .cli_inputs import read_inputs
-from .cli_model import load_model, load_tokenizer, model_config
-from .distributed.process_group import close_process_group
-from .cli_report import everyone, same_everywhere, speaks
+from .inputs import read_inputs
+from .model_arg import load_model, load_tokenizer, model_config
+from ..distributed.process_group import close_process_group
+from .report import everyone, same_everywhere, speaks
 
 
 class _Progress:
@@ -42,7 +42,7 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def generate(args) -> int:
-    from .distributed.process_group import init_from_env
+    from ..distributed.process_group import init_from_env
     from .runconfig import RunConfig
 
     overrides = {k: getattr(args, k, None) for k in (
@@ -62,7 +62,7 @@ def generate(args) -> int:
 
 
 def _generate(args, cfg, group, device) -> int:
-    from .integrations.transformers import StarEngine
+    from ..integrations.hf.engine import StarEngine
 
     rank = dist.get_rank(group) if group is not None else 0
     world = dist.get_world_size(group) if group is not None else 1

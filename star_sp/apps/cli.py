@@ -5,19 +5,19 @@ Rank 0 reads the inputs and sends the token ids to every rank; a user error is r
 ends every process with exit code 1 and one line, printed once (by the first process of each host);
 Ctrl-C ends every process with exit code 130.
 
-The commands are ``cli_generate.py`` and ``cli_eval.py``; they read ``--model`` with ``cli_model.py`` and
-the token ids with ``cli_inputs.py``; ``cli_report.py`` turns errors and Ctrl-C into one line and an exit code.
+The commands are ``generate.py`` and ``evaluate.py``; they read ``--model`` with ``model_arg.py`` and
+the token ids with ``inputs.py``; ``report.py`` turns errors and Ctrl-C into one line and an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .cli_eval import evaluate
-from .cli_generate import generate
-from .cli_report import exit_on_interrupt, report
-from .config import DECODE_GRAPHS
-from .errors import StarError
+from .evaluate import evaluate
+from .generate import generate
+from .report import exit_on_interrupt, report
+from ..config import DECODE_GRAPHS
+from ..errors import StarError
 
 EXAMPLES = """examples (from the repository's root; the shipped model answers in the RULER tasks' wording):
   star-sp generate --model reference --context-file examples/needle-2k.txt \\

@@ -9,20 +9,20 @@ import os
 
 import torch.distributed as dist
 
-from .cli_model import load_model, load_tokenizer, model_config
-from .distributed.process_group import close_process_group
-from .cli_report import everyone, same_everywhere, speaks
-from .errors import StarInputError
-from .models import resolve_model
+from .model_arg import load_model, load_tokenizer, model_config
+from ..distributed.process_group import close_process_group
+from .report import everyone, same_everywhere, speaks
+from ..errors import StarInputError
+from ..models import resolve_model
 
 
 def evaluate(args) -> int:
-    from .config import StarConfig
-    from .distributed.process_group import init_from_env
-    from .eval import runner
-    from .eval.plots import write_plots
-    from .eval.tasks import resolve_tasks
-    from .integrations.transformers import StarEngine
+    from ..config import StarConfig
+    from ..distributed.process_group import init_from_env
+    from ..eval import runner
+    from ..eval.plots import write_plots
+    from ..eval.tasks import resolve_tasks
+    from ..integrations.hf.engine import StarEngine
     from .runconfig import RunConfig
     from .tracking import Tracker
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import StarInputError
+from ..errors import StarInputError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import StarConfig
-from ..errors import StarInputError
-from .megatron import ATTENTIONS
+from ...config import StarConfig
+from ...errors import StarInputError
+from .core import ATTENTIONS
 
 
 def add_star_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def star_spec_from_args(args, spec):
     config = star_config_from_args(args)
     if config is None:
         return spec
-    from .megatron import star_layer_spec
+    from .core import star_layer_spec
 
     return star_layer_spec(spec, config, args.attention)
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import StarInputError
-from ..eval.tasks import TASKS, resolve_tasks
-from .loss import IGNORE_INDEX
+from ...errors import StarInputError
+from ...eval.tasks import TASKS, resolve_tasks
+from ...training.loss import IGNORE_INDEX
 
 UNORDERED = ("niah_multivalue", "cwe")  # scoring ignores the answers' order: list them as the context does
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import StarInputError
+from ..errors import StarInputError
 
 
 def _netrc_has_wandb() -> bool:

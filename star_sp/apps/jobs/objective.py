@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import StarConfig
-from ..ops.backends import many_shapes
-from .loss import IGNORE_INDEX, star_train_loss
+from ...config import StarConfig
+from ...ops.backends import many_shapes
+from ...training.loss import IGNORE_INDEX, star_train_loss
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed.kv_cache import StaticQueryKV
-from ..distributed.passes import DecodeStepPass, StarContext
+from .kv_cache import StaticQueryKV
+from .passes import DecodeStepPass, StarContext
 
 
 class WarmUpError(RuntimeError):

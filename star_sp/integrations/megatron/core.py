@@ -1,8 +1,8 @@
 """Star Attention in Megatron-core GPT models: a core-attention module over the context-parallel group.
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from star_sp import StarConfig
-    from star_sp.integrations.megatron import star_layer_spec, use_star_positions
+    from ... import StarConfig
+    from .core import star_layer_spec, use_star_positions
 
     star = StarConfig(block_size=4096, anchor_size=1024)
     model = GPTModel(config, transformer_layer_spec=star_layer_spec(get_gpt_layer_local_spec(), star), ...,
@@ -17,7 +17,7 @@ its input are phase-1 rows (this rank's context, ``[anchor ;] own blocks``) and 
 (the target or query tokens, the same on every rank), and at which positions they sit::
 
     module input  [sq, b, np, hn]   rows  [ phase-1 rows | phase-2 rows ]
-                                            PrefillPass    QueryPass        (distributed/passes.py)
+                                            PrefillPass    QueryPass        (runtime/passes.py)
 
 Megatron's own training loop (no step: a batch Megatron split itself) works too, for language
 modelling over the context alone: each CP rank's ``sq`` rows are then its contiguous share of a context
@@ -38,13 +38,13 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from ..config import StarConfig
-from ..distributed.agreement import agree_or_raise
-from ..distributed.kv_cache import ContextKV, QueryKV
-from ..distributed.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
-from ..distributed.rows import phase1_rows
-from ..errors import StarInputError
-from ..layout import BlockLayout, RingLayout
+from ...config import StarConfig
+from ...distributed.agreement import agree_or_raise
+from ...runtime.kv_cache import ContextKV, QueryKV
+from ...runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
+from ...distributed.rows import phase1_rows
+from ...errors import StarInputError
+from ...layout import BlockLayout, RingLayout
 
 ATTENTIONS = ("star", "global", "ring")
 
@@ -345,7 +345,7 @@ def megatron_prefill(model, context_ids: torch.Tensor, config: StarConfig, group
     """Phase 1 on every rank of ``group`` (Megatron's CP group): this rank's blocks behind the anchor
     (``ring``: its zigzag share, exact). ``context_ids [B, Lc]``, the full ids on every rank. Returns
     the rank's ``StarContext`` (its own blocks' KV) for ``megatron_generate``."""
-    from .transformers import _check_ids, _fingerprint
+    from ..hf.engine import _check_ids, _fingerprint
 
     use_star_positions(model)
     error = _check_ids("context_ids", context_ids, _vocab(model))
@@ -384,7 +384,7 @@ def megatron_generate(model, context: StarContext, query_ids: torch.Tensor, max_
     context KV, the last rank also the query's and generated tokens' KV; outputs merge by all-reduce.
     Returns ``[B, n]`` new tokens (``n <= max_new_tokens``; stops when every row has produced EOS),
     the same on every rank (the last rank's choice is broadcast)."""
-    from .transformers import _check_ids, _fingerprint
+    from ..hf.engine import _check_ids, _fingerprint
 
     group = context.group
     error = _check_ids("query_ids", query_ids, _vocab(model))

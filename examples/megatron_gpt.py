@@ -17,7 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from star_sp import StarConfig
-from star_sp.integrations.megatron.core import megatron_generate, megatron_prefill, star_layer_spec
+from star_sp.integrations.megatron import megatron_generate, megatron_prefill, star_layer_spec
 from star_sp.training import reduce_gradients
 from star_sp.training.megatron_loss import megatron_train_loss
 

@@ -10,9 +10,17 @@ from .errors import StarInputError
 AnchorSource = Literal["broadcast", "recompute"]
 Backend = Literal["auto", "cpu", "flash", "cudnn", "efficient", "math"]
 
+# The choices a user can name, in one place: the command line, the run configs, the job settings and the
+# adapters all read these (a training job takes the subsets that train: float64 and float16 do not, and
+# ring attention has no training loss in transformers).
 ANCHOR_SOURCES: tuple[str, ...] = ("broadcast", "recompute")
 BACKENDS: tuple[str, ...] = ("auto", "cpu", "flash", "cudnn", "efficient", "math")
 DECODE_GRAPHS: tuple[str, ...] = ("auto", "on", "off", "static")
+PHASE2_MERGES: tuple[str, ...] = ("allreduce", "allgather")
+ATTENTIONS: tuple[str, ...] = ("star", "global", "ring")
+TRAIN_ATTENTIONS: tuple[str, ...] = ("star", "global")
+DTYPES: tuple[str, ...] = ("auto", "float32", "float64", "bfloat16", "float16")
+TRAIN_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 DECODE_GRAPH_MIN_TOKENS = 8
 
 
@@ -90,7 +98,7 @@ class StarConfig:
         check_block_anchor(self.block_size, self.block_size if self.anchor_size is None else self.anchor_size)
         if self.anchor_source not in ANCHOR_SOURCES:
             raise StarInputError(f"anchor_source must be one of {ANCHOR_SOURCES}, got {self.anchor_source!r}")
-        if self.phase2_merge not in ("allreduce", "allgather"):
+        if self.phase2_merge not in PHASE2_MERGES:
             raise StarInputError(f"phase2_merge must be 'allreduce' or 'allgather', got {self.phase2_merge!r}")
         if self.backend not in BACKENDS:
             raise StarInputError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

@@ -91,7 +91,7 @@ def models(star_config, attention="star", seed=0, **shape):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from star_sp.integrations.megatron.core import star_layer_spec
+    from star_sp.integrations.megatron import star_layer_spec
 
     config = tiny_config(**shape)
     local = get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -193,7 +193,7 @@ def train_step(group, spec):
 
 def generate(group, spec):
     """Prefill + greedy decode, and the oracle's greedy tokens under the same mask."""
-    from star_sp.integrations.megatron.core import megatron_generate, megatron_prefill
+    from star_sp.integrations.megatron import megatron_generate, megatron_prefill
 
     init_megatron(group)
     attention = spec.get("attention", "star")
@@ -224,7 +224,8 @@ def one_block_against_stock(group):
     from star_sp import StarConfig
     from star_sp.runtime.kv_cache import ContextKV
     from star_sp.runtime.passes import PrefillPass, StarContext
-    from star_sp.integrations.megatron.core import Step, _forward
+    from star_sp.integrations.megatron.attention import ForwardPlan as Step
+    from star_sp.integrations.megatron.inference import model_forward as _forward
     from star_sp.layout import BlockLayout
 
     class NoRng:  # DotProductAttention forks the CUDA RNG tracker around its (here zero) dropout
@@ -280,7 +281,7 @@ def own_loop(group, spec):
     """Megatron's own training loop: no star-sp step, the batch split by ``contiguous_share``, the loss
     Megatron-style over each rank's rows (next-token over the context alone). Returns the largest
     relative gradient error against the oracle (summed over the ranks by ``reduce_gradients``)."""
-    from star_sp.integrations.megatron.core import contiguous_share, use_star_positions
+    from star_sp.integrations.megatron import contiguous_share, use_star_positions
     from star_sp.training import reduce_gradients
 
     init_megatron(group)
@@ -304,7 +305,7 @@ def own_loop(group, spec):
 def own_loop_refusals(group):
     """Megatron's own loop at CP > 1 with what it cannot run: every rank's error, for each case."""
     from star_sp import StarConfig
-    from star_sp.integrations.megatron.core import contiguous_share, use_star_positions
+    from star_sp.integrations.megatron import contiguous_share, use_star_positions
 
     init_megatron(group)
     size = torch.distributed.get_world_size(group)

@@ -494,13 +494,13 @@ def test_contexts_of_different_lengths_decode_together_as_each_alone_and_the_ora
 def test_positions_limit_counts_rope_scaling_and_is_checked_at_prefill():
     from types import SimpleNamespace
 
-    from star_sp.integrations.hf.engine import _positions
+    from star_sp.runtime.inputs import positions_limit
 
-    assert _positions(SimpleNamespace(max_position_embeddings=32768, rope_parameters={
+    assert positions_limit(SimpleNamespace(max_position_embeddings=32768, rope_parameters={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})) == 131072
-    assert _positions(SimpleNamespace(max_position_embeddings=131072, rope_parameters={
+    assert positions_limit(SimpleNamespace(max_position_embeddings=131072, rope_parameters={
         "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192})) == 131072
-    assert _positions(SimpleNamespace(max_position_embeddings=4096, rope_parameters={"rope_type": "default"})) == 4096
+    assert positions_limit(SimpleNamespace(max_position_embeddings=4096, rope_parameters={"rope_type": "default"})) == 4096
     model, _ = build("llama", dtype=torch.float64)
     engine = StarEngine(model, StarConfig(block_size=16, anchor_size=4))
     limit = model.config.max_position_embeddings

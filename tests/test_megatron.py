@@ -82,7 +82,7 @@ def test_bad_input_on_one_rank_is_one_error_on_every_rank(cluster):
 
 def test_bad_settings_are_refused_in_one_line():
     from star_sp import StarConfig, StarInputError
-    from star_sp.integrations.megatron.core import star_layer_spec
+    from star_sp.integrations.megatron import star_layer_spec
 
     with pytest.raises(StarInputError, match="must be a star_sp.StarConfig"):
         star_layer_spec(object(), None)
@@ -98,7 +98,7 @@ def test_flags_give_the_spec_and_bad_ones_one_line():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from star_sp import StarInputError
-    from star_sp.integrations.megatron.core import StarCoreAttention
+    from star_sp.integrations.megatron import StarCoreAttention
     from star_sp.integrations.megatron.args import add_star_args, check_star_args, star_spec_from_args
 
     parser = add_star_args(argparse.ArgumentParser())

@@ -310,7 +310,7 @@ def project_phase1(model, length: int, hosts: int, anchor_spec: str, backend: st
     own, own_pos = ids[:, length - block:], torch.arange(length - block, length)
     akv = (torch.randn(1, kv_heads, anchor, head_dim, dtype=dtype, device=device),) * 2
     from star_sp import _compat
-    from star_sp.integrations.hf.engine import ATTENTION_NAME
+    from star_sp.integrations.hf.attention import ATTENTION_NAME
 
     with torch.no_grad(), _compat.attn_implementation_set(model, ATTENTION_NAME):  # engine._forward needs it
         ours = _timed(lambda: engine._forward(_HostPass(context, engine.num_layers, 0, akv, backend), own, own_pos),

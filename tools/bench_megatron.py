@@ -83,7 +83,7 @@ def build_model(shape: str, layers: int, dtype: torch.dtype, device: torch.devic
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from star_sp.integrations.megatron.core import star_layer_spec
+    from star_sp.integrations.megatron import star_layer_spec
 
     s = SHAPES[shape]
     cuda = device.type == "cuda"
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench-megatron")
     args = p.parse_args(argv)
 
-    from star_sp.integrations.megatron.core import require_megatron
+    from star_sp.integrations.megatron import require_megatron
     from star_sp.training.megatron_loss import megatron_train_loss
 
     mc = require_megatron()

@@ -16,7 +16,7 @@ import argparse
 from .evaluate import evaluate
 from .generate import generate
 from .report import exit_on_interrupt, report
-from ..config import DECODE_GRAPHS
+from ..config import ANCHOR_SOURCES, ATTENTIONS, BACKENDS, DECODE_GRAPHS, DTYPES, PHASE2_MERGES
 from ..errors import StarError
 
 EXAMPLES = """examples (from the repository's root; the shipped model answers in the RULER tasks' wording):
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or 'reference' / 'reference-anchor' for the models shipped with star-sp")
     g.add_argument("--random-weights", action="store_true", default=None,
                    help="build the model from its config with random weights (for timings)")
-    g.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"),
+    g.add_argument("--dtype", choices=DTYPES,
                    help="weights and activations (auto: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--device", help="auto (CUDA if present, one GPU per process), cpu, cuda, cuda:N")
     g = gen.add_argument_group("inputs (one context source and one query source)")
@@ -61,15 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query-ids", help="whitespace-separated token ids of the query")
     g.add_argument("--random-query", type=int, metavar="N", help="N random token ids as the query (timings)")
     g = gen.add_argument_group("star attention")
-    g.add_argument("--attention", choices=("star", "global", "ring"),
+    g.add_argument("--attention", choices=ATTENTIONS,
                    help="star (default), the plain model (one process), or exact ring attention across the processes")
     g.add_argument("--block-size", type=int, help="context tokens per block (default 4096)")
     g.add_argument("--anchor-size", type=int, help="anchor tokens (default: the block size)")
-    g.add_argument("--anchor-source", choices=("broadcast", "recompute"),
+    g.add_argument("--anchor-source", choices=ANCHOR_SOURCES,
                    help="broadcast the anchor's KV from the host of block 0 (default) or recompute it everywhere")
-    g.add_argument("--phase2-merge", choices=("allreduce", "allgather"),
+    g.add_argument("--phase2-merge", choices=PHASE2_MERGES,
                    help="merge hosts' query results by all-reduce (default) or all-gather (the paper's form)")
-    g.add_argument("--backend", choices=("auto", "cpu", "flash", "cudnn", "efficient", "math"),
+    g.add_argument("--backend", choices=BACKENDS,
                    help="attention kernel (auto picks the fastest that fits)")
     g.add_argument("--collective-timeout-s", type=float, help="seconds a collective may wait (default 600)")
     g.add_argument("--decode-graphs", choices=DECODE_GRAPHS,
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", required=True,
                     help="model directory with tokenizer files, or 'reference' / 'reference-anchor' for the models shipped with star-sp")
-    ev.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"), default="auto")
+    ev.add_argument("--dtype", choices=DTYPES, default="auto")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--tasks", default="all", help="comma-separated tasks or families (niah_single, vt, ...) or all")
     ev.add_argument("--lengths", default="4k", help="comma-separated lengths in tokens (4096 or 4k)")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--block-size", default="1/4", help="comma-separated block sizes: tokens, or 1/k of the length")
     ev.add_argument("--anchor-size", default="block",
                     help="comma-separated anchor sizes: tokens, block, block/k, or 0 (no anchor)")
-    ev.add_argument("--anchor-source", choices=("broadcast", "recompute"), default="broadcast")
+    ev.add_argument("--anchor-source", choices=ANCHOR_SOURCES, default="broadcast")
     ev.add_argument("--backend", default="auto")
     ev.add_argument("--samples", type=int, default=4, help="samples per task and length")
     ev.add_argument("--max-new-tokens", type=int, help="override the per-task answer budget")

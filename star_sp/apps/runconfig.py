@@ -5,11 +5,10 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields
 
-from ..config import StarConfig
+from ..config import DTYPES, StarConfig
 from ..errors import StarInputError
 from ..runtime.sampling import SamplingConfig
 
-DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 
 @dataclass(kw_only=True)

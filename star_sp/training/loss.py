@@ -41,8 +41,10 @@ from ..distributed.guard import guarded_step, wait
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
 from ..runtime.passes import PrefillPass, QueryPass, StarContext
 from ..distributed.rows import Phase1Rows, phase1_rows
-from ..errors import StarInputError
-from ..integrations.hf.engine import ATTENTION_NAME, StarEngine, _check_ids, _fingerprint, dropout_error
+from ..integrations.hf.attention import ATTENTION_NAME
+from ..integrations.hf.checks import dropout_error
+from ..integrations.hf.engine import StarEngine
+from ..runtime.inputs import check_ids, fingerprint
 from ..layout import BlockLayout
 
 IGNORE_INDEX = -100
@@ -50,7 +52,7 @@ IGNORE_INDEX = -100
 
 def check_train_inputs(context_ids, target_ids, labels, weight, vocab: int) -> str | None:
     """What is wrong with a training step's ids, labels and context-loss weight, for any framework, or None."""
-    error = _check_ids("context_ids", context_ids, vocab) or _check_ids("target_ids", target_ids, vocab)
+    error = check_ids("context_ids", context_ids, vocab) or check_ids("target_ids", target_ids, vocab)
     if error:
         return error
     if context_ids.shape[0] != target_ids.shape[0]:
@@ -75,7 +77,7 @@ def train_meta(context_ids, target_ids, labels, config, weight, error: str | Non
     """What every rank of a training step must agree on (``agreement.agree``): shapes, the ids' and labels'
     fingerprints, the config and weight, and whether gradients are on."""
     return {"shapes": (tuple(context_ids.shape), tuple(target_ids.shape)) if error is None else None,
-            "ids": (_fingerprint(context_ids), _fingerprint(target_ids), _fingerprint(labels + 100))
+            "ids": (fingerprint(context_ids), fingerprint(target_ids), fingerprint(labels + 100))
             if error is None else None,
             "config": config.to_dict() if isinstance(config, StarConfig) else None, "context_loss_weight": weight,
             "grad": torch.is_grad_enabled()}

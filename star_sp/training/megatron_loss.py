@@ -30,7 +30,10 @@ from ..distributed.collectives import tie
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
 from ..runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ..distributed.rows import phase1_rows
-from ..integrations.megatron.core import ATTENTIONS, Step, _forward, _group_size, use_star_positions
+from ..config import ATTENTIONS
+from ..integrations.megatron.attention import ForwardPlan, group_size
+from ..integrations.megatron.inference import model_forward
+from ..integrations.megatron.positions import use_star_positions
 from ..layout import BlockLayout, RingLayout
 from .loss import IGNORE_INDEX, _ce_sum, _RankShare, check_train_inputs, phase1_terms, train_meta
 
@@ -60,7 +63,7 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     ``target_ids, labels [B, Lt]``: the full tensors on every rank. Any bad argument raises the same
     ``StarInputError`` on every rank. ``return_parts``: also ``{"answer", "context"}``, detached."""
     use_star_positions(model)
-    size, rank = _group_size(group)
+    size, rank = group_size(group)
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, attention)
     if error is None and not isinstance(config, StarConfig):
         error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
@@ -84,8 +87,8 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     prefill.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
     query = QueryPass(context, num_layers, TrainingQueryKV(num_layers) if layout.is_query_host else None)
     keep = rows.keep + list(range(rows.num_rows, rows.num_rows + lt))  # the kept phase-1 rows, the target rows
-    step = Step(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group, keep)
-    logits = _forward(model, torch.cat([rows.ids, target_ids], dim=1), step)  # [B, len(keep), V]
+    step = ForwardPlan(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group, keep)
+    logits = model_forward(model, torch.cat([rows.ids, target_ids], dim=1), step)  # [B, len(keep), V]
     kept = len(rows.keep)
     answer, context_mean = phase1_terms(logits[:, :kept], rows, context_ids, labels, n_labelled)
     answer = tie(answer, *prefill.keep_alive)
@@ -101,7 +104,7 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
 
 def _ring_loss(model, context_ids, target_ids, labels, config, group, weight, n_labelled, return_parts):
     """Ring attention over ``[context ; target]``: each rank's rows' terms, all local."""
-    size, rank = _group_size(group)
+    size, rank = group_size(group)
     batch, lc = context_ids.shape
     lt = target_ids.shape[1]
     ids = torch.cat([context_ids, target_ids], dim=1)
@@ -113,8 +116,8 @@ def _ring_loss(model, context_ids, target_ids, labels, config, group, weight, n_
     ctx_rows = (positions < lc - 1).nonzero().flatten().tolist() if weight > 0 else []
     ans_rows = ((positions >= lc - 1) & (positions < lc + lt - 1)).nonzero().flatten().tolist() if n_labelled else []
     keep = ctx_rows + ans_rows or [0]  # a rank whose rows own no term keeps one, at weight 0
-    step = Step(positions, layout.num_tokens, RingPrefillPass(context, num_layers), group=group, keep=keep)
-    logits = _forward(model, layout.shard(ids, 1), step)  # [B, len(keep), V]
+    step = ForwardPlan(positions, layout.num_tokens, RingPrefillPass(context, num_layers), group=group, keep=keep)
+    logits = model_forward(model, layout.shard(ids, 1), step)  # [B, len(keep), V]
     real = torch.float64 if logits.dtype == torch.float64 else torch.float32
     answer = 0 * logits.sum().to(real)  # every rank's rows join the backward
     n_ctx = len(ctx_rows)

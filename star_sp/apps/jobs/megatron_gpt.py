@@ -196,7 +196,7 @@ def _train(cfg: MegatronConfig, world, device, cp_group, dp_group) -> int:
 def _generate(cfg: MegatronConfig, world, device, cp_group, dp_group) -> int:
     from dataclasses import replace
 
-    from ...integrations.megatron.core import megatron_generate, megatron_prefill
+    from ...integrations.megatron import megatron_generate, megatron_prefill
     from .checkpoints import STATE_FILE, complete_checkpoints, read_state
     from .megatron_model import build_model
 

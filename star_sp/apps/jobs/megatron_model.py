@@ -177,7 +177,7 @@ def build_model(cfg: MegatronConfig, vocab: int, device: torch.device, seed: int
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from ...integrations.megatron.core import star_layer_spec, use_star_positions
+    from ...integrations.megatron import star_layer_spec, use_star_positions
 
     config = TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,

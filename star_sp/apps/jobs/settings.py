@@ -13,12 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ...config import ANCHOR_SOURCES, BACKENDS
+from ...config import ANCHOR_SOURCES, BACKENDS, TRAIN_ATTENTIONS, TRAIN_DTYPES
 from ...errors import StarInputError
 from ..runconfig import load_config
 
-DTYPES = ("auto", "float32", "bfloat16")
-ATTENTIONS = ("star", "global")
 
 
 def _help(text: str, default=None, **kw):
@@ -78,7 +76,7 @@ class TrainSettings:
     quiet: bool = _help("no progress bar", False)
 
     def __post_init__(self) -> None:
-        _choice("dtype", self.dtype, DTYPES)
+        _choice("dtype", self.dtype, TRAIN_DTYPES)
         _choice("backend", self.backend, BACKENDS)
         if self.device not in ("auto", "cpu", "cuda"):
             raise StarInputError(f"device must be auto, cpu or cuda, got {self.device!r} (one GPU per process "
@@ -162,7 +160,7 @@ class FinetuneConfig(TrainSettings, _FinetuneKeys):
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise StarInputError("no model given: pass --model DIR (or 'reference') or set model in --config")
-        _choice("attention", self.attention, ATTENTIONS)
+        _choice("attention", self.attention, TRAIN_ATTENTIONS)
         _choice("anchor_source", self.anchor_source, ANCHOR_SOURCES)
         _integer("sp_size", self.sp_size, 1)
         _integer("eval_samples", self.eval_samples, 0)

@@ -1,11 +1,15 @@
-"""Star Attention for transformers causal LMs, through transformers' public extension points.
+"""``StarEngine``: Star Attention for transformers causal LMs, through transformers' public extension points.
 
-The engine registers one attention function under the name ``"star"`` (``AttentionInterface``),
-switches the model to it for the length of each engine call (and back afterwards), and passes a ``StarPass`` (``runtime/passes.py``) both as the model's
-KV cache and as a keyword argument that reaches the attention function. No modeling file is copied
-and no private function is patched; the version differences live in ``star_sp/_compat.py``.
-No mask function is registered: the attention function builds Star's masks itself, and inputs never
-carry padding (every sequence of a batch has the same context and query length).
+The engine registers one attention function under the name ``"star"`` (``attention.py``), switches the
+model to it for the length of each engine call (and back afterwards), and hands the pass that runs the
+forward (``PrefillPass``, ``QueryPass``, ``DecodeStepPass`` from ``runtime/passes.py``) both to the model's
+KV cache (``TransformersCache``) and, as a keyword argument, to the attention function. No modeling file
+is copied and no private function is patched; version differences live in ``star_sp/_compat.py``.
+
+Shapes: contexts ``(B, Lc)``, one per sequence (or a list of contexts of different lengths, each its own
+block layout); queries ``(B, Lq)``, or several questions over one context as ``(Q, Lq)`` or a list of
+different lengths, left-padded (the padding keys are masked by the query KV, never attended). The
+attention function builds Star's masks itself: no mask function is registered.
 """
 
 from __future__ import annotations
@@ -24,176 +28,18 @@ import torch.distributed as dist
 from ... import _compat
 from ...config import DECODE_GRAPH_MIN_TOKENS, StarConfig
 from ...distributed.agreement import agree_or_raise, first_failure
-from ...distributed.collectives import broadcast_tokens
 from ...distributed.guard import guarded_step
-from ...runtime.kv_cache import ContextKV, QueryKV, StaticQueryKV
-from ...runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ...distributed.rows import phase1_rows
 from ...errors import StarError, StarInputError
 from ...layout import BlockLayout, RingLayout
-from ...runtime.sampling import SamplingConfig, next_tokens
 from ...runtime.decode_step import DecodeStep, WarmUpError
-
-ATTENTION_NAME = "star"
-
-
-@torch.compiler.disable  # compiled layers (StarConfig.compile) run Star's attention as it is, between two graphs
-def _attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface: ``query (B, H, S, D)``, ``key, value (B, Hkv, S', D)`` ->
-    ``(out (B, S, H, D), None)``. The ``star`` keyword carries the pass that knows the phase."""
-    state = kwargs.get("star")
-    if state is None:
-        raise StarInputError("attn_implementation 'star' runs only inside star_sp.StarEngine (it needs the "
-                             "engine's per-pass state); use the engine's prefill/score/generate")
-    if dropout:
-        raise StarInputError("attention dropout is not supported under Star Attention; set "
-                             "model.config.attention_dropout = 0.0 (or call model.eval() for inference)")
-    return state.attend(module.layer_idx, query, key, value, scaling).transpose(1, 2), None
-
-
-class TransformersCache:
-    """transformers' cache protocol around a pass (``runtime/passes.py``): the attention module calls
-    ``update(k, v, layer_idx, cache_kwargs)`` before the attention function, and the model asks
-    ``get_seq_length()`` for the rows' positions; KV policy stays in the pass."""
-
-    is_compileable = False
-
-    def __init__(self, state):
-        self.state = state
-
-    # compiled layers: the pass's KV bookkeeping runs as it is (traced, it recompiled for each pass type)
-    @torch.compiler.disable
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self.state.update(k, v, layer_idx)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.state.seq_length(layer_idx)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, _attention_forward)
-
-
-def check_model(model) -> None:
-    """Raise ``StarInputError`` for a model whose attention Star Attention cannot honour."""
-    cfg = getattr(model, "config", None)
-    name = type(model).__name__
-    if cfg is None or not hasattr(model, "base_model_prefix"):
-        raise StarInputError(f"{name} is not a transformers model; StarEngine takes a *ForCausalLM model")
-    if getattr(cfg, "is_encoder_decoder", False):
-        raise StarInputError(f"{name} is an encoder-decoder model; Star Attention serves decoder-only causal LMs")
-    if not getattr(model, "_supports_attention_backend", False):
-        raise StarInputError(f"{name} computes attention in its own code (e.g. ALiBi or a custom kernel) rather "
-                             "than through transformers' attention interface, so Star Attention cannot replace it")
-    if getattr(cfg, "alibi", False) or "alibi" in str(getattr(cfg, "position_embedding_type", "")):
-        raise StarInputError(f"{name} uses ALiBi position biases, which Star Attention does not support")
-    layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        raise StarInputError(f"{name} has layers of type {sorted(layer_types - {'full_attention'})}; Star "
-                             "Attention needs every layer to use full causal attention")
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True):
-        raise StarInputError(f"{name} uses sliding-window attention (window {window}); Star Attention needs full "
-                             "attention. If the checkpoint was trained without a window, set "
-                             "config.sliding_window = None")
-    if getattr(cfg, "attn_logit_softcapping", None):
-        raise StarInputError(f"{name} soft-caps attention logits, which Star Attention does not support")
-    if not hasattr(model, "lm_head") and not hasattr(model, "get_output_embeddings"):
-        raise StarInputError(f"{name} has no language-model head; pass a *ForCausalLM model")
-
-
-def dropout_error(model) -> str | None:
-    """Star Attention applies no attention dropout: a model in training mode with some is refused (checked
-    up front, on every rank alike, not inside the first attention call that an idle host never makes)."""
-    rate = getattr(model.config, "attention_dropout", 0.0) or 0.0
-    if model.training and rate:
-        return (f"the model is in training mode with attention_dropout={rate}, which Star Attention does not "
-                "apply; set model.config.attention_dropout = 0.0 (or call model.eval() for inference)")
-    return None
-
-
-def _fingerprint(ids: torch.Tensor) -> int:
-    flat = ids.detach().reshape(-1).long().cpu()
-    weights = torch.arange(flat.numel(), dtype=torch.long) * 7919 + 104729
-    return int(((flat + 1) * weights % 2305843009213693951).sum() % 2305843009213693951) ^ hash(tuple(ids.shape))
-
-
-def _questions(query_ids) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
-    """``(ids, starts, error)``: a list of questions of different lengths (each ``(L_i,)`` or ``(1, L_i)``)
-    left-padded into ``ids (Q, max L_i)`` with ``starts[i] = max L - L_i`` padding tokens (id 0, never
-    attended); a tensor passes through with ``starts = None``."""
-    if not isinstance(query_ids, (list, tuple)):
-        return query_ids, None, None
-    if not query_ids:
-        return query_ids, None, "query_ids is an empty list: pass at least one question"
-    rows = []
-    for i, q in enumerate(query_ids):
-        if not isinstance(q, torch.Tensor) or q.dtype not in (torch.long, torch.int, torch.int32) or not (
-                q.dim() == 1 or (q.dim() == 2 and q.shape[0] == 1)):
-            return query_ids, None, (f"question {i} of the list must be a LongTensor of token ids, shape (tokens,) "
-                                     f"or (1, tokens), got {type(q).__name__}"
-                                     + (f" of shape {tuple(q.shape)}" if isinstance(q, torch.Tensor) else ""))
-        if q.numel() == 0:
-            return query_ids, None, f"question {i} of the list is empty: every question needs at least one token"
-        rows.append(q.reshape(-1).long())
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-    return ids, torch.tensor([width - len(r) for r in rows]), None
-
-
-def _query_positions(context_lens: list[int], lq: int, starts: torch.Tensor | None) -> torch.Tensor:
-    """Positions of the query rows: ``(Lq,)`` when every sequence's query follows a context of one
-    length, else ``(S, Lq)``: sequence ``i``'s tokens right after its context (``context_lens[i]``), its
-    left padding (``starts[i]`` tokens, unread) at the context's length."""
-    steps = torch.arange(lq)
-    if starts is None and len(set(context_lens)) == 1:
-        return context_lens[0] + steps
-    pad = torch.zeros(len(context_lens), dtype=torch.long) if starts is None else starts
-    return torch.tensor(context_lens)[:, None] + (steps[None, :] - pad[:, None]).clamp(min=0)
-
-
-def _positions(config) -> int | None:
-    """The positions a model can take: ``max_position_embeddings``, or, with rope scaling over an original
-    length (YaRN and the like, as Qwen2.5 ships it: 32768 x 4), the original length times the factor if
-    that is more."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    factor, original = rope.get("factor"), rope.get("original_max_position_embeddings")
-    if isinstance(factor, (int, float)) and isinstance(original, int):
-        limit = max(limit, int(original * factor))
-    return limit
-
-
-def _check_ids(name: str, ids, vocab_size: int) -> str | None:
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int, torch.int32):
-        return f"{name} must be a LongTensor of token ids, shape (batch, tokens), got {type(ids).__name__}" + (
-            f" of {ids.dtype}" if isinstance(ids, torch.Tensor) else "")
-    if ids.dim() != 2 or ids.shape[0] == 0:
-        return f"{name} must have shape (batch, tokens) with batch >= 1, got {tuple(ids.shape)}"
-    if ids.shape[1] == 0:
-        return f"{name} is empty: pass at least one token"
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        return (f"{name} holds token id {bad}, outside the model's vocabulary of {vocab_size} ids (0 to "
-                f"{vocab_size - 1}); encode the text with the model's own tokenizer")
-    return None
-
-
-def _model_spec(model) -> dict:
-    """What a context's KV depends on besides the ids: checked when a context comes back to an engine."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    param = next(model.parameters())
-    return {"layers": cfg.num_hidden_layers, "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-            "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
+from ...runtime.generate import StopRule, decode_tokens
+from ...runtime.inputs import check_ids, fingerprint, positions_limit, query_positions, questions
+from ...runtime.kv_cache import ContextKV, QueryKV, StaticQueryKV
+from ...runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
+from ...runtime.sampling import SamplingConfig
+from .attention import ATTENTION_NAME, TransformersCache, register
+from .checks import check_model, dropout_error, model_spec
 
 
 def _with_star_attention(method):
@@ -249,7 +95,7 @@ class StarEngine:
             raise StarInputError("attention='global' is the plain model in one process: run it with one process "
                                  "(group=None, or a launcher with one process per node)")
         check_model(model)
-        _register()
+        register()
         self.model, self.config, self.group, self.attention = model, config, group, attention
         self.sizes = sizes  # (block, anchor) for a context of a given length (Star), instead of the config's
         self._compiled = None  # CompiledLayers, made at the first call with config.compile
@@ -340,12 +186,12 @@ class StarEngine:
         return context
 
     def _prefill_one(self, context_ids: torch.Tensor, progress) -> StarContext:
-        error = _check_ids("context_ids", context_ids, self.vocab_size) or dropout_error(self.model)
-        limit = _positions(self.model.config)
+        error = check_ids("context_ids", context_ids, self.vocab_size) or dropout_error(self.model)
+        limit = positions_limit(self.model.config)
         if error is None and isinstance(limit, int) and context_ids.shape[1] >= limit:
             error = (f"the context holds {context_ids.shape[1]} tokens, and the model has {limit} positions: no room "
                      "is left for a question; shorten the context")
-        fingerprint = _fingerprint(context_ids) if error is None else None
+        ids_hash = fingerprint(context_ids) if error is None else None
         layout = None
         ring = error is None and self._ring(context_ids.shape[1])
         if error is None:
@@ -358,14 +204,14 @@ class StarEngine:
             except StarInputError as exc:
                 error = str(exc)
         meta = {"shape": tuple(context_ids.shape) if error is None else None,
-                "ids": fingerprint, "config": self.config.to_dict(),
+                "ids": ids_hash, "config": self.config.to_dict(),
                 "attention": self.attention}
         self._agree("prefill", meta, error)
         cfg = self._config_for(context_ids.shape[1])
         recompute = cfg.anchor_source == "recompute"
         context = StarContext(layout=layout, config=cfg, batch_size=context_ids.shape[0],
                               kv=ContextKV(self.num_layers), group=self.group,
-                              fingerprint=fingerprint, model_spec=_model_spec(self.model), model_ref=weakref.ref(self.model))
+                              fingerprint=ids_hash, model_spec=model_spec(self.model), model_ref=weakref.ref(self.model))
         state = (RingPrefillPass if ring else PrefillPass)(context, self.num_layers, check=True, progress=progress)
         self._sync()
         start = time.perf_counter()
@@ -388,7 +234,7 @@ class StarEngine:
 
     def _check_query(self, step: str, context, query_ids, extra_error: str | None = None, *, listed: bool = False,
                      new_tokens: int = 0, **extra_meta) -> None:
-        error = extra_error or _check_ids("query_ids", query_ids, self.vocab_size) or dropout_error(self.model)
+        error = extra_error or check_ids("query_ids", query_ids, self.vocab_size) or dropout_error(self.model)
         if error is None and not isinstance(context, StarContext):
             error = f"context must be what prefill() returned, got {type(context).__name__}"
         if error is None:
@@ -399,7 +245,7 @@ class StarEngine:
         if error is None and listed and context.batch_size != 1 and context.sequences is None:
             error = (f"a list of questions is asked of one context, but this one was prefilled with batch "
                      f"{context.batch_size}; prefill one context (batch 1)")
-        limit = _positions(self.model.config)
+        limit = positions_limit(self.model.config)
         if error is None and isinstance(limit, int) and context.context_len + query_ids.shape[1] + new_tokens > limit:
             error = (f"the context ({context.context_len} tokens), the longest question ({query_ids.shape[1]}) and "
                      f"{new_tokens} new tokens need up to {context.context_len + query_ids.shape[1] + new_tokens} "
@@ -412,13 +258,13 @@ class StarEngine:
         if error is None and context.group is not self.group:
             error = "this context was prefilled by an engine with another process group"
         meta = {"shape": tuple(query_ids.shape) if error is None else None,
-                "ids": _fingerprint(query_ids) if error is None else None,
+                "ids": fingerprint(query_ids) if error is None else None,
                 "context": context.fingerprint if error is None else None, **extra_meta}
         self._agree(step, meta, error)
 
     def _check_context_model(self, context: StarContext) -> str | None:
         """The context's KV must come from this engine's model (same weights, shapes, dtype, device)."""
-        mine = _model_spec(self.model)
+        mine = model_spec(self.model)
         if context.model_spec != mine:
             diff = ", ".join(f"{k} {context.model_spec.get(k)} (here {mine[k]})"
                              for k in mine if context.model_spec.get(k) != mine[k])
@@ -437,14 +283,14 @@ class StarEngine:
         ``Q`` questions of different lengths, which gives a list of ``FloatTensor[1, L_i, vocab]``. The
         context's KV is read once for all of them."""
         listed = isinstance(query_ids, (list, tuple))
-        query_ids, starts, error = _questions(query_ids)
+        query_ids, starts, error = questions(query_ids)
         self._check_query("score", context, query_ids, error, listed=listed)
         lq = query_ids.shape[1]
         query_kv = None
         if self._holds_query(context):
             query_kv = QueryKV(self.num_layers, lq, None if starts is None else starts.to(self.device))
         state = QueryPass(context, self.num_layers, query_kv, check=False)
-        positions = _query_positions(context.context_lens, lq, starts)
+        positions = query_positions(context.context_lens, lq, starts)
         logits = self._forward(state, query_ids, positions, logits_to_keep=0).logits.float()
         if starts is None:
             return logits
@@ -464,7 +310,7 @@ class StarEngine:
         once for all of them, and each question stops on its own."""
         sampling = sampling or SamplingConfig()
         listed = isinstance(query_ids, (list, tuple))
-        query_ids, starts, error = _questions(query_ids)
+        query_ids, starts, error = questions(query_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             error = f"max_new_tokens must be a positive integer, got {max_new_tokens!r}"
         elif stop_strings and tokenizer is None:
@@ -478,8 +324,7 @@ class StarEngine:
                           new_tokens=max_new_tokens if isinstance(max_new_tokens, int) else 0,
                           max_new_tokens=max_new_tokens,
                           sampling=repr(sampling), eos=repr(eos_token_id), stop=repr(stop_strings), pad=pad_token_id)
-        eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        stop = StopRule.make(eos_token_id, pad_token_id, stop_strings, tokenizer)
         batch, lq = query_ids.shape
         holds = self._holds_query(context)
         query_kv = None
@@ -487,75 +332,23 @@ class StarEngine:
             on_device = None if starts is None else starts.to(self.device)
             query_kv = (QueryKV(self.num_layers, lq + max_new_tokens, on_device) if mode == "plain"
                         else StaticQueryKV(self.num_layers, lq + max_new_tokens, self.device, on_device))
-        step_fn: DecodeStep | None = None
-        setup_s = 0.0
-        generator = sampling.generators(batch, self.device) if holds else None
-        finished = torch.zeros(batch, dtype=torch.bool)
-        tokens: list[torch.Tensor] = []
-        window = max((len(s) for s in stop_strings or ()), default=0) + 8
-        ids, pos = query_ids, context.context_len
-        positions = _query_positions(context.context_lens, lq, starts)  # the query rows'; then one per step
-        ends = None if positions.dim() == 1 else positions[:, -1] + 1  # each sequence's next position
+        positions = query_positions(context.context_lens, lq, starts)  # the query rows'; then one per step
+        decode = _Decode(self, context, query_kv, holds, mode, positions)
         self._sync()
         start = time.perf_counter()
-        first = None
-        for step in range(max_new_tokens):
-            if step and mode != "plain" and step_fn is None:  # fixed-shape steps from here on
-                set_up = time.perf_counter()
-                if query_kv is not None:
-                    query_kv.mark_filled()
-                step_fn = self._decode_step(context, query_kv, batch, pos if ends is None else ends, mode)
-                mode = "graph" if step_fn.graph is not None else "static"
-                self._sync()
-                setup_s = time.perf_counter() - set_up
-            if step_fn is not None:
-                logits = step_fn(ids.to(self.device))
-            else:
-                state = QueryPass(context, self.num_layers, query_kv, check=False)
-                if step:
-                    positions = torch.arange(pos, pos + 1) if ends is None else ends[:, None]
-                out = self._forward(state, ids, positions, **({"logits_to_keep": 1} if holds else {}))
-                logits = out.logits[:, -1] if holds else None
-            if step and ends is not None:
-                ends = ends + 1
-            pos += ids.shape[1]
-            chosen = done = failure = None
-            if holds:  # the query host (or the one process) chooses the token and decides who stops
-                try:
-                    chosen = torch.where(finished, pad, next_tokens(logits, sampling, generator).cpu())
-                    done = finished.clone()
-                    for e in eos:
-                        done |= chosen == e
-                    if stop_strings:
-                        done |= self._hit_stop(torch.stack(tokens[-window:] + [chosen], 1), stop_strings, tokenizer)
-                except Exception as exc:  # noqa: BLE001 - reaches every rank through the broadcast below
-                    if context.group is None:
-                        raise
-                    failure = exc
-            # the other hosts only lend their context KV (no language-model head) and receive the choice
-            if context.group is not None:
-                chosen, done = broadcast_tokens(chosen, done, src=self.world_size - 1, group=context.group,
-                                                device=self.device, batch=batch, error=failure,
-                                                timeout_s=context.config.collective_timeout_s)
-            finished = done
-            tokens.append(chosen)
-            if first is None:
-                self._sync()
-                first = time.perf_counter()
-            if bool(finished.all()):
-                break
-            ids = chosen.unsqueeze(1)
+        tokens, first = decode_tokens(decode.logits, query_ids, max_new_tokens, holds=holds, group=context.group,
+                                      src=self.world_size - 1, device=self.device, sampling=sampling, stop=stop,
+                                      timeout_s=context.config.collective_timeout_s, sync=self._sync)
         self._sync()
         end = time.perf_counter()
-        n = len(tokens)
-        decode_s = end - first - setup_s  # per-token rate: without the one-off capture
+        n = tokens.shape[1]
+        decode_s = end - first - decode.setup_s  # per-token rate: without the one-off capture
         self.stats.update({"first_token_s": first - start, "new_tokens": n,
                            "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
-                           "generate_s": end - start, "decode_mode": mode if step_fn is not None else "plain",
-                           "decode_setup_s": setup_s})
+                           "generate_s": end - start, "decode_mode": decode.used_mode, "decode_setup_s": decode.setup_s})
         if self.device.type == "cuda":
             self.stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return torch.stack(tokens, dim=1)
+        return tokens
 
     def _decode_step(self, context, query_kv, batch: int, pos: int, mode: str) -> DecodeStep:
         """The request's fixed-shape step; with ``decode_graphs='auto'`` a capture that fails (a model whose
@@ -608,8 +401,47 @@ class StarEngine:
             return "graph", None
         return ("static" if choice == "static" else "plain"), None
 
-    @staticmethod
-    def _hit_stop(tokens: torch.Tensor, stop_strings: list[str], tokenizer) -> torch.Tensor:
-        window = max(len(s) for s in stop_strings) + 8
-        texts = tokenizer.batch_decode(tokens[:, -window:], skip_special_tokens=False)
-        return torch.tensor([any(s in t for s in stop_strings) for t in texts])
+
+class _Decode:
+    """The engine's forward of one decode step, for ``decode_tokens``: step 0 runs the question rows through
+    a ``QueryPass``; later steps run one token per sequence, plainly (a fresh forward per token) or, from
+    step 1 on, through the request's fixed-shape ``DecodeStep`` (``mode`` "static" or "graph")."""
+
+    def __init__(self, engine: StarEngine, context: StarContext, query_kv, holds: bool, mode: str,
+                 positions: torch.Tensor):
+        self.engine, self.context, self.query_kv, self.holds, self.mode = engine, context, query_kv, holds, mode
+        self.positions = positions
+        self.pos = context.context_len  # the next position, when every sequence has the same
+        self.ends = None if positions.dim() == 1 else positions[:, -1] + 1  # else each sequence's next one
+        self.step_fn: DecodeStep | None = None
+        self.setup_s = 0.0
+
+    def logits(self, step: int, ids: torch.Tensor) -> torch.Tensor | None:
+        """The last row's logits ``(B, V)`` on the query host, None elsewhere."""
+        engine, holds = self.engine, self.holds
+        if step and self.mode != "plain" and self.step_fn is None:  # fixed-shape steps from here on
+            set_up = time.perf_counter()
+            if self.query_kv is not None:
+                self.query_kv.mark_filled()
+            self.step_fn = engine._decode_step(self.context, self.query_kv, ids.shape[0],
+                                               self.pos if self.ends is None else self.ends, self.mode)
+            self.mode = "graph" if self.step_fn.graph is not None else "static"
+            engine._sync()
+            self.setup_s = time.perf_counter() - set_up
+        if self.step_fn is not None:
+            logits = self.step_fn(ids.to(engine.device))
+        else:
+            state = QueryPass(self.context, engine.num_layers, self.query_kv, check=False)
+            if step:
+                self.positions = torch.arange(self.pos, self.pos + 1) if self.ends is None else self.ends[:, None]
+            out = engine._forward(state, ids, self.positions, **({"logits_to_keep": 1} if holds else {}))
+            logits = out.logits[:, -1] if holds else None
+        if step and self.ends is not None:
+            self.ends = self.ends + 1
+        self.pos += ids.shape[1]
+        return logits
+
+    @property
+    def used_mode(self) -> str:
+        """How the steps after the first ran: "plain", "static" or "graph"."""
+        return self.mode if self.step_fn is not None else "plain"

@@ -1,9 +1,12 @@
-"""Star Attention for Megatron-core GPT models: the core-attention module and its layer spec
-(``core.py``), Star's positions (``StarRotary``), prefill and generation over a Star context, and the
-``--attention star`` flags (``args.py``). megatron-core is imported lazily."""
+"""Star Attention for Megatron-core GPT models. ``attention.py``: the core-attention module
+(``StarCoreAttention``), its layer spec and the forward plan that tells it which rows are phase 1 and
+which phase 2; ``positions.py``: RoPE at Star's positions; ``inference.py``: prefill, generation and the
+one model forward; ``args.py``: the ``--attention star`` flags. megatron-core is imported lazily."""
 
-from .core import (ATTENTIONS, StarCoreAttention, StarRotary, contiguous_share, megatron_generate, megatron_prefill,
-                   require_megatron, star_layer_spec, use_star_positions)
+from .attention import ForwardPlan, StarCoreAttention, contiguous_share, group_size, require_megatron, running, star_layer_spec
+from .inference import megatron_generate, megatron_prefill, model_device, model_forward
+from .positions import StarRotary, use_star_positions
 
-__all__ = ["ATTENTIONS", "StarCoreAttention", "StarRotary", "contiguous_share", "megatron_generate", "megatron_prefill",
-           "require_megatron", "star_layer_spec", "use_star_positions"]
+__all__ = ["ForwardPlan", "StarCoreAttention", "StarRotary", "contiguous_share", "group_size", "megatron_generate",
+           "megatron_prefill", "model_device", "model_forward", "require_megatron", "running", "star_layer_spec",
+           "use_star_positions"]

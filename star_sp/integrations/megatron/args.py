@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from ...config import StarConfig
 from ...errors import StarInputError
-from .core import ATTENTIONS
+from ...config import ANCHOR_SOURCES, ATTENTIONS, StarConfig
 
 
 def add_star_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -30,7 +29,7 @@ def add_star_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--star-anchor-size", type=int, default=None,
                    help="anchor tokens: the context's first tokens that every block attends (default: the block size; "
                         "0 for none)")
-    g.add_argument("--star-anchor-source", choices=("broadcast", "recompute"), default="broadcast",
+    g.add_argument("--star-anchor-source", choices=ANCHOR_SOURCES, default="broadcast",
                    help="the anchor's KV computed once and broadcast, or recomputed on every rank")
     return parser
 
@@ -70,7 +69,7 @@ def star_spec_from_args(args, spec):
     config = star_config_from_args(args)
     if config is None:
         return spec
-    from .core import star_layer_spec
+    from .attention import star_layer_spec
 
     return star_layer_spec(spec, config, args.attention)
 

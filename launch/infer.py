@@ -13,18 +13,7 @@ torchrun it is also the root cause at the end of torchrun's failure report), 2 f
 after Ctrl-C.
 """
 
-import os
-import signal
-import sys
+from _start import launch  # launch/_start.py: Ctrl-C, --local_rank and the exit code, before torch is imported
 
 if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C while torch is being imported
-        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-    from star_sp.apps.cli import main
-
-    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    code = main(["generate", *argv])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # the process group is already closed: skip the interpreter's teardown, whose C++
-    # destructors now and then abort a launched process ("terminate called without an active exception")
+    launch("star_sp.apps.cli", "generate")

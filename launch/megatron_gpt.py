@@ -11,9 +11,7 @@ parallelism (the CP group is the Star group), or a checkpoint answering a query 
 error (one line), 2 for a bad flag, 130 after Ctrl-C. The job itself is ``star_sp.apps.jobs.megatron_gpt``.
 """
 
-import os
-import runpy
+from _start import launch  # launch/_start.py: Ctrl-C, --local_rank and the exit code, before torch is imported
 
-if __name__ == "__main__":  # launch/finetune.py's start (Ctrl-C, --local_rank, exit code), by path: no torch yet
-    launch = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py"))["launch"]
+if __name__ == "__main__":
     launch("star_sp.apps.jobs.megatron_gpt")

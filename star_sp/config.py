@@ -87,7 +87,7 @@ class StarConfig:
 
     compile: bool | str = False
     """Fuse the model's own element-wise work (norms, rotary embedding, activations, residual adds) with
-    ``torch.compile`` around Star's attention, in prefill and decoding (``integrations/compiled.py``):
+    ``torch.compile`` around Star's attention, in prefill and decoding (``integrations/hf/compiled.py``):
     ``True`` (the ``inductor`` backend) or a ``torch.compile`` backend's name. Compiled once per engine
     and layer, for every length (dynamic shapes); a model it cannot compile runs as it is, with one
     warning. The compile time is reported apart (``engine.stats["compile_s"]``)."""

@@ -23,6 +23,18 @@ from .config import StarConfig, check_block_anchor
 from .errors import StarInputError
 
 
+def _check_split(layout) -> None:
+    """The one check of a layout's ``context_len``, ``world_size`` and ``rank``: positive integers, the rank
+    inside the group. Raises ``StarInputError`` naming the value."""
+    for name in ("context_len", "world_size"):
+        value = getattr(layout, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            hint = " (the context is empty: give at least one token)" if name == "context_len" else ""
+            raise StarInputError(f"{name} must be a positive integer, got {value!r}{hint}")
+    if isinstance(layout.rank, bool) or not isinstance(layout.rank, int) or not 0 <= layout.rank < layout.world_size:
+        raise StarInputError(f"rank must be in [0, {layout.world_size}), got {layout.rank!r}")
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """The split of one context over the ranks of a group, seen from one rank."""
@@ -34,14 +46,8 @@ class BlockLayout:
     rank: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("context_len", "world_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                hint = " (the context is empty: give at least one token)" if name == "context_len" else ""
-                raise StarInputError(f"{name} must be a positive integer, got {value!r}{hint}")
+        _check_split(self)
         check_block_anchor(self.block_size, self.anchor_size)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
-            raise StarInputError(f"rank must be in [0, {self.world_size}), got {self.rank!r}")
 
     @classmethod
     def from_config(cls, config: StarConfig, context_len: int, world_size: int = 1, rank: int = 0) -> "BlockLayout":
@@ -162,12 +168,7 @@ class RingLayout:
     rank: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("context_len", "world_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise StarInputError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= self.rank < self.world_size:
-            raise StarInputError(f"rank {self.rank} is outside a group of {self.world_size}")
+        _check_split(self)
         if self.context_len < 2 * self.world_size:
             raise StarInputError(f"ring attention over {self.world_size} ranks needs at least {2 * self.world_size} "
                                  f"tokens (two chunks per rank), got {self.context_len}")
@@ -197,10 +198,6 @@ class RingLayout:
     @property
     def num_tokens(self) -> int:
         return self.num_tokens_of(self.rank)
-
-    @property
-    def is_idle(self) -> bool:
-        return self.num_tokens == 0
 
     @property
     def is_query_host(self) -> bool:

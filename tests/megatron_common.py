@@ -224,8 +224,7 @@ def one_block_against_stock(group):
     from star_sp import StarConfig
     from star_sp.runtime.kv_cache import ContextKV
     from star_sp.runtime.passes import PrefillPass, StarContext
-    from star_sp.integrations.megatron.attention import ForwardPlan as Step
-    from star_sp.integrations.megatron.inference import model_forward as _forward
+    from star_sp.integrations.megatron import ForwardPlan, model_forward
     from star_sp.layout import BlockLayout
 
     class NoRng:  # DotProductAttention forks the CUDA RNG tracker around its (here zero) dropout
@@ -254,7 +253,7 @@ def one_block_against_stock(group):
         torch.cuda.current_device = current
     with torch.no_grad():
         context = StarContext(BlockLayout.from_config(star, lc), star, 2, ContextKV(2))  # one block
-        got = _forward(model, ids, Step(torch.arange(lc), lc, PrefillPass(context, 2)))
+        got = model_forward(model, ids, ForwardPlan(torch.arange(lc), lc, PrefillPass(context, 2)))
     return ((got - want).norm() / want.norm()).item()
 
 

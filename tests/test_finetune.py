@@ -571,7 +571,7 @@ def test_errors_and_ctrl_c_are_told_as_the_cli_tells_them_with_the_job_name(monk
     assert capsys.readouterr().err == "star-sp finetune (rank 1): error: x\nstar-sp (rank 1): error: x\n"
 
     script = ("import os, signal, sys, time\n"
-              "from star_sp.training import job\n"
+              "from star_sp.apps.jobs import finetune as job\n"
               "def run(cfg, inspect=None):\n"
               "    os.kill(os.getpid(), signal.SIGINT)\n"
               "    time.sleep(60)\n"

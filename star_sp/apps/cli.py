@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import ANCHOR_SOURCES, ATTENTIONS, BACKENDS, DECODE_GRAPHS, DTYPES, PHASE2_MERGES
+from ..errors import StarError
 from .evaluate import evaluate
 from .generate import generate
 from .report import exit_on_interrupt, report
-from ..config import ANCHOR_SOURCES, ATTENTIONS, BACKENDS, DECODE_GRAPHS, DTYPES, PHASE2_MERGES
-from ..errors import StarError
 
 EXAMPLES = """examples (from the repository's root; the shipped model answers in the RULER tasks' wording):
   star-sp generate --model reference --context-file examples/needle-2k.txt \\

@@ -9,11 +9,11 @@ import os
 
 import torch.distributed as dist
 
-from .model_arg import load_model, load_tokenizer, model_config
 from ..distributed.process_group import close_process_group
-from .report import everyone, same_everywhere, speaks
 from ..errors import StarInputError
 from ..models import resolve_model
+from .model_arg import load_model, load_tokenizer, model_config
+from .report import everyone, same_everywhere, speaks
 
 
 def evaluate(args) -> int:

@@ -13,9 +13,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..distributed.process_group import close_process_group
 from .inputs import read_inputs
 from .model_arg import load_model, load_tokenizer, model_config
-from ..distributed.process_group import close_process_group
 from .report import everyone, same_everywhere, speaks
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .report import on_every_rank
 from ..errors import StarInputError
+from .report import on_every_rank
 
 _SOURCES = {"context": ("--context-file", "--context-ids", "--random-context"),
             "query": ("--query-file", "--query-ids", "--random-query", "--query")}

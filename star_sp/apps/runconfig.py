@@ -10,7 +10,6 @@ from ..errors import StarInputError
 from ..runtime.sampling import SamplingConfig
 
 
-
 @dataclass(kw_only=True)
 class RunConfig:
     """Everything ``star-sp generate`` needs besides its inputs."""

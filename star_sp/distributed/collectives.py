@@ -136,8 +136,10 @@ def broadcast_anchor(
     timeout_s: float | None = None,
     users: tuple[int, ...] = (),
     link: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Send the anchor's ``k, v: (B, Hkv, a, D)`` from group rank ``src`` to every rank of ``group``.
+    background: bool = False,
+):
+    """Send the anchor's ``k, v: (B, Hkv, a, D)`` from group rank ``src`` to every rank of ``group``;
+    returns ``(k, v)``.
 
     On ``src`` pass the tensors; elsewhere pass None and the expected ``shape``, ``dtype``, ``device``.
     K and V travel as one packed tensor ``(2, B, Hkv, a, D)``, in one broadcast.
@@ -146,13 +148,24 @@ def broadcast_anchor(
     the same tuple on every rank) is given: on ``src`` when its KV requires a gradient, and on each
     user, which passes ``link`` (its own KV, sliced to nothing, see ``_BroadcastAnchor``). The backward
     pass brings the users' anchor gradients to ``src``, summed in float32. Other ranks get no gradient.
+
+    ``background=True`` (no gradients): returns ``(k, v, ready)`` without waiting, ``k, v`` filling in
+    the background until ``ready()`` (idempotent) waits for them; attention that does not need the anchor
+    can run in between (``ops.Part.ready``), overlapping the transfer.
     """
     me = dist.get_rank(group)
     differentiable = torch.is_grad_enabled() and (
         (me == src and (k.requires_grad or v.requires_grad)) or (me in users and link is not None and link.requires_grad))
-    if not differentiable:
+    if background or not differentiable:
         kv = _packed_anchor(k, v, src, shape, dtype, device, group)
-        wait(dist.broadcast(kv, src=global_rank(group, src), group=group, async_op=True), timeout_s, kv)
+        pending = [dist.broadcast(kv, src=global_rank(group, src), group=group, async_op=True)]
+
+        def ready() -> None:
+            if pending:
+                wait(pending.pop(), timeout_s, kv)
+        if background:
+            return kv[0], kv[1], ready
+        ready()
         return kv[0], kv[1]
     packed = torch.stack([k, v]) if me == src else link
     kv = _BroadcastAnchor.apply(packed, src, tuple(users), (2, *shape), group, timeout_s)
@@ -164,30 +177,6 @@ def _packed_anchor(k, v, src, shape, dtype, device, group) -> torch.Tensor:
     if dist.get_rank(group) == src:
         return torch.stack([k, v])
     return torch.empty((2, *shape), dtype=dtype, device=device)
-
-
-def post_anchor_broadcast(
-    k: torch.Tensor | None,
-    v: torch.Tensor | None,
-    *,
-    src: int,
-    shape: tuple[int, int, int, int],
-    dtype: torch.dtype,
-    device: torch.device,
-    group: "dist.ProcessGroup",
-    timeout_s: float | None = None,
-):
-    """``broadcast_anchor`` without gradients and without waiting: returns ``(k, v, ready)`` where
-    ``k, v`` fill in the background and ``ready()`` (idempotent) waits for them. Attention that does
-    not need the anchor can run in between (``ops.Part.ready``), overlapping the transfer."""
-    kv = _packed_anchor(k, v, src, shape, dtype, device, group)
-    work = dist.broadcast(kv, src=global_rank(group, src), group=group, async_op=True)
-    pending = [work]
-
-    def ready() -> None:
-        if pending:
-            wait(pending.pop(), timeout_s, kv)
-    return kv[0], kv[1], ready
 
 
 class _Tie(torch.autograd.Function):

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .._compat import default_store
 from ..errors import StarCollectiveError, StarInputError
 
+
 def _key(group, global_rank: int) -> str:
     return f"star_sp/failure/{getattr(group, 'group_name', 'default')}/{global_rank}"
 

@@ -11,7 +11,7 @@ from ..layout import BlockLayout
 from ..ops.backends import check_qkv
 from ..ops.star import can_fuse_anchor, local_attention, phase1_parts
 from .agreement import agree, validated
-from .collectives import broadcast_anchor, post_anchor_broadcast, tie
+from .collectives import broadcast_anchor, tie
 from .guard import guarded_step
 
 
@@ -91,7 +91,7 @@ def phase1_attention(
                 link = torch.cat([k[:, :, :0], v[:, :, :0]], dim=2) if layout.needs_anchor else None
                 anchor_k, anchor_v = broadcast_anchor(src_k, src_v, users=users, link=link, **where)
             else:  # inference: the blocks' own parts run while the anchor is in flight
-                anchor_k, anchor_v, ready = post_anchor_broadcast(src_k, src_v, **where)
+                anchor_k, anchor_v, ready = broadcast_anchor(src_k, src_v, background=True, **where)
         parts = phase1_parts(
             k, v, layout.block_lengths, has_block0=layout.owns_anchor, anchor_len=layout.anchor_len,
             anchor_k=None if layout.owns_anchor else anchor_k, anchor_v=None if layout.owns_anchor else anchor_v,

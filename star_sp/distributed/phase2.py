@@ -12,7 +12,6 @@ from .agreement import agree, validated
 from .collectives import AllGatherMerge, AllReduceMerge
 from .guard import guarded_step
 
-
 MERGES = {"allreduce": AllReduceMerge, "allgather": AllGatherMerge}
 
 def _check_inputs(q, ctx_k, ctx_v, query_k, query_v, group) -> None:

@@ -1,7 +1,7 @@
 """Which rows one host runs through the model in phase 1 (prefill, and a Star training step), and which
 of their logits a training loss needs. Framework-neutral: the transformers engine's prefill and loss
 (``integrations/hf/engine.py``, ``training/loss.py``) and the Megatron-core ones
-(``integrations/megatron.py``, ``training/megatron_loss.py``) all build their phase-1 inputs from it.
+(``integrations/megatron/``, ``training/megatron_loss.py``) all build their phase-1 inputs from it.
 
 A training sample is ``[context ; target]``. Every host runs its phase-1 rows (below) and, after them
 (Megatron: in the same forward) or in a second forward (transformers), the ``Lt`` target rows, the

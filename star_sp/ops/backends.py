@@ -25,8 +25,8 @@ backend that cannot run them raises ``BackendUnavailableError`` instead of falli
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 
 import torch
 

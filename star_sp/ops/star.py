@@ -26,8 +26,8 @@ from ..errors import StarInputError
 from .attention import default_scale, key_parts
 from .backends import check_qkv, select_kernel
 from .merge import accumulation_dtype, merge_into_
-from .valid_keys import own_keys, valid_keys_attention
 from .parts import Part, Reducer, parts_attention
+from .valid_keys import own_keys, valid_keys_attention
 
 
 def phase1_parts(

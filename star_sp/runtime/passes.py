@@ -28,18 +28,18 @@ import torch
 import torch.distributed as dist
 
 from ..config import StarConfig
+from ..distributed.guard import guarded_step
+from ..distributed.phase1 import phase1_attention
+from ..distributed.phase2 import MERGES, phase2_attention
+from ..distributed.ring import ring_attention
 from ..errors import StarInputError
 from ..layout import BlockLayout, RingLayout
 from ..ops.attention import default_scale
 from ..ops.merge import accumulation_dtype, merge_into_
-from ..ops.star import (can_fuse_anchor, local_attention, merge_own_keys_, per_sequence_context_attention,
-                        phase1_parts, phase2_local, phase2_parts, shared_context_attention)
+from ..ops.star import (can_fuse_anchor, local_attention, merge_own_keys_, per_sequence_context_attention, phase1_parts,
+                        phase2_local, phase2_parts, shared_context_attention)
 from ..ops.valid_keys import valid_keys_attention
-from ..distributed.guard import guarded_step
 from .kv_cache import ContextKV, QueryKV, StaticQueryKV
-from ..distributed.phase1 import phase1_attention
-from ..distributed.phase2 import MERGES, phase2_attention
-from ..distributed.ring import ring_attention
 
 
 def _same_backward(out: torch.Tensor, *unused: torch.Tensor) -> torch.Tensor:

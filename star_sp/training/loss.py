@@ -32,22 +32,19 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .. import _compat
 from ..config import StarConfig
 from ..distributed.collectives import tie
-from ..distributed.guard import guarded_step, wait
-from ..runtime.kv_cache import ContextKV, TrainingQueryKV
-from ..runtime.passes import PrefillPass, QueryPass, StarContext
 from ..distributed.rows import Phase1Rows, phase1_rows
 from ..integrations.hf.attention import ATTENTION_NAME
 from ..integrations.hf.checks import dropout_error
 from ..integrations.hf.engine import StarEngine
-from ..runtime.inputs import check_ids, fingerprint
 from ..layout import BlockLayout
-
-IGNORE_INDEX = -100
+from ..runtime.inputs import check_ids, fingerprint
+from ..runtime.kv_cache import ContextKV, TrainingQueryKV
+from ..runtime.passes import PrefillPass, QueryPass, StarContext
+from .terms import IGNORE_INDEX, RankShare, ce_sum
 
 
 def check_train_inputs(context_ids, target_ids, labels, weight, vocab: int) -> str | None:
@@ -91,36 +88,6 @@ def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | 
     return error
 
 
-class _RankShare(torch.autograd.Function):
-    """Forward: ``replicated + sum over ranks of (answer + w * context)``, and the loss's two parts, the
-    same on every rank (one all-reduce of two numbers). Backward: the replicated term's gradient times
-    ``weight`` (1 on one rank, 0 elsewhere), the local terms' as they are."""
-
-    @staticmethod
-    def forward(ctx, replicated, answer, context, weight, context_weight, group, timeout_s):
-        ctx.weight, ctx.context_weight = weight, context_weight
-        local = torch.stack([answer.detach(), context.detach()]).to(replicated.dtype)
-        if group is not None:
-            with guarded_step("loss", group):
-                wait(dist.all_reduce(local, group=group, async_op=True), timeout_s, local)
-        answer_total = replicated.detach() + local[0]
-        context_total = local[1].clone()
-        ctx.mark_non_differentiable(answer_total, context_total)
-        return answer_total + context_weight * local[1], answer_total, context_total
-
-    @staticmethod
-    def backward(ctx, grad, *unused):
-        return grad * ctx.weight, grad, grad * ctx.context_weight, None, None, None, None
-
-
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy in float32 or better (``logits (B, S, V)``, ``targets (B, S)``, -100 ignored)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-
-
 def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
                     config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
                     context_loss_weight: float = 0.0, return_parts: bool = False):
@@ -157,11 +124,11 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
         keep = torch.arange(max(lt - 1, 1), device=device)
         logits = engine._forward(state, target_ids, positions, logits_to_keep=keep).logits
         if lt > 1 and n_labelled:
-            replicated = _ce_sum(logits, labels[:, 1:]) / n_labelled
+            replicated = ce_sum(logits, labels[:, 1:]) / n_labelled
         else:  # no target row predicts a label, but every rank must still run phase 2's backward (its
             # collectives): the target rows stay in the graph with weight 0
             replicated = 0 * logits.sum().to(answer.dtype)
-    loss, answer_part, context_part = _RankShare.apply(
+    loss, answer_part, context_part = RankShare.apply(
         replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, float(context_loss_weight), group,
         config.collective_timeout_s)
     return (loss, {"answer": answer_part, "context": context_part}) if return_parts else loss
@@ -194,12 +161,12 @@ def phase1_terms(kept_logits: torch.Tensor, rows: Phase1Rows, context_ids: torch
     terms; 0 when ``rows.predicting`` is empty)."""
     real = torch.float64 if kept_logits.dtype == torch.float64 else torch.float32
     if rows.last:
-        answer = _ce_sum(kept_logits[:, -1:], labels[:, :1]) / n_labelled
+        answer = ce_sum(kept_logits[:, -1:], labels[:, :1]) / n_labelled
     else:
         answer = 0 * kept_logits.sum().to(real)
     context_mean = torch.zeros((), dtype=real, device=kept_logits.device)
     if rows.predicting:
         p = rows.predicting
         targets = context_ids[:, p.start + 1: p.stop + 1]
-        context_mean = _ce_sum(kept_logits[:, : len(p)], targets) / (context_ids.shape[0] * (context_ids.shape[1] - 1))
+        context_mean = ce_sum(kept_logits[:, : len(p)], targets) / (context_ids.shape[0] * (context_ids.shape[1] - 1))
     return answer, context_mean

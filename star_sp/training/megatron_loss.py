@@ -7,7 +7,7 @@ Star group. Each CP rank runs ONE forward over its rows (``distributed/rows.py``
     [ phase-1 rows (its blocks, behind the anchor) | target rows (question and answer, on every rank) ]
 
 and keeps its share of the loss: its context rows' terms, and the target rows' terms on the last rank
-only (``_RankShare``: one all-reduce gives every rank the loss's value). After ``loss.backward()`` on
+only (``RankShare``: one all-reduce gives every rank the loss's value). After ``loss.backward()`` on
 every rank, ``reduce_gradients(model, cp_group)`` (the same function as for transformers models) leaves
 on every rank exactly the gradient of the loss for the same model under the dense ``M_star`` mask over
 ``[context ; target]``.
@@ -24,18 +24,18 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from ..config import StarConfig
+from ..config import ATTENTIONS, StarConfig
 from ..distributed.agreement import agree_or_raise
 from ..distributed.collectives import tie
-from ..runtime.kv_cache import ContextKV, TrainingQueryKV
-from ..runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ..distributed.rows import phase1_rows
-from ..config import ATTENTIONS
 from ..integrations.megatron.attention import ForwardPlan, group_size
 from ..integrations.megatron.inference import model_forward
 from ..integrations.megatron.positions import use_star_positions
 from ..layout import BlockLayout, RingLayout
-from .loss import IGNORE_INDEX, _ce_sum, _RankShare, check_train_inputs, phase1_terms, train_meta
+from ..runtime.kv_cache import ContextKV, TrainingQueryKV
+from ..runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
+from .loss import check_train_inputs, phase1_terms, train_meta
+from .terms import IGNORE_INDEX, RankShare, ce_sum
 
 
 def _check(model, context_ids, target_ids, labels, weight, attention) -> str | None:
@@ -93,10 +93,10 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     answer, context_mean = phase1_terms(logits[:, :kept], rows, context_ids, labels, n_labelled)
     answer = tie(answer, *prefill.keep_alive)
     if lt > 1 and n_labelled:
-        replicated = _ce_sum(logits[:, kept: kept + lt - 1], labels[:, 1:]) / n_labelled
+        replicated = ce_sum(logits[:, kept: kept + lt - 1], labels[:, 1:]) / n_labelled
     else:  # every rank still runs phase 2's backward (its collectives): the rows join at weight 0
         replicated = 0 * logits[:, kept:].sum().to(answer.dtype)
-    loss, answer_part, context_part = _RankShare.apply(
+    loss, answer_part, context_part = RankShare.apply(
         replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, weight, group,
         config.collective_timeout_s)
     return (loss, {"answer": answer_part, "context": context_part}) if return_parts else loss
@@ -122,11 +122,11 @@ def _ring_loss(model, context_ids, target_ids, labels, config, group, weight, n_
     answer = 0 * logits.sum().to(real)  # every rank's rows join the backward
     n_ctx = len(ctx_rows)
     if ans_rows:
-        answer = answer + _ce_sum(logits[:, n_ctx:], labels[:, positions[ans_rows] - lc + 1]) / n_labelled
+        answer = answer + ce_sum(logits[:, n_ctx:], labels[:, positions[ans_rows] - lc + 1]) / n_labelled
     context_mean = torch.zeros((), dtype=real, device=logits.device)
     if ctx_rows:
-        context_mean = _ce_sum(logits[:, :n_ctx], context_ids[:, positions[ctx_rows] + 1]) / (batch * (lc - 1))
-    loss, answer_part, context_part = _RankShare.apply(
+        context_mean = ce_sum(logits[:, :n_ctx], context_ids[:, positions[ctx_rows] + 1]) / (batch * (lc - 1))
+    loss, answer_part, context_part = RankShare.apply(
         torch.zeros((), dtype=real, device=logits.device), answer, context_mean, 0.0, weight, group,
         config.collective_timeout_s)
     return (loss, {"answer": answer_part, "context": context_part}) if return_parts else loss

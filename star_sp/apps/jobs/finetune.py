@@ -27,10 +27,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ..report import everyone, exit_on_interrupt, report, same_everywhere
 from ...errors import StarError, StarInputError
-from .loop import (add_config_flags, job_parser, load_from_args, open_tracker, resume_point, train_steps,
-                        training_dtype)
+from ..report import everyone, exit_on_interrupt, report, same_everywhere
+from .loop import add_config_flags, job_parser, load_from_args, open_tracker, resume_point, train_steps, training_dtype
 from .settings import FinetuneConfig
 
 PROG = "star-sp finetune"

@@ -115,7 +115,7 @@ def resume_point(cfg, world, layout, ignore: tuple = ()):
 
 def open_tracker(cfg, layout, engine: str, dtype: torch.dtype, model):
     """The out folder (rank 0 makes it) and rank 0's ``TrainTracker`` with the run's settings and shape."""
-    from .tracking import TrainTracker
+    from ..tracking import TrainTracker
 
     if layout.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)

@@ -32,7 +32,7 @@ import torch
 
 from ...config import ANCHOR_SOURCES, StarConfig
 from ...errors import StarInputError
-from .settings import TrainSettings, _booleans, _choice, _help, _integer, _number, redefault
+from .settings import TrainSettings, check_booleans, check_choice, check_integer, check_number, field_help, redefault
 
 MODEL_KEYS = ("tokenizer", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
               "max_position_embeddings", "rotary_base", "norm_epsilon", "tie_embeddings", "init_method_std")
@@ -45,29 +45,29 @@ class _MegatronKeys:
     """The Megatron-core job's leading keys: the model and the parallelism (see ``TrainSettings``)."""
 
     # -- the model (a generate run takes them from the checkpoint) -------------------------------------
-    tokenizer: str = _help("tokenizer directory (transformers layout) or 'reference' (the shipped model's, "
+    tokenizer: str = field_help("tokenizer directory (transformers layout) or 'reference' (the shipped model's, "
                            "4096 tokens); its vocabulary is the model's", "reference")
-    num_layers: int = _help("transformer layers", 2)
-    hidden_size: int = _help("hidden size", 64)
-    num_attention_heads: int = _help("query heads", 4)
-    num_query_groups: int = _help("key/value heads (grouped-query attention; divides the query heads)", 2)
-    ffn_hidden_size: int = _help("SwiGLU feed-forward size", 128)
-    max_position_embeddings: int = _help("the longest sequence the model is meant for (RoPE)", 65536)
-    rotary_base: int = _help("RoPE base (theta)", 10000)
-    norm_epsilon: float = _help("RMSNorm epsilon", 1e-6)
-    tie_embeddings: bool = _help("share the input embedding and the output layer", True)
-    init_method_std: float = _help("standard deviation of the initial weights", 0.02)
-    out: str = _help("output folder: checkpoint-NNNNNNN/ folders, train_log.jsonl, wandb/", "runs/megatron")
+    num_layers: int = field_help("transformer layers", 2)
+    hidden_size: int = field_help("hidden size", 64)
+    num_attention_heads: int = field_help("query heads", 4)
+    num_query_groups: int = field_help("key/value heads (grouped-query attention; divides the query heads)", 2)
+    ffn_hidden_size: int = field_help("SwiGLU feed-forward size", 128)
+    max_position_embeddings: int = field_help("the longest sequence the model is meant for (RoPE)", 65536)
+    rotary_base: int = field_help("RoPE base (theta)", 10000)
+    norm_epsilon: float = field_help("RMSNorm epsilon", 1e-6)
+    tie_embeddings: bool = field_help("share the input embedding and the output layer", True)
+    init_method_std: float = field_help("standard deviation of the initial weights", 0.02)
+    out: str = field_help("output folder: checkpoint-NNNNNNN/ folders, train_log.jsonl, wandb/", "runs/megatron")
 
     # -- parallelism and attention (the flags --attention and --star-* are add_star_args') -------------
-    context_parallel_size: int = _help("ranks per context-parallel group = Star group (consecutive ranks); the "
+    context_parallel_size: int = field_help("ranks per context-parallel group = Star group (consecutive ranks); the "
                                        "world size must be a multiple; the groups are data-parallel to each other", 1)
-    attention: str = _help("star (phase 1 per CP rank, phase 2 across the group), global (exact, one block) or "
+    attention: str = field_help("star (phase 1 per CP rank, phase 2 across the group), global (exact, one block) or "
                            "ring (exact ring attention over the CP group)", "star")
-    star_block_size: int | None = _help("block size for every sample (tokens); unset: drawn per sample (blocks)")
-    star_anchor_size: int | None = _help("anchor size (tokens, 0: none); unset: the block with star_block_size, "
+    star_block_size: int | None = field_help("block size for every sample (tokens); unset: drawn per sample (blocks)")
+    star_anchor_size: int | None = field_help("anchor size (tokens, 0: none); unset: the block with star_block_size, "
                                          "else drawn per sample (anchor_fraction)")
-    star_anchor_source: str = _help("broadcast or recompute (see star-sp generate --help)", "broadcast")
+    star_anchor_source: str = field_help("broadcast or recompute (see star-sp generate --help)", "broadcast")
 
 
 @dataclass(kw_only=True)
@@ -79,36 +79,36 @@ class MegatronConfig(TrainSettings, _MegatronKeys):
     context_loss_weight: float = redefault("context_loss_weight", 0.1)
 
     # -- generate ------------------------------------------------------------------------------------
-    generate: bool = _help("answer --query over the text of --context-file with a checkpoint (prefill by phase "
+    generate: bool = field_help("answer --query over the text of --context-file with a checkpoint (prefill by phase "
                            "1, then phase-2 decoding) instead of training; rank 0 prints the answer", False)
-    checkpoint: str = _help("generate: checkpoint folder; empty: the last complete one in out", "")
-    context_file: str = _help("generate: the long context, a UTF-8 text file", "")
-    query: str = _help("generate: the question asked after the context", "")
-    max_new_tokens: int = _help("generate: most tokens to write (stops at EOS)", 32)
+    checkpoint: str = field_help("generate: checkpoint folder; empty: the last complete one in out", "")
+    context_file: str = field_help("generate: the long context, a UTF-8 text file", "")
+    query: str = field_help("generate: the question asked after the context", "")
+    max_new_tokens: int = field_help("generate: most tokens to write (stops at EOS)", 32)
 
     def __post_init__(self) -> None:
-        _choice("attention", self.attention, ("star", "global", "ring"))
-        _choice("star_anchor_source", self.star_anchor_source, ANCHOR_SOURCES)
+        check_choice("attention", self.attention, ("star", "global", "ring"))
+        check_choice("star_anchor_source", self.star_anchor_source, ANCHOR_SOURCES)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                      "max_position_embeddings", "rotary_base", "context_parallel_size", "max_new_tokens"):
-            _integer(name, getattr(self, name), 1)
+            check_integer(name, getattr(self, name), 1)
         super().__post_init__()
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_query_groups:
             raise StarInputError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
                                  f"({self.hidden_size}) and be a multiple of num_query_groups "
                                  f"({self.num_query_groups})")
         for name in ("norm_epsilon", "init_method_std"):
-            _number(name, getattr(self, name), positive=True)
+            check_number(name, getattr(self, name), positive=True)
         for name in ("tokenizer", "out"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise StarInputError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        _booleans(self, "tie_embeddings", "generate")
+        check_booleans(self, "tie_embeddings", "generate")
         if self.star_block_size is not None:
             from ...integrations.megatron.args import star_config_from_args
 
             star_config_from_args(self.flags())  # one line for block 0, anchor > block
         elif self.star_anchor_size is not None:
-            _integer("--star-anchor-size", self.star_anchor_size, 0)
+            check_integer("--star-anchor-size", self.star_anchor_size, 0)
         if self.generate and not (self.context_file and self.query):
             raise StarInputError("generate needs --context-file FILE (the long context) and --query TEXT")
 
@@ -130,10 +130,6 @@ class MegatronConfig(TrainSettings, _MegatronKeys):
             anchor = block
         return StarConfig(block_size=block, anchor_size=anchor, anchor_source=self.star_anchor_source,
                           backend=self.backend, collective_timeout_s=self.collective_timeout_s)
-
-
-def field_names() -> list[str]:
-    return [f.name for f in fields(MegatronConfig)]
 
 
 @contextlib.contextmanager

@@ -9,19 +9,11 @@ rank of the group.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ...config import StarConfig
 from ...ops.backends import many_shapes
-from ...training.loss import IGNORE_INDEX, star_train_loss
-
-
-def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy in float32 or better (-100 ignored), as ``star_train_loss`` computes it."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+from ...training.loss import star_train_loss
+from ...training.terms import IGNORE_INDEX, ce_sum
 
 
 def global_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor, *,
@@ -42,10 +34,10 @@ def global_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor
     else:  # the last lt + 1 positions: lc - 1 .. lc + lt - 1, the last one predicts nothing
         answer_logits = model(input_ids=ids.to(device), logits_to_keep=lt + 1).logits[:, :-1]
     n_labelled = int((labels != IGNORE_INDEX).sum())
-    answer = _ce_sum(answer_logits, labels) / max(1, n_labelled)
+    answer = ce_sum(answer_logits, labels) / max(1, n_labelled)
     if not context_loss_weight:
         return answer, answer.detach(), None
-    context = _ce_sum(logits[:, : lc - 1], context_ids[:, 1:]) / (ids.shape[0] * (lc - 1))
+    context = ce_sum(logits[:, : lc - 1], context_ids[:, 1:]) / (ids.shape[0] * (lc - 1))
     return answer + context_loss_weight * context, answer.detach(), context.detach()
 
 

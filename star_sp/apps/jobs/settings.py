@@ -18,8 +18,7 @@ from ...errors import StarInputError
 from ..runconfig import load_config
 
 
-
-def _help(text: str, default=None, **kw):
+def field_help(text: str, default=None, **kw):
     if "default_factory" not in kw:
         kw["default"] = default
     return field(metadata={"help": text}, **kw)
@@ -34,72 +33,72 @@ class TrainSettings:
     the job's own fields. A job with another default overrides the field with ``redefault``, which
     keeps its place and its help."""
 
-    dtype: str = _help("auto: bfloat16 on CUDA (float32 master weights), float32 on CPU", "auto")
-    device: str = _help("auto (CUDA if present, one GPU per process), cpu or cuda", "auto")
-    backend: str = _help("attention kernel: auto, cpu, flash, cudnn, efficient, math", "auto")
-    collective_timeout_s: float = _help("seconds a collective may wait before every rank stops with an error", 600.0)
+    dtype: str = field_help("auto: bfloat16 on CUDA (float32 master weights), float32 on CPU", "auto")
+    device: str = field_help("auto (CUDA if present, one GPU per process), cpu or cuda", "auto")
+    backend: str = field_help("attention kernel: auto, cpu, flash, cudnn, efficient, math", "auto")
+    collective_timeout_s: float = field_help("seconds a collective may wait before every rank stops with an error", 600.0)
 
     # -- optimization --------------------------------------------------------------------------------
-    steps: int = _help("optimizer steps in the whole run (a resumed run continues up to it)", 100)
-    gradient_accumulation_steps: int = _help("micro-batches (one sample each) per optimizer step and group (the "
+    steps: int = field_help("optimizer steps in the whole run (a resumed run continues up to it)", 100)
+    gradient_accumulation_steps: int = field_help("micro-batches (one sample each) per optimizer step and group (the "
                                              "ranks that share a sample)", 1)
-    lr: float = _help("peak learning rate (AdamW)", 1e-4)
-    warmup_steps: int = _help("steps of linear warm-up from 0 to lr", 0)
-    min_lr_ratio: float = _help("the cosine decay ends at lr x this after the last step", 0.1)
-    weight_decay: float = _help("AdamW weight decay", 0.0)
-    adam_betas: list = _help("AdamW betas", default_factory=lambda: [0.9, 0.95])
-    adam_eps: float = _help("AdamW epsilon", 1e-8)
-    max_grad_norm: float = _help("clip the gradient's global norm to this (0: no clipping)", 1.0)
-    context_loss_weight: float = _help("weight of the mean next-token loss on context tokens beside the mean "
+    lr: float = field_help("peak learning rate (AdamW)", 1e-4)
+    warmup_steps: int = field_help("steps of linear warm-up from 0 to lr", 0)
+    min_lr_ratio: float = field_help("the cosine decay ends at lr x this after the last step", 0.1)
+    weight_decay: float = field_help("AdamW weight decay", 0.0)
+    adam_betas: list = field_help("AdamW betas", default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = field_help("AdamW epsilon", 1e-8)
+    max_grad_norm: float = field_help("clip the gradient's global norm to this (0: no clipping)", 1.0)
+    context_loss_weight: float = field_help("weight of the mean next-token loss on context tokens beside the mean "
                                        "loss on answer tokens", 0.0)
 
     # -- data (data.py) ------------------------------------------------------------------------------
-    data: str = _help("'tasks' (the RULER-style generators, answers as targets) or a JSONL file of "
+    data: str = field_help("'tasks' (the RULER-style generators, answers as targets) or a JSONL file of "
                       "{context, query, answer} records", "tasks")
-    tasks: list = _help("task data: tasks or families (see star-sp eval), or all", default_factory=lambda: ["all"])
-    lengths: list = _help("task data: [shortest, longest] sample length in tokens, drawn per sample",
+    tasks: list = field_help("task data: tasks or families (see star-sp eval), or all", default_factory=lambda: ["all"])
+    lengths: list = field_help("task data: [shortest, longest] sample length in tokens, drawn per sample",
                           default_factory=lambda: [1024, 4096])
-    blocks: list = _help("[fewest, most] blocks the context is cut into, drawn per sample (block size = "
+    blocks: list = field_help("[fewest, most] blocks the context is cut into, drawn per sample (block size = "
                          "context length / blocks, rounded up)", default_factory=lambda: [2, 8])
-    anchor_fraction: list = _help("[least, most] anchor size as a fraction of the block size, drawn per sample "
+    anchor_fraction: list = field_help("[least, most] anchor size as a fraction of the block size, drawn per sample "
                                   "(0: no anchor)", default_factory=lambda: [0.25, 1.0])
-    seed: int = _help("seed of the data and of the run (a new model's weights); training samples use seeds "
+    seed: int = field_help("seed of the data and of the run (a new model's weights); training samples use seeds "
                       "evaluation never uses", 0)
-    num_workers: int = _help("background processes that generate samples (0: in the training process)", 0)
+    num_workers: int = field_help("background processes that generate samples (0: in the training process)", 0)
 
     # -- checkpoints and logging ---------------------------------------------------------------------
-    save_every: int = _help("save a checkpoint every N steps (0: only at the end)", 0)
-    keep_last: int = _help("checkpoints to keep (older ones are deleted; 0 keeps all)", 2)
-    resume: bool = _help("continue from the last complete checkpoint in out, if there is one", True)
-    log_every: int = _help("steps between log lines (train_log.jsonl, W&B)", 1)
-    wandb: str = _help("W&B project to log to (offline without an API key); empty: no W&B", "")
-    quiet: bool = _help("no progress bar", False)
+    save_every: int = field_help("save a checkpoint every N steps (0: only at the end)", 0)
+    keep_last: int = field_help("checkpoints to keep (older ones are deleted; 0 keeps all)", 2)
+    resume: bool = field_help("continue from the last complete checkpoint in out, if there is one", True)
+    log_every: int = field_help("steps between log lines (train_log.jsonl, W&B)", 1)
+    wandb: str = field_help("W&B project to log to (offline without an API key); empty: no W&B", "")
+    quiet: bool = field_help("no progress bar", False)
 
     def __post_init__(self) -> None:
-        _choice("dtype", self.dtype, TRAIN_DTYPES)
-        _choice("backend", self.backend, BACKENDS)
+        check_choice("dtype", self.dtype, TRAIN_DTYPES)
+        check_choice("backend", self.backend, BACKENDS)
         if self.device not in ("auto", "cpu", "cuda"):
             raise StarInputError(f"device must be auto, cpu or cuda, got {self.device!r} (one GPU per process "
                                  "is picked from LOCAL_RANK)")
         for name in ("steps", "gradient_accumulation_steps", "log_every"):
-            _integer(name, getattr(self, name), 1)
+            check_integer(name, getattr(self, name), 1)
         for name in ("warmup_steps", "save_every", "keep_last", "num_workers"):
-            _integer(name, getattr(self, name), 0)
-        _integer("seed", self.seed, None)
+            check_integer(name, getattr(self, name), 0)
+        check_integer("seed", self.seed, None)
         for name in ("lr", "adam_eps", "collective_timeout_s"):
-            _number(name, getattr(self, name), positive=True)
+            check_number(name, getattr(self, name), positive=True)
         for name in ("weight_decay", "max_grad_norm", "context_loss_weight", "min_lr_ratio"):
-            _number(name, getattr(self, name))
+            check_number(name, getattr(self, name))
         if self.min_lr_ratio > 1:
             raise StarInputError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio!r}")
-        betas = _pair("adam_betas", self.adam_betas, float)
+        betas = check_pair("adam_betas", self.adam_betas, float)
         if not all(0 <= b < 1 for b in betas):
             raise StarInputError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
-        if _pair("lengths", self.lengths, int)[0] < 1:
+        if check_pair("lengths", self.lengths, int)[0] < 1:
             raise StarInputError(f"lengths must be at least 1 token, got {self.lengths!r}")
-        if _pair("blocks", self.blocks, int)[0] < 1:
+        if check_pair("blocks", self.blocks, int)[0] < 1:
             raise StarInputError(f"blocks must be at least 1 (one block: plain causal attention), got {self.blocks!r}")
-        lo, hi = _pair("anchor_fraction", self.anchor_fraction, float)
+        lo, hi = check_pair("anchor_fraction", self.anchor_fraction, float)
         if lo < 0 or hi > 1:
             raise StarInputError(f"anchor_fraction must lie in [0, 1] (a fraction of the block), got "
                                  f"{self.anchor_fraction!r}")
@@ -107,7 +106,7 @@ class TrainSettings:
             raise StarInputError(f"tasks must be a list of task or family names (or ['all']), got {self.tasks!r}")
         if not isinstance(self.data, str) or not self.data:
             raise StarInputError("data must be 'tasks' or the path of a JSONL file of {context, query, answer} records")
-        _booleans(self, "resume", "quiet")
+        check_booleans(self, "resume", "quiet")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,26 +119,26 @@ class TrainSettings:
 
 def redefault(name: str, default):
     """``TrainSettings``' field ``name`` (its help) with another default, for a job's subclass."""
-    return _help(TrainSettings.__dataclass_fields__[name].metadata["help"], default)
+    return field_help(TrainSettings.__dataclass_fields__[name].metadata["help"], default)
 
 
 @dataclass(kw_only=True)
 class _FinetuneKeys:
     """The fine-tuning job's leading keys: the model and the parallelism (see ``TrainSettings``)."""
 
-    model: str = _help("model directory in the transformers layout with tokenizer files, or 'reference'", "")
-    out: str = _help("output folder: checkpoint-NNNNNNN/ folders, train_log.jsonl, wandb/", "runs/finetune")
-    attention: str = _help(
+    model: str = field_help("model directory in the transformers layout with tokenizer files, or 'reference'", "")
+    out: str = field_help("output folder: checkpoint-NNNNNNN/ folders, train_log.jsonl, wandb/", "runs/finetune")
+    attention: str = field_help(
         "star: the anchor pattern (phase 1 per host, phase 2 across the sequence-parallel group); global: "
         "the plain model with a causal mask over [context ; target], the control. Under global every rank "
         "of a sequence-parallel group runs the plain model on the group's sample and the group's first "
         "rank alone carries its gradient, so the same launch and data give the control", "star")
-    sp_size: int = _help("ranks per sequence-parallel group (consecutive ranks); the world size must be a "
+    sp_size: int = field_help("ranks per sequence-parallel group (consecutive ranks); the world size must be a "
                          "multiple of it; the groups are data-parallel to each other", 1)
-    deepspeed: str = _help("DeepSpeed config (JSON, configs/deepspeed/zero*.json) for a ZeRO stage 0-3 engine; "
+    deepspeed: str = field_help("DeepSpeed config (JSON, configs/deepspeed/zero*.json) for a ZeRO stage 0-3 engine; "
                            "empty: plain PyTorch (gradients summed over the sequence-parallel group, averaged "
                            "over the data-parallel groups)", "")
-    anchor_source: str = _help("broadcast or recompute (see star-sp generate --help)", "broadcast")
+    anchor_source: str = field_help("broadcast or recompute (see star-sp generate --help)", "broadcast")
 
 
 @dataclass(kw_only=True)
@@ -149,26 +148,26 @@ class FinetuneConfig(TrainSettings, _FinetuneKeys):
     samples differ in length and ``star_train_loss`` takes no padding mask."""
 
     # -- evaluation ----------------------------------------------------------------------------------
-    eval_after: bool = _help("after training, run star-sp eval on the saved model (star against global) and "
+    eval_after: bool = field_help("after training, run star-sp eval on the saved model (star against global) and "
                              "log its table and plots to W&B", False)
-    eval_tasks: str = _help("--eval-after: tasks", "niah_single_2,vt")
-    eval_lengths: str = _help("--eval-after: lengths", "4k")
-    eval_samples: int = _help("--eval-after: samples per task and length", 4)
-    eval_block_size: str = _help("--eval-after: block sizes (tokens or 1/k of the length)", "1/4,1/8")
-    eval_anchor_size: str = _help("--eval-after: anchor sizes (tokens, block, block/k or 0)", "block,block/4")
+    eval_tasks: str = field_help("--eval-after: tasks", "niah_single_2,vt")
+    eval_lengths: str = field_help("--eval-after: lengths", "4k")
+    eval_samples: int = field_help("--eval-after: samples per task and length", 4)
+    eval_block_size: str = field_help("--eval-after: block sizes (tokens or 1/k of the length)", "1/4,1/8")
+    eval_anchor_size: str = field_help("--eval-after: anchor sizes (tokens, block, block/k or 0)", "block,block/4")
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise StarInputError("no model given: pass --model DIR (or 'reference') or set model in --config")
-        _choice("attention", self.attention, TRAIN_ATTENTIONS)
-        _choice("anchor_source", self.anchor_source, ANCHOR_SOURCES)
-        _integer("sp_size", self.sp_size, 1)
-        _integer("eval_samples", self.eval_samples, 0)
+        check_choice("attention", self.attention, TRAIN_ATTENTIONS)
+        check_choice("anchor_source", self.anchor_source, ANCHOR_SOURCES)
+        check_integer("sp_size", self.sp_size, 1)
+        check_integer("eval_samples", self.eval_samples, 0)
         super().__post_init__()
         if self.lengths[0] < 64:
             raise StarInputError(f"lengths must be at least 64 tokens (the tasks' smallest samples), got "
                                  f"{self.lengths!r}")
-        _booleans(self, "eval_after")
+        check_booleans(self, "eval_after")
         if self.eval_after and self.eval_samples < 1:
             raise StarInputError(f"eval_samples must be at least 1 with eval_after, got {self.eval_samples}")
 
@@ -183,24 +182,24 @@ RESUMABLE_CHANGES = ("steps", "save_every", "keep_last", "resume", "log_every", 
                      "collective_timeout_s", "out")
 
 
-def _choice(name: str, value, choices) -> None:
+def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise StarInputError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _integer(name: str, value, least: int | None) -> None:
+def check_integer(name: str, value, least: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
         what = "an integer" if least is None else f"an integer >= {least}"
         raise StarInputError(f"{name} must be {what}, got {value!r}")
 
 
-def _number(name: str, value, positive: bool = False) -> None:
+def check_number(name: str, value, positive: bool = False) -> None:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
         raise StarInputError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
-def _pair(name: str, value, kind) -> tuple:
+def check_pair(name: str, value, kind) -> tuple:
     """``[low, high]`` of ``kind`` (int or float), ``low <= high``."""
     good = isinstance(value, (list, tuple)) and len(value) == 2 and all(
         not isinstance(v, bool) and isinstance(v, int if kind is int else (int, float)) for v in value)
@@ -210,7 +209,7 @@ def _pair(name: str, value, kind) -> tuple:
     return tuple(kind(v) for v in value)
 
 
-def _booleans(config, *names: str) -> None:
+def check_booleans(config, *names: str) -> None:
     for name in names:
         if not isinstance(getattr(config, name), bool):
             raise StarInputError(f"{name} must be true or false, got {getattr(config, name)!r}")

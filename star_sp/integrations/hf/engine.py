@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-import weakref
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 

@@ -3,7 +3,8 @@
 which phase 2; ``positions.py``: RoPE at Star's positions; ``inference.py``: prefill, generation and the
 one model forward; ``args.py``: the ``--attention star`` flags. megatron-core is imported lazily."""
 
-from .attention import ForwardPlan, StarCoreAttention, contiguous_share, group_size, require_megatron, running, star_layer_spec
+from .attention import (ForwardPlan, StarCoreAttention, contiguous_share, group_size, require_megatron, running,
+                        star_layer_spec)
 from .inference import megatron_generate, megatron_prefill, model_device, model_forward
 from .positions import StarRotary, use_star_positions
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from ...errors import StarInputError
 from ...config import ANCHOR_SOURCES, ATTENTIONS, StarConfig
+from ...errors import StarInputError
 
 
 def add_star_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -45,8 +45,6 @@ from ...runtime.kv_cache import ContextKV
 from ...runtime.passes import PrefillPass, QueryPass, StarContext
 
 
-
-
 def require_megatron():
     """The ``megatron.core`` package, or one line saying how to install it."""
     try:

@@ -17,9 +17,9 @@ from ...distributed.agreement import agree_or_raise
 from ...distributed.rows import phase1_rows
 from ...errors import StarInputError
 from ...layout import BlockLayout, RingLayout
-from ...runtime.kv_cache import ContextKV, QueryKV
-from ...runtime.inputs import check_ids, fingerprint
 from ...runtime.generate import StopRule, decode_tokens
+from ...runtime.inputs import check_ids, fingerprint
+from ...runtime.kv_cache import ContextKV, QueryKV
 from ...runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ...runtime.sampling import SamplingConfig
 from .attention import ForwardPlan, group_size, running

@@ -41,7 +41,10 @@ def _buckets(params: list[torch.nn.Parameter], limit: int) -> list[list[torch.nn
 def reduce_gradients(model: torch.nn.Module, group: "dist.ProcessGroup | None", *, timeout_s: float = 600.0,
                      bucket_elements: int = BUCKET_ELEMENTS) -> None:
     """Sum every trainable parameter's ``.grad`` over ``group``, in place on every rank (no-op for
-    ``group=None`` or a group of one)."""
+    ``group=None`` or a group of one). A parameter without ``.grad`` on some ranks counts as zeros there
+    and ends with the sum on every rank; one without on every rank keeps ``None`` on every rank (the
+    ranks first agree which is which, so all run the same all-reduces in the same order): a caller that
+    then scales or reads every ``.grad`` fills those first."""
     if group is None or dist.get_world_size(group) == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]

@@ -87,9 +87,13 @@ def _list_parser(example: list):
 
 def resume_point(cfg, world, layout, ignore: tuple = ()):
     """``(path, state)`` of the last complete checkpoint in ``cfg.out`` to continue from, or None.
-    Rank 0 alone reads the folder and tells every rank; checkpoints with ``resume = false``, or made
-    with other settings (beside ``ignore``'s keys and those ``checkpoints.resume_error`` lets a resumed
-    run change) or another world size, are an error on every rank."""
+    Rank 0 alone reads the folder and tells every rank its verdict in one broadcast, a failure
+    included: checkpoints with ``resume = false``, made with other settings (beside ``ignore``'s keys
+    and those ``checkpoints.resume_error`` lets a resumed run change) or another world size, or a last
+    checkpoint whose ``trainer_state.json`` cannot be read (``checkpoints.read_state``) are the same
+    one-line ``StarInputError`` on every rank, at once. Any other error on rank 0 is a guarded step's
+    (``distributed.guard``)."""
+    from ...distributed.guard import guarded_step
     from .checkpoints import complete_checkpoints, read_state, resume_error
 
     def kept(config: dict) -> dict:
@@ -98,16 +102,26 @@ def resume_point(cfg, world, layout, ignore: tuple = ()):
     def find():
         found = complete_checkpoints(cfg.out)
         if not found:
-            return None, None
+            return None
         step, path = found[-1]
         if not cfg.resume:
-            return None, (f"{cfg.out} already holds checkpoints (the last at step {step}); resume them (resume = "
-                          "true) or choose another out folder")
+            raise StarInputError(f"{cfg.out} already holds checkpoints (the last at step {step}); resume them "
+                                 "(resume = true) or choose another out folder")
         state = read_state(path)
-        saved = dict(state, config=kept(state.get("config", {})))
-        return (path, state), resume_error(saved, kept(cfg.to_dict()), layout.world_size, path)
+        error = resume_error(dict(state, config=kept(state["config"])), kept(cfg.to_dict()), layout.world_size, path)
+        if error:
+            raise StarInputError(error)
+        return path, state
 
-    resume, error = share(world, find() if layout.rank == 0 else None)
+    def verdict():
+        """Rank 0's ``(resume, None)`` or ``(None, why not)``."""
+        try:
+            return find(), None
+        except StarInputError as exc:
+            return None, str(exc)
+
+    with guarded_step("resume", world):
+        resume, error = share(world, verdict() if layout.rank == 0 else None)
     if error:
         raise on_every_rank(StarInputError(error))
     return resume

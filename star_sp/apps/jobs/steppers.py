@@ -22,7 +22,6 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
 from ...distributed.guard import guarded_step
 from ...errors import StarInputError
@@ -81,15 +80,7 @@ class TorchStepper:
         return info
 
     def _step(self, inspect) -> None:
-        timeout = self.cfg.collective_timeout_s
-        reduce_gradients(self.holder, self.groups.sp, timeout_s=timeout)  # the sum of the ranks' shares
-        if self.groups.dp is not None:  # the mean over the data-parallel groups
-            reduce_gradients(self.holder, self.groups.dp, timeout_s=timeout)
-            for m in self.masters:
-                m.grad.div_(self.groups.layout.dp_size)
-        for m in self.masters:
-            if m.grad is None:
-                m.grad = torch.zeros_like(m)
+        self._reduce()
         if inspect is not None:
             inspect({n: m.grad.detach().clone() for n, m in zip(self.names, self.masters)})
         # every rank holds the same gradients now, so the same norm and the same update
@@ -103,6 +94,23 @@ class TorchStepper:
             with torch.no_grad():
                 for m, p in zip(self.masters, self.params):
                     p.copy_(m)
+
+    def _reduce(self) -> None:
+        """Every master's gradient of the step, the same on every rank: the sum of the ranks' shares over
+        the sequence-parallel group, then the mean over the data-parallel groups. A rank whose loss did not
+        reach a parameter counts as zeros in both (``reduce_gradients``), so a parameter one group alone
+        used gets that group's gradient / ``dp_size``; one that no rank's loss reached has no gradient
+        after the sums on any rank, and gets zeros on every rank, as in one process (AdamW then treats it
+        alike everywhere: weight decay, moments)."""
+        timeout = self.cfg.collective_timeout_s
+        reduce_gradients(self.holder, self.groups.sp, timeout_s=timeout)
+        if self.groups.dp is not None:
+            reduce_gradients(self.holder, self.groups.dp, timeout_s=timeout)
+        for m in self.masters:
+            if m.grad is None:
+                m.grad = torch.zeros_like(m)
+            elif self.groups.dp is not None:
+                m.grad.div_(self.groups.layout.dp_size)
 
     def stats(self) -> dict:
         return self._stats

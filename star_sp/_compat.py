@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.distributed as dist
 
 
@@ -46,6 +47,17 @@ def gradient_checkpointing_on(model) -> bool:
     return False
 
 
+def reentrant_checkpointing(model) -> bool:
+    """Whether a transformers model's activation checkpointing is the reentrant kind: the layers'
+    checkpoint function (a ``functools.partial`` of ``torch.utils.checkpoint.checkpoint``) passes
+    ``use_reentrant=True``, or leaves it to torch's default, which is reentrant."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            return bool(getattr(func, "keywords", {}).get("use_reentrant", True))
+    return False
+
+
 def set_attn_implementation(model, name: str) -> None:
     setter = getattr(model, "set_attn_implementation", None)
     if setter is not None:
@@ -68,3 +80,38 @@ def attn_implementation_set(model, name: str):
     finally:
         if previous is not None:
             set_attn_implementation(model, previous)
+
+
+@contextlib.contextmanager
+def recompute_with_attention(model, name: str, offload: "torch.device | None" = None):
+    """While inside, the layers that activation checkpointing recomputes run their forward, at first and
+    when the backward pass recomputes it (after the ``with`` block, in ``loss.backward()``), with the
+    attention implementation ``name``: otherwise the recomputation would run the model's own attention.
+    Each checkpointing layer's checkpoint function (``_gradient_checkpointing_func``, which
+    ``gradient_checkpointing_enable`` sets) is wrapped for the block and put back afterwards.
+
+    ``offload`` (the model's device): what each checkpoint keeps for its recomputation, the layer's
+    inputs, waits in CPU memory (pinned when the device is CUDA) instead of on the device."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+              and getattr(m, "_gradient_checkpointing_func", None) is not None]
+    saved = [(m, m.__dict__.get("_gradient_checkpointing_func")) for m in layers]
+    for m in layers:
+        checkpoint = m._gradient_checkpointing_func
+
+        def under(function, *args, _checkpoint=checkpoint, **kwargs):
+            def run(*inner, **inner_kw):
+                with attn_implementation_set(model, name):
+                    return function(*inner, **inner_kw)
+            if offload is None:
+                return _checkpoint(run, *args, **kwargs)
+            with torch.autograd.graph.save_on_cpu(pin_memory=offload.type == "cuda"):
+                return _checkpoint(run, *args, **kwargs)
+        m._gradient_checkpointing_func = under
+    try:
+        yield
+    finally:
+        for m, own in saved:
+            if own is None:
+                del m._gradient_checkpointing_func
+            else:
+                m._gradient_checkpointing_func = own

@@ -108,9 +108,32 @@ def test_bad_training_inputs_are_refused():
         with pytest.raises(StarInputError, match=words.replace("(", r"\(").replace(")", r"\)")):
             star_train_loss(model, args["context_ids"], args["target_ids"], args["labels"], cfg,
                             context_loss_weight=args["context_loss_weight"])
-    model.gradient_checkpointing_enable()
-    with pytest.raises(StarInputError, match="call model.gradient_checkpointing_disable()"):
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(StarInputError, match=r"takes non-reentrant activation checkpointing only .* enable it with "
+                                             r"model.gradient_checkpointing_enable\(gradient_checkpointing_kwargs="):
         star_train_loss(model, ctx, tgt, tgt, cfg)
+
+
+# Activation checkpointing: each layer recomputed in the backward pass without collectives (runtime/passes.py).
+# The same oracle and tolerance as without it: recomputation repeats the same float64 operations.
+CHECKPOINTED = [SPECS[0], SPECS[3]]  # a < b, a short last block; two blocks (idle ranks at N = 3)
+
+
+@pytest.mark.parametrize("checkpointing", ["plain", "offload"])
+@pytest.mark.parametrize("spec", CHECKPOINTED, ids=lambda s: s["family"])
+def test_one_process_gradients_with_activation_checkpointing_match_oracle(spec, checkpointing):
+    spec = {**spec, "weight": 0.6, "anchor_source": "broadcast", "checkpointing": checkpointing}
+    _assert_matches_oracle([workers.train_step(None, spec)], spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("anchor_source", ["broadcast", "recompute"])
+@pytest.mark.parametrize("spec", CHECKPOINTED, ids=lambda s: s["family"])
+def test_gradients_across_ranks_with_activation_checkpointing_match_oracle(cluster, world_size, anchor_source, spec):
+    spec = {**spec, "weight": 0.6, "anchor_source": anchor_source, "checkpointing": "plain"}
+    _assert_matches_oracle(cluster(world_size).run(workers.train_step, spec), spec)
 
 
 @pytest.mark.slow

@@ -228,10 +228,14 @@ def train_step(group, spec: dict) -> dict:
     exact_norms(model)
     for name, p in model.named_parameters():
         p.requires_grad_(trains(spec, name))
+    if spec.get("checkpointing"):  # transformers' non-reentrant activation checkpointing; "offload": inputs on CPU
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ctx, tgt, labels = train_inputs(spec, model.config.vocab_size)
     cfg = StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], anchor_source=spec["anchor_source"],
                      collective_timeout_s=spec.get("timeout", 60))
-    loss = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=spec["weight"])
+    loss = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=spec["weight"],
+                           offload_activations=spec.get("checkpointing") == "offload")
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.get("autograd_grad"):  # the gradients of the trainable parameters only, by autograd.grad
         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):

@@ -49,6 +49,8 @@ def phase1_attention(
     check: bool = True,
     timeout_s: float | None = None,
     keep_alive: list | None = None,
+    anchor: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+    received: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's phase-1 attention on this host; returns ``(out, lse)`` for the rows given.
 
@@ -66,11 +68,18 @@ def phase1_attention(
     result is tied into ``out`` (enough when every rank's loss uses ``out``); a model, whose last
     layer's output may reach no loss on some rank, passes ``keep_alive`` (a list) instead, collects
     the tensors and ties them into its loss (``collectives.tie``).
+
+    Recomputation (activation checkpointing runs a layer's forward again in the backward pass): the
+    first run passes ``received`` (a list), which gets the anchor's ``(k, v)`` this rank received, or
+    ``None`` where it received none; the recomputation passes that back as ``anchor`` and runs with no
+    collective at all (no check, no broadcast), so the ranks need not recompute in the same order. The
+    first run's broadcast node keeps its backward.
     """
     recompute = anchor_source == "recompute"
     needs_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+    recomputing = received is None and anchor is not None
     with guarded_step("phase1", group):
-        if check:
+        if check and not recomputing:
             error = validated(_check_inputs, q, k, v, layout, group, recompute)
             if anchor_source not in ("broadcast", "recompute"):
                 error = f"anchor_source must be 'broadcast' or 'recompute', got {anchor_source!r}"
@@ -80,7 +89,9 @@ def phase1_attention(
                     "kv_requires_grad": needs_grad}
             agree(group, "phase1", meta, error)
         anchor_k = anchor_v = ready = None
-        if not recompute and layout.world_size > 1 and _needs_broadcast(layout):
+        if recomputing:
+            anchor_k, anchor_v = anchor
+        elif not recompute and layout.world_size > 1 and _needs_broadcast(layout):
             b, hkv, _, d = k.shape
             a = layout.anchor_len
             src_k, src_v = (k[:, :, :a], v[:, :, :a]) if layout.owns_anchor else (None, None)
@@ -101,7 +112,9 @@ def phase1_attention(
         out, lse = local_attention(q, parts, scale=scale, backend=backend)
         if ready is not None:
             ready()  # the owner's send and an idle rank's receive end here
-        if anchor_k is not None and needs_grad:
+        if received is not None:
+            received.append((anchor_k, anchor_v))
+        if anchor_k is not None and needs_grad and not recomputing:
             if keep_alive is not None:
                 keep_alive += [anchor_k, anchor_v]
             else:

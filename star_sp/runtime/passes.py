@@ -17,6 +17,15 @@ keys (the context, and the query KV held so far):
 - ``DecodeStepPass`` (phase 2, one decode step with fixed shapes, so that it can be captured as a CUDA
   graph and replayed): as ``QueryPass``, but the query KV is a ``StaticQueryKV`` written and masked
   at a device-side position (``ops.valid_keys``) instead of sliced at a Python one.
+
+Recomputation (activation checkpointing, training): a pass runs each layer once, so a second call of
+a layer in the same pass is the backward pass recomputing it. It runs without any collective, so the
+ranks may recompute in any order: ``PrefillPass`` keeps the KV it stored and attends again with the
+anchor it received the first time (``phase1_attention(anchor=...)``), recomputing the local attention;
+``QueryPass`` keeps its first KV and returns the layer's first output, whose autograd state it kept
+(the rows are the few target tokens; saving them costs little and avoids phase 2's all-reduce).
+Reentrant checkpointing (the layer first run without gradients) cannot keep phase 2's gradient path
+to the context's KV, so it is refused.
 """
 
 from __future__ import annotations
@@ -97,6 +106,26 @@ class _Pass:
     check: bool = True
     """Run phase 1's or phase 2's agreement step (tensor shapes, dtypes) in the first layer."""
     progress: Callable[[int, int], None] | None = None
+    training: bool = False
+    """A training pass: its layers may be recomputed in the backward pass (module docstring)."""
+
+    def __post_init__(self) -> None:
+        self._stored: set[int] = set()  # layers whose KV this pass stored (update ran)
+        self._outputs: dict[int, object] = {}  # training: what a layer's first attend returned or received
+
+    def _first_update(self, layer: int) -> bool:
+        """True the first time a layer's KV reaches this pass; False when it is being recomputed."""
+        if layer in self._stored:
+            return False
+        self._stored.add(layer)
+        return True
+
+    def _check_grad(self) -> None:
+        if self.training and not torch.is_grad_enabled():
+            raise StarInputError("a training pass ran a layer without gradients: reentrant activation "
+                                 "checkpointing, which cannot keep phase 2's gradient path to the context's KV; "
+                                 "use non-reentrant checkpointing, e.g. model.gradient_checkpointing_enable("
+                                 "gradient_checkpointing_kwargs={'use_reentrant': False})")
 
     @property
     def group(self):
@@ -138,25 +167,35 @@ class PrefillPass(_Pass):
     keep_alive: list | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
-        layout = self.context.layout
-        skip = k.shape[2] if layout.is_idle else layout.anchor_rows(self.context.config.anchor_source == "recompute")
-        self.context.kv.store(layer, k[:, :, skip:], v[:, :, skip:])
+        if self._first_update(layer):
+            layout = self.context.layout
+            skip = k.shape[2] if layout.is_idle else layout.anchor_rows(self.context.config.anchor_source == "recompute")
+            self.context.kv.store(layer, k[:, :, skip:], v[:, :, skip:])
         return k, v
+
+    def _phase1(self, layer: int, q, k, v, scale: float | None):
+        """``phase1_attention`` for this layer; a recomputation reuses the anchor its first run received."""
+        cfg = self.context.config
+        again = layer in self._outputs
+        received = None if again or not self.training else []
+        out, _ = phase1_attention(q, k, v, self.context.layout, group=self.group, anchor_source=cfg.anchor_source,
+                                  scale=scale, backend=cfg.backend, check=self.check and layer == 0,
+                                  timeout_s=cfg.collective_timeout_s, keep_alive=None if again else self.keep_alive,
+                                  anchor=self._outputs.get(layer), received=received)
+        if received is not None:
+            self._outputs[layer] = received[0]
+        return out
 
     def attend(self, layer: int, q, k, v, scale: float | None):
         cfg, layout = self.context.config, self.context.layout
+        self._check_grad()
         if layout.is_idle:  # the stand-in row: phase 1's collectives with no rows, then the row alone
-            phase1_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], layout, group=self.group,
-                             anchor_source=cfg.anchor_source, scale=scale, backend=cfg.backend,
-                             check=self.check and layer == 0, timeout_s=cfg.collective_timeout_s,
-                             keep_alive=self.keep_alive)
+            self._phase1(layer, q[:, :, :0], k[:, :, :0], v[:, :, :0], scale)
             self._tick(layer)
             out = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1).to(q.dtype)  # softmax over one key
             return _same_backward(out, q, k)
         if self.distributed:
-            out, _ = phase1_attention(q, k, v, layout, group=self.group, anchor_source=cfg.anchor_source,
-                                      scale=scale, backend=cfg.backend, check=self.check and layer == 0,
-                                      timeout_s=cfg.collective_timeout_s, keep_alive=self.keep_alive)
+            out = self._phase1(layer, q, k, v, scale)
         else:
             parts = phase1_parts(k, v, layout.block_lengths, has_block0=True, anchor_len=layout.anchor_len,
                                  fuse_anchor=can_fuse_anchor(q, k, v, cfg.backend))
@@ -189,12 +228,26 @@ class QueryPass(_Pass):
         self._current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
-        if self.query_kv is not None:
+        if self.query_kv is not None and self._first_update(layer):
             k, v = self.query_kv.append(layer, k, v)
             self._current[layer] = (k, v)
         return k, v
 
     def attend(self, layer: int, q, k, v, scale: float | None):
+        if layer in self._outputs:  # recomputed in the backward pass: the first run's output, no collective
+            self._current.pop(layer, None)
+            return self._outputs[layer]
+        self._check_grad()
+        if not self.training:
+            return self._attend(layer, q, k, v, scale)
+        # a checkpoint around the layer drops what autograd saves and recomputes it; the attention's own
+        # saved tensors are kept instead (identity hooks), since the recomputation does not rerun it
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            out = self._attend(layer, q, k, v, scale)
+        self._outputs[layer] = out
+        return out
+
+    def _attend(self, layer: int, q, k, v, scale: float | None):
         cfg = self.context.config
         query = self._current.pop(layer, None)
         if self.context.shares_across_rows(q.shape[0]):  # several questions or contexts (inference)

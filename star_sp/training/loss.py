@@ -82,22 +82,26 @@ def train_meta(context_ids, target_ids, labels, config, weight, error: str | Non
 
 def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | None:
     error = check_train_inputs(context_ids, target_ids, labels, weight, vocab) or dropout_error(model)
-    if error is None and _compat.gradient_checkpointing_on(model):
-        error = ("star_train_loss does not support gradient checkpointing (recomputing a layer in the backward pass "
-                 "would repeat its collectives out of order); call model.gradient_checkpointing_disable()")
+    if error is None and _compat.gradient_checkpointing_on(model) and _compat.reentrant_checkpointing(model):
+        error = ("star_train_loss takes non-reentrant activation checkpointing only (the reentrant kind runs each layer "
+                 "first without gradients, which cuts phase 2's gradient path to the context's KV); enable it with "
+                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
     return error
 
 
 def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
                     config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
-                    context_loss_weight: float = 0.0, return_parts: bool = False):
+                    context_loss_weight: float = 0.0, return_parts: bool = False, offload_activations: bool = False):
     """The loss of one training step under the anchor pattern (module docstring), differentiable.
 
     ``context_ids: LongTensor[B, Lc]``, ``target_ids, labels: LongTensor[B, Lt]``, the full tensors on
     every rank of ``group`` (``None``: one process holds every block). Every rank calls it with the same
     arguments and then ``loss.backward()`` (or ``torch.autograd.grad``); then ``reduce_gradients(model,
     group)`` sums the parameter gradients over the group. Any bad argument raises the same
-    ``StarInputError`` on every rank. Gradient checkpointing is refused.
+    ``StarInputError`` on every rank. Activation checkpointing (``model.gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs={'use_reentrant': False})``) recomputes each layer without collectives
+    (``runtime/passes.py``); the reentrant kind is refused. ``offload_activations=True`` keeps what each
+    checkpointed layer saves for its recomputation (its input) in CPU memory; it needs checkpointing on.
 
     ``return_parts=True`` returns ``(loss, {"answer": ..., "context": ...})``: the answer part (the target
     tokens' mean loss) and the context's mean next-token loss (unweighted; 0 when the weight is 0, as
@@ -106,6 +110,9 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     engine = StarEngine(model, config, group)  # checks the model and the config
     vocab = engine.vocab_size
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, vocab)
+    if error is None and offload_activations and not _compat.gradient_checkpointing_on(model):
+        error = ("offload_activations=True offloads what activation checkpointing keeps; enable it first: "
+                 "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
     engine._agree("train", train_meta(context_ids, target_ids, labels, config, context_loss_weight, error), error)
 
     batch, lc = context_ids.shape
@@ -115,11 +122,13 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
                           group=group)
     n_labelled = int((labels != IGNORE_INDEX).sum())
     device = engine.device
-    with _compat.attn_implementation_set(model, ATTENTION_NAME):
+    offload = engine.device if offload_activations else None
+    with _compat.attn_implementation_set(model, ATTENTION_NAME), \
+            _compat.recompute_with_attention(model, ATTENTION_NAME, offload):
         answer, context_mean = _context_stream(engine, context, context_ids, labels, n_labelled, context_loss_weight)
         # phase 2: the target rows on every rank; their logits predict labels[:, 1:]
         state = QueryPass(context, engine.num_layers, TrainingQueryKV(engine.num_layers) if layout.is_query_host
-                          else None, check=True)
+                          else None, check=True, training=True)
         positions = torch.arange(lc, lc + lt)
         keep = torch.arange(max(lt - 1, 1), device=device)
         logits = engine._forward(state, target_ids, positions, logits_to_keep=keep).logits
@@ -142,7 +151,7 @@ def _context_stream(engine: StarEngine, context: StarContext, context_ids, label
     Every rank runs the same modules in forward and backward (ZeRO-3 gathers parameters per module):
     an idle rank runs one stand-in row, and logits of at least one row always join the loss, with
     weight 0 where no term needs them."""
-    state = PrefillPass(context, engine.num_layers, check=True)
+    state = PrefillPass(context, engine.num_layers, check=True, training=True)
     state.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
     rows = phase1_rows(context.layout, context_ids, recompute=context.config.anchor_source == "recompute",
                        context_loss=weight > 0, answer_from_last=n_labelled > 0)

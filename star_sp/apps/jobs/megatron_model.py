@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -134,8 +134,9 @@ class MegatronConfig(TrainSettings, _MegatronKeys):
 
 @contextlib.contextmanager
 def quiet_megatron():
-    """Megatron-core's notes that concern none of this job off: no TransformerEngine or Apex (the local
-    spec and torch's AdamW are what it uses), CUDA-graph scopes (it captures none)."""
+    """Megatron-core's warnings that do not concern this job, silenced while inside: TransformerEngine or
+    Apex not installed (the job uses the local spec and torch's AdamW) and the deprecated CUDA-graph
+    scope (it captures no graph)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
         warnings.filterwarnings("ignore", message="full scope is deprecated")

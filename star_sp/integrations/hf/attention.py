@@ -1,6 +1,7 @@
 """transformers' extension points for Star Attention: one attention function registered under the name
 ``"star"`` (``AttentionInterface``), and a cache object that hands the attention module's KV to the pass
-(``runtime/passes.py``) that runs the forward.
+(``runtime/passes.py``) that runs the forward. Under activation checkpointing transformers gives the
+layers no cache; the attention function then hands the KV to the pass itself.
 
 Shapes: the attention function takes ``query (B, H, S, D)``, ``key, value (B, Hkv, S', D)`` and returns
 ``(out (B, S, H, D), None)``. It builds Star's masks itself (no mask function is registered): the pass
@@ -27,7 +28,11 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if dropout:
         raise StarInputError("attention dropout is not supported under Star Attention; set "
                              "model.config.attention_dropout = 0.0 (or call model.eval() for inference)")
-    return state.attend(module.layer_idx, query, key, value, scaling).transpose(1, 2), None
+    layer = module.layer_idx
+    if getattr(state, "cache_updated", None) != layer:  # activation checkpointing: the layer got no cache
+        key, value = state.update(key, value, layer)
+    state.cache_updated = None
+    return state.attend(layer, query, key, value, scaling).transpose(1, 2), None
 
 
 class TransformersCache:
@@ -43,6 +48,7 @@ class TransformersCache:
     # compiled layers: the pass's KV bookkeeping runs as it is (traced, it recompiled for each pass type)
     @torch.compiler.disable
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.state.cache_updated = layer_idx  # the attention function then knows the KV went through the pass
         return self.state.update(k, v, layer_idx)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -179,3 +179,27 @@ def test_loss_parts_match_oracle(cluster, world_size):
     for r in results:
         assert abs(r["answer"] - answer) <= RTOL * answer and abs(r["context"] - context) <= RTOL * context, r
         assert abs(r["loss"] - (answer + 0.25 * context)) <= RTOL * r["loss"], r
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1]], ids=lambda s: s["family"])
+def test_logits_come_a_chunk_at_a_time_and_the_gradients_match_oracle(cluster, world_size, spec):
+    """``loss_chunk_tokens=3``: the head never sees more than 3 rows of a sequence at once (forward and
+    the backward's recomputation), with the context loss on (every context row's logits are read)."""
+    spec = {**spec, "weight": 0.6, "anchor_source": "broadcast", "chunk": 3}
+    if world_size == 1:
+        rows = []  # the rows of every call of a module that outputs vocabulary logits (the head)
+
+        def count(module, args, out):
+            if isinstance(module, torch.nn.Linear) and module.out_features == module_vocab:
+                rows.append(args[0].shape[1])
+        module_vocab = build(spec["family"], dtype=torch.float64)[0].config.vocab_size
+        handle = torch.nn.modules.module.register_module_forward_hook(count)
+        try:
+            results = [workers.train_step(None, spec)]
+        finally:
+            handle.remove()
+        assert rows and max(rows) <= 3, rows
+    else:
+        results = cluster(world_size).run(workers.train_step, spec)
+    _assert_matches_oracle(results, spec)

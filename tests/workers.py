@@ -235,7 +235,8 @@ def train_step(group, spec: dict) -> dict:
     cfg = StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], anchor_source=spec["anchor_source"],
                      collective_timeout_s=spec.get("timeout", 60))
     loss = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=spec["weight"],
-                           offload_activations=spec.get("checkpointing") == "offload")
+                           offload_activations=spec.get("checkpointing") == "offload",
+                           loss_chunk_tokens=spec.get("chunk", 4096))
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.get("autograd_grad"):  # the gradients of the trainable parameters only, by autograd.grad
         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):

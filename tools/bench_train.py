@@ -12,6 +12,11 @@ between steps (no optimizer: the optimizer's cost is the same for every method).
 - ``star``: ``star_sp.training.star_train_loss`` in one process (phase 1 block-sparse, phase 2 over the
   whole context), for each ``--blocks`` x ``--anchors`` setting (``1/4``: block = L/4).
 
+Each method runs once per ``--checkpointing`` choice: ``off``; ``on`` (transformers' non-reentrant
+activation checkpointing of every layer); ``offload`` (that, with each checkpoint's input in pinned CPU
+memory). ``--trainable q_proj,v_proj`` trains those parameters only (the rest frozen). Star's logits come
+``--loss-chunk-tokens`` rows at a time.
+
 Each row: the best of ``--repeats`` timed steps after one warm-up, and the peak memory of the GPU.
 Rows that do not fit are recorded as out of memory and the run goes on. Writes ``OUT/bench_train.json``
 (records with hardware, versions, date, command) and ``OUT/bench_train.md``.
@@ -49,8 +54,25 @@ def _global_step(model, ctx, tgt, weight: float) -> None:
     loss.backward()
 
 
-def _star_step(model, ctx, tgt, config: StarConfig, weight: float) -> None:
-    star_train_loss(model, ctx, tgt, tgt, config, context_loss_weight=weight).backward()
+def _star_step(model, ctx, tgt, config: StarConfig, weight: float, offload: bool, chunk: int) -> None:
+    star_train_loss(model, ctx, tgt, tgt, config, context_loss_weight=weight, offload_activations=offload,
+                    loss_chunk_tokens=chunk).backward()
+
+
+def _checkpointing(model, choice: str, device: torch.device):
+    """Set the model's activation checkpointing for one ``--checkpointing`` choice; for the plain model's
+    steps, the context that offloads (``_compat.recompute_with_attention`` with its own attention)."""
+    import contextlib
+
+    from star_sp import _compat
+
+    if choice == "off":
+        model.gradient_checkpointing_disable()
+        return contextlib.nullcontext()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if choice == "offload":
+        return _compat.recompute_with_attention(model, model.config._attn_implementation, offload=device)
+    return contextlib.nullcontext()
 
 
 def _measure(step, model, device, repeats: int, profile: str | None = None, label: str = "") -> dict:
@@ -83,15 +105,19 @@ def _measure(step, model, device, repeats: int, profile: str | None = None, labe
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| context | batch | method | block | anchor | step s | tokens/s | vs global | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    base = {r["context"]: r.get("step_s") for r in rows if r["method"] == "global"}  # one batch size per run
+    lines = ["| context | batch | method | checkpointing | block | anchor | step s | tokens/s | vs global | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {}  # the plain model's step at each context: checkpointed if measured so, else without
+    for r in rows:
+        if r["method"] == "global" and r.get("step_s") and (r["context"] not in base or r.get("checkpointing") == "on"):
+            base[r["context"]] = r["step_s"]
     for r in rows:
         ok = r["status"] == "ok"
         ratio = f"{base[r['context']] / r['step_s']:.2f}x" if ok and base.get(r["context"]) else "-"
         rate = f"{r['tokens_per_step'] / r['step_s']:,.0f}" if ok else "-"
-        lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r.get('block', '-')} | {r.get('anchor', '-')} | "
-                     f"{r['step_s'] if ok else r['status']} | {rate} | {ratio} | {r.get('peak_gb', '-')} |")
+        lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r.get('checkpointing', 'off')} | "
+                     f"{r.get('block', '-')} | {r.get('anchor', '-')} | {r['step_s'] if ok else r['status']} | {rate} | "
+                     f"{ratio} | {r.get('peak_gb', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--context-loss-weight", type=float, default=0.0)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--checkpointing", default="off", help="off, on, offload: comma-separated, each method with each")
+    p.add_argument("--trainable", default="", help="substrings of the parameters that train (default: every one)")
+    p.add_argument("--loss-chunk-tokens", type=int, default=4096)
     p.add_argument("--out", default="runs/bench-train")
     p.add_argument("--profile", action="store_true", help="also write OUT/profile.txt (one profiled step per row)")
     args = p.parse_args(argv)
@@ -128,6 +157,9 @@ def main(argv=None) -> int:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype),
                                                               attn_implementation="sdpa")
     model.train()
+    if args.trainable:
+        for name, param in model.named_parameters():
+            param.requires_grad_(any(s in name for s in args.trainable.split(",")))
     methods = args.methods.split(",")
     rows: list[dict] = []
     os.makedirs(args.out, exist_ok=True)
@@ -139,29 +171,41 @@ def main(argv=None) -> int:
         common = {"context": length, "target": args.target, "layers": config.num_hidden_layers, "dtype": args.dtype,
                   "batch": args.batch, "tokens_per_step": args.batch * (length + args.target),
                   "context_loss_weight": args.context_loss_weight}
-        if "global" in methods:
-            row = {**common, "method": "global", **_measure(
-                lambda: _global_step(model, ctx, tgt, args.context_loss_weight), model, device, args.repeats,
-                profile, f"global, context {length}, batch {args.batch}")}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        if "star" in methods:
-            for block_spec in args.blocks.split(","):
-                block = bench._size(block_spec, length, 1)
-                for anchor_spec in args.anchors.split(","):
-                    anchor = bench._size(anchor_spec, length, 1, block)
-                    cfg = StarConfig(block_size=block, anchor_size=anchor)
-                    row = {**common, "method": "star", "block": block, "anchor": anchor, "block_spec": block_spec,
-                           "anchor_spec": anchor_spec, **_measure(
-                               lambda: _star_step(model, ctx, tgt, cfg, args.context_loss_weight), model, device,
-                               args.repeats, profile, f"star, context {length}, batch {args.batch}, block {block}, "
-                               f"anchor {anchor}")}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+        for choice in args.checkpointing.split(","):
+            rows += _rows_at(model, ctx, tgt, methods, choice, {**common, "checkpointing": choice}, args, device,
+                             profile)
     provenance = bench._provenance(device, argv)
     provenance["command"] = " ".join(["tools/bench_train.py", *argv])
     write_report(args.out, "bench_train", "One training step", provenance, rows)
     return 0
+
+
+def _rows_at(model, ctx, tgt, methods, choice: str, common: dict, args, device, profile) -> list[dict]:
+    """The rows of one context and one checkpointing choice: global, then each Star setting."""
+    rows, length = [], common["context"]
+    if "global" in methods:
+        with _checkpointing(model, choice, device) as _:
+            row = {**common, "method": "global", **_measure(
+                lambda: _global_step(model, ctx, tgt, args.context_loss_weight), model, device, args.repeats,
+                profile, f"global, context {length}, batch {args.batch}, checkpointing {choice}")}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if "star" in methods:
+        _checkpointing(model, choice, device)
+        for block_spec in args.blocks.split(","):
+            block = bench._size(block_spec, length, 1)
+            for anchor_spec in args.anchors.split(","):
+                anchor = bench._size(anchor_spec, length, 1, block)
+                cfg = StarConfig(block_size=block, anchor_size=anchor)
+                row = {**common, "method": "star", "block": block, "anchor": anchor, "block_spec": block_spec,
+                       "anchor_spec": anchor_spec, **_measure(
+                           lambda: _star_step(model, ctx, tgt, cfg, args.context_loss_weight, choice == "offload",
+                                              args.loss_chunk_tokens), model, device, args.repeats, profile,
+                           f"star, context {length}, batch {args.batch}, block {block}, anchor {anchor}, "
+                           f"checkpointing {choice}")}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
 
 
 def write_report(out: str, name: str, title: str, provenance: dict, rows: list[dict]) -> None:

@@ -38,13 +38,13 @@ from ..config import StarConfig
 from ..distributed.collectives import tie
 from ..distributed.rows import Phase1Rows, phase1_rows
 from ..integrations.hf.attention import ATTENTION_NAME
-from ..integrations.hf.checks import dropout_error
+from ..integrations.hf.checks import dropout_error, plain_head
 from ..integrations.hf.engine import StarEngine
 from ..layout import BlockLayout
 from ..runtime.inputs import check_ids, fingerprint
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
 from ..runtime.passes import PrefillPass, QueryPass, StarContext
-from .terms import IGNORE_INDEX, RankShare, ce_sum
+from .terms import IGNORE_INDEX, HeadRows, RankShare
 
 
 def check_train_inputs(context_ids, target_ids, labels, weight, vocab: int) -> str | None:
@@ -91,7 +91,8 @@ def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | 
 
 def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
                     config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
-                    context_loss_weight: float = 0.0, return_parts: bool = False, offload_activations: bool = False):
+                    context_loss_weight: float = 0.0, return_parts: bool = False, offload_activations: bool = False,
+                    loss_chunk_tokens: int = 4096):
     """The loss of one training step under the anchor pattern (module docstring), differentiable.
 
     ``context_ids: LongTensor[B, Lc]``, ``target_ids, labels: LongTensor[B, Lt]``, the full tensors on
@@ -102,6 +103,9 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     gradient_checkpointing_kwargs={'use_reentrant': False})``) recomputes each layer without collectives
     (``runtime/passes.py``); the reentrant kind is refused. ``offload_activations=True`` keeps what each
     checkpointed layer saves for its recomputation (its input) in CPU memory; it needs checkpointing on.
+    ``loss_chunk_tokens``: the logits of the rows the loss reads are computed this many rows at a time
+    and recomputed in the backward pass (``HeadRows``); 0 computes them at once, as does a model whose
+    head scales or soft-caps its logits.
 
     ``return_parts=True`` returns ``(loss, {"answer": ..., "context": ...})``: the answer part (the target
     tokens' mean loss) and the context's mean next-token loss (unweighted; 0 when the weight is 0, as
@@ -125,26 +129,39 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     offload = engine.device if offload_activations else None
     with _compat.attn_implementation_set(model, ATTENTION_NAME), \
             _compat.recompute_with_attention(model, ATTENTION_NAME, offload):
-        answer, context_mean = _context_stream(engine, context, context_ids, labels, n_labelled, context_loss_weight)
+        answer, context_mean = _context_stream(engine, context, context_ids, labels, n_labelled, context_loss_weight,
+                                               loss_chunk_tokens)
         # phase 2: the target rows on every rank; their logits predict labels[:, 1:]
         state = QueryPass(context, engine.num_layers, TrainingQueryKV(engine.num_layers) if layout.is_query_host
                           else None, check=True, training=True)
         positions = torch.arange(lc, lc + lt)
         keep = torch.arange(max(lt - 1, 1), device=device)
-        logits = engine._forward(state, target_ids, positions, logits_to_keep=keep).logits
+        kept = _kept_rows(engine, state, target_ids, positions, keep, loss_chunk_tokens)
         if lt > 1 and n_labelled:
-            replicated = ce_sum(logits, labels[:, 1:]) / n_labelled
+            replicated = kept.ce_sum(labels[:, 1:]) / n_labelled
         else:  # no target row predicts a label, but every rank must still run phase 2's backward (its
             # collectives): the target rows stay in the graph with weight 0
-            replicated = 0 * logits.sum().to(answer.dtype)
+            replicated = kept.zero().to(answer.dtype)
     loss, answer_part, context_part = RankShare.apply(
         replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, float(context_loss_weight), group,
         config.collective_timeout_s)
     return (loss, {"answer": answer_part, "context": context_part}) if return_parts else loss
 
 
+def _kept_rows(engine: StarEngine, state, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
+               chunk_tokens: int) -> HeadRows:
+    """The rows ``keep`` of one forward, as final hidden states and the model's head (their logits then
+    come a chunk at a time), or as their logits where the head is more than a projection or
+    ``chunk_tokens`` is 0."""
+    head = plain_head(engine.model) if chunk_tokens else None
+    if head is None:
+        return HeadRows(engine._forward(state, ids, positions, logits_to_keep=keep).logits)
+    hidden = engine._forward(state, ids, positions).last_hidden_state
+    return HeadRows(hidden.index_select(1, keep), head, chunk_tokens)
+
+
 def _context_stream(engine: StarEngine, context: StarContext, context_ids, labels, n_labelled: int,
-                    weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    weight: float, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Phase 1 over this rank's rows (``distributed/rows.py``), with the loss terms its rows own:
     ``(answer, context)`` (``phase1_terms``).
 
@@ -156,26 +173,25 @@ def _context_stream(engine: StarEngine, context: StarContext, context_ids, label
     rows = phase1_rows(context.layout, context_ids, recompute=context.config.anchor_source == "recompute",
                        context_loss=weight > 0, answer_from_last=n_labelled > 0)
     keep = torch.tensor(rows.keep, device=engine.device)
-    logits = engine._forward(state, rows.ids, rows.positions, logits_to_keep=keep).logits
-    answer, context_mean = phase1_terms(logits, rows, context_ids, labels, n_labelled)
+    kept = _kept_rows(engine, state, rows.ids, rows.positions, keep, chunk_tokens)
+    answer, context_mean = phase1_terms(kept, rows, context_ids, labels, n_labelled)
     return tie(answer, *state.keep_alive), context_mean
 
 
-def phase1_terms(kept_logits: torch.Tensor, rows: Phase1Rows, context_ids: torch.Tensor, labels: torch.Tensor,
+def phase1_terms(kept: HeadRows, rows: Phase1Rows, context_ids: torch.Tensor, labels: torch.Tensor,
                  n_labelled: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(answer, context)``: the loss terms of one rank's phase-1 rows, from the logits of
-    ``rows.keep`` (``kept_logits [B, len(keep), V]``). ``answer`` is the first label's term (the last
-    context token, over ``n_labelled``; 0 x the logits elsewhere, so every rank's rows join the
-    backward); ``context`` the rank's part of the context's mean next-token loss (over ``B * (Lc - 1)``
-    terms; 0 when ``rows.predicting`` is empty)."""
-    real = torch.float64 if kept_logits.dtype == torch.float64 else torch.float32
+    """``(answer, context)``: the loss terms of one rank's phase-1 rows, from the rows ``rows.keep``
+    (``kept``, ``len(keep)`` rows). ``answer`` is the first label's term (the last context token, over
+    ``n_labelled``; 0 x the rows elsewhere, so every rank's rows join the backward); ``context`` the
+    rank's part of the context's mean next-token loss (over ``B * (Lc - 1)`` terms; 0 when
+    ``rows.predicting`` is empty)."""
     if rows.last:
-        answer = ce_sum(kept_logits[:, -1:], labels[:, :1]) / n_labelled
+        answer = kept.narrow(kept.num_rows - 1, 1).ce_sum(labels[:, :1]) / n_labelled
     else:
-        answer = 0 * kept_logits.sum().to(real)
-    context_mean = torch.zeros((), dtype=real, device=kept_logits.device)
+        answer = kept.zero()
+    context_mean = torch.zeros((), dtype=kept.real, device=kept.hidden.device)
     if rows.predicting:
         p = rows.predicting
         targets = context_ids[:, p.start + 1: p.stop + 1]
-        context_mean = ce_sum(kept_logits[:, : len(p)], targets) / (context_ids.shape[0] * (context_ids.shape[1] - 1))
+        context_mean = kept.narrow(0, len(p)).ce_sum(targets) / (context_ids.shape[0] * (context_ids.shape[1] - 1))
     return answer, context_mean

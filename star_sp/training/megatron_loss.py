@@ -35,7 +35,7 @@ from ..layout import BlockLayout, RingLayout
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
 from ..runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from .loss import check_train_inputs, phase1_terms, train_meta
-from .terms import IGNORE_INDEX, RankShare, ce_sum
+from .terms import IGNORE_INDEX, HeadRows, RankShare, ce_sum
 
 
 def _check(model, context_ids, target_ids, labels, weight, attention) -> str | None:
@@ -90,7 +90,7 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     step = ForwardPlan(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group, keep)
     logits = model_forward(model, torch.cat([rows.ids, target_ids], dim=1), step)  # [B, len(keep), V]
     kept = len(rows.keep)
-    answer, context_mean = phase1_terms(logits[:, :kept], rows, context_ids, labels, n_labelled)
+    answer, context_mean = phase1_terms(HeadRows(logits[:, :kept]), rows, context_ids, labels, n_labelled)
     answer = tie(answer, *prefill.keep_alive)
     if lt > 1 and n_labelled:
         replicated = ce_sum(logits[:, kept: kept + lt - 1], labels[:, 1:]) / n_labelled

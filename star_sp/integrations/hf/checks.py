@@ -52,3 +52,12 @@ def model_spec(model) -> dict:
     return {"layers": cfg.num_hidden_layers, "kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
             "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
             "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
+
+
+def plain_head(model):
+    """The model's output projection when its logits are exactly ``head(final hidden state)`` (no scaling
+    or soft-capping of the logits), else None: a loss may then compute the logits a chunk at a time."""
+    cfg = model.config
+    if any(getattr(cfg, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    return model.get_output_embeddings()

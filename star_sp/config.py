@@ -22,19 +22,29 @@ TRAIN_ATTENTIONS: tuple[str, ...] = ("star", "global")
 DTYPES: tuple[str, ...] = ("auto", "float32", "float64", "bfloat16", "float16")
 TRAIN_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 DECODE_GRAPH_MIN_TOKENS = 8
+MAX_COLLECTIVE_TIMEOUT_S = 10 ** 9
+"""The longest ``collective_timeout_s`` (about 31 years). Torch's collectives set a deadline of the wall clock
+plus the timeout in int64 nanoseconds since 1970, which overflows about 7.4e9 s from now: a longer
+timeout makes gloo time out at once or wait for ever."""
 
 
-def _is_int(value: object) -> bool:
+def is_integer(value: object) -> bool:
+    """An ``int`` that is not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool`` (it may be infinite or NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_block_anchor(block_size: object, anchor_size: object) -> None:
     """The one check of block and anchor sizes, used by ``StarConfig``, ``BlockLayout`` and
     ``ops.star_attention``: ``block_size >= 1`` and ``0 <= anchor_size <= block_size``, both integers
     (``anchor_size`` 0: no anchor, an ablation). Raises ``StarInputError`` naming the value and the fix."""
-    if not _is_int(block_size) or block_size <= 0:
+    if not is_integer(block_size) or block_size <= 0:
         raise StarInputError(f"block_size must be a positive integer (a number of tokens), got {block_size!r}")
-    if not _is_int(anchor_size) or anchor_size < 0:
+    if not is_integer(anchor_size) or anchor_size < 0:
         raise StarInputError(f"anchor_size must be a non-negative integer (0: no anchor, an ablation), "
                              f"got {anchor_size!r}")
     if anchor_size > block_size:
@@ -74,7 +84,8 @@ class StarConfig:
     never replaced silently."""
 
     collective_timeout_s: float = 600.0
-    """Seconds a group-wide step may wait for the other ranks before every rank raises."""
+    """Seconds a group-wide step may wait for the other ranks before every rank raises; finite, at most
+    ``MAX_COLLECTIVE_TIMEOUT_S``."""
 
     decode_graphs: Literal["auto", "on", "off", "static"] = "auto"
     """How decode steps run. ``"auto"``: as one captured CUDA graph per request, replayed per token,
@@ -105,8 +116,10 @@ class StarConfig:
         if self.decode_graphs not in DECODE_GRAPHS:
             raise StarInputError(f"decode_graphs must be one of {DECODE_GRAPHS}, got {self.decode_graphs!r}")
         timeout = self.collective_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise StarInputError(f"collective_timeout_s must be a positive number of seconds, got {timeout!r}")
+        if not is_number(timeout) or not 0 < timeout <= MAX_COLLECTIVE_TIMEOUT_S:  # NaN fails the comparison
+            raise StarInputError(f"collective_timeout_s must be a positive number of seconds, at most "
+                                 f"{MAX_COLLECTIVE_TIMEOUT_S:.0e} (about 31 years: torch's collective deadlines overflow "
+                                 f"beyond that), got {timeout!r}")
 
     @property
     def anchor(self) -> int:

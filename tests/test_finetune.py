@@ -630,6 +630,26 @@ def test_global_control_gradients_match_the_oracle(cluster, tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_memory_settings_keep_the_oracle_gradients(cluster, tiny_dir, tmp_path):
+    """``gradient_checkpointing``, ``offload_activations`` and a ``loss_chunk_tokens`` below the rows the loss
+    reads, on a sequence-parallel group of 2 (plain PyTorch): the gradients are still the oracle's, within
+    the bound of the runs without them (``_assert_gradients``); offload without checkpointing is one line."""
+    argv = ["--model", tiny_dir, "--out", str(tmp_path), *COMMON, "--sp-size", "2", "--steps", "1",
+            "--gradient-accumulation-steps", "2", "--gradient-checkpointing", "--offload-activations",
+            "--loss-chunk-tokens", "7"]
+    results = cluster(2).run(finetune_gradients, argv)
+    oracle, plain = _reference_gradients(tiny_dir, _samples(tiny_dir, 0, 2, [0]), 0.5)
+    for grads in results:
+        _assert_gradients(grads, oracle, plain, ranks=2)
+    from star_sp import StarInputError
+    from star_sp.apps.jobs.settings import FinetuneConfig
+
+    with pytest.raises(StarInputError, match="offload_activations offloads what gradient checkpointing keeps; set "
+                                             "gradient_checkpointing = true too"):
+        FinetuneConfig(model=tiny_dir, offload_activations=True)
+
+
+@pytest.mark.slow
 def test_bad_setting_stops_every_rank_with_one_line(cluster, tiny_dir, tmp_path):
     """Two ranks: a bad value (the same on both) and a world the groups cannot divide end both ranks
     with exit code 1 and the same line, printed once (by the host's first process)."""

@@ -14,7 +14,16 @@ from .guard import guarded_step
 
 MERGES = {"allreduce": AllReduceMerge, "allgather": AllGatherMerge}
 
-def _check_inputs(q, ctx_k, ctx_v, query_k, query_v, group) -> None:
+
+def _merge(merge: str):
+    """The merge class named ``merge``, or one line naming the choices."""
+    if merge not in MERGES:
+        raise StarInputError(f"merge must be one of {tuple(MERGES)}, got {merge!r}")
+    return MERGES[merge]
+
+
+def _check_inputs(q, ctx_k, ctx_v, query_k, query_v, group, merge) -> None:
+    _merge(merge)
     if q.dim() == 4 and q.shape[2] == 0:
         raise StarInputError("the query is empty: pass at least one query token")
     check_qkv(q, ctx_k, ctx_v)
@@ -62,13 +71,11 @@ def phase2_attention(
     over the ranks are exact when the ranks' losses add up to the loss (a loss of the replicated output
     counted on one rank, or ``1/N`` on each; ``collectives.AllReduceMerge.sum_output_grad``).
     """
-    if merge not in MERGES:
-        raise StarInputError(f"merge must be one of {tuple(MERGES)}, got {merge!r}")
     with guarded_step("phase2", group):
-        if check:
-            error = validated(_check_inputs, q, ctx_k, ctx_v, query_k, query_v, group)
+        if check:  # the merge too: a bad one on one rank is the same error on every rank
+            error = validated(_check_inputs, q, ctx_k, ctx_v, query_k, query_v, group, merge)
             meta = {"merge": merge, "dtype": str(q.dtype), "q_shape": tuple(q.shape), "kv_heads": ctx_k.shape[1] if ctx_k.dim() == 4 else None,
                     "scale": scale, "q_requires_grad": torch.is_grad_enabled() and q.requires_grad}
             agree(group, "phase2", meta, error)
         parts = phase2_parts((0, q.shape[2]), ctx_k, ctx_v, query_k, query_v)
-        return local_attention(q, parts, scale=scale, backend=backend, reducer=MERGES[merge](group, timeout_s))
+        return local_attention(q, parts, scale=scale, backend=backend, reducer=_merge(merge)(group, timeout_s))

@@ -29,6 +29,10 @@ class ContextKV:
         assert k is not None and v is not None, f"layer {layer} has no context KV: run prefill first"
         return k, v
 
+    def drop(self, layer: int) -> None:
+        """Let go of a layer's KV (a training forward, once the layer's phase 2 has read it)."""
+        self.k[layer] = self.v[layer] = None
+
     @property
     def num_tokens(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]

@@ -18,14 +18,18 @@ keys (the context, and the query KV held so far):
   graph and replayed): as ``QueryPass``, but the query KV is a ``StaticQueryKV`` written and masked
   at a device-side position (``ops.valid_keys``) instead of sliced at a Python one.
 
+- ``SplitPass`` (training): one forward over ``[phase-1 rows | phase-2 rows]``, each layer's first rows
+  to a ``PrefillPass`` and the rest (the target tokens) to a ``QueryPass``; phase 2 reads the layer's
+  context KV in the same layer, which then lets it go, so no layer's context KV outlives its layer.
+
 Recomputation (activation checkpointing, training): a pass runs each layer once, so a second call of
 a layer in the same pass is the backward pass recomputing it. It runs without any collective, so the
-ranks may recompute in any order: ``PrefillPass`` keeps the KV it stored and attends again with the
-anchor it received the first time (``phase1_attention(anchor=...)``), recomputing the local attention;
-``QueryPass`` keeps its first KV and returns the layer's first output, whose autograd state it kept
-(the rows are the few target tokens; saving them costs little and avoids phase 2's all-reduce).
-Reentrant checkpointing (the layer first run without gradients) cannot keep phase 2's gradient path
-to the context's KV, so it is refused.
+ranks may recompute in any order: ``PrefillPass`` stores the recomputed KV again and attends with the
+anchor it received the first time (``phase1_attention(anchor=...)``), recomputing the local attention.
+Across hosts ``QueryPass`` returns the layer's first output, whose attention kept its saved tensors
+(the target rows are few; this avoids repeating phase 2's all-reduce); in one process it recomputes
+the layer's phase 2 like any other operation. Reentrant checkpointing (the layer first run without
+gradients) cannot keep phase 2's gradient path to the context's KV, so it is refused.
 """
 
 from __future__ import annotations
@@ -167,10 +171,10 @@ class PrefillPass(_Pass):
     keep_alive: list | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
-        if self._first_update(layer):
-            layout = self.context.layout
-            skip = k.shape[2] if layout.is_idle else layout.anchor_rows(self.context.config.anchor_source == "recompute")
-            self.context.kv.store(layer, k[:, :, skip:], v[:, :, skip:])
+        self._first_update(layer)  # a recomputation stores the recomputed KV again, for phase 2's recomputation
+        layout = self.context.layout
+        skip = k.shape[2] if layout.is_idle else layout.anchor_rows(self.context.config.anchor_source == "recompute")
+        self.context.kv.store(layer, k[:, :, skip:], v[:, :, skip:])
         return k, v
 
     def _phase1(self, layer: int, q, k, v, scale: float | None):
@@ -222,41 +226,53 @@ class RingPrefillPass(_Pass):
 class QueryPass(_Pass):
     """Phase 2 for query or generated rows; ``query_kv`` is None on hosts that hold no query KV."""
 
-    def __init__(self, context: StarContext, num_layers: int, query_kv: QueryKV | None, **kw):
+    def __init__(self, context: StarContext, num_layers: int, query_kv: QueryKV | None, *,
+                 drops_context: bool = False, **kw):
         super().__init__(context, num_layers, **kw)
         self.query_kv = query_kv
+        self.drops_context = drops_context  # a SplitPass's: the layer's context KV is read once, then let go
         self._current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
-        if self.query_kv is not None and self._first_update(layer):
-            k, v = self.query_kv.append(layer, k, v)
+        if self.query_kv is not None:
+            if self._first_update(layer):  # a recomputation's KV equals the first (training appends once)
+                k, v = self.query_kv.append(layer, k, v)
             self._current[layer] = (k, v)
         return k, v
 
     def attend(self, layer: int, q, k, v, scale: float | None):
         if layer in self._outputs:  # recomputed in the backward pass: the first run's output, no collective
             self._current.pop(layer, None)
+            self._drop_context(layer)
             return self._outputs[layer]
         self._check_grad()
         if not self.training:
             return self._attend(layer, q, k, v, scale)
-        # a checkpoint around the layer drops what autograd saves and recomputes it; the attention's own
-        # saved tensors are kept instead (identity hooks), since the recomputation does not rerun it
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        if not self.distributed:  # no collective: a recomputation recomputes this too
             out = self._attend(layer, q, k, v, scale)
-        self._outputs[layer] = out
+        else:
+            # a checkpoint around the layer drops what autograd saves and recomputes it; the attention's
+            # own saved tensors are kept instead (identity hooks), since the recomputation does not rerun it
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                out = self._attend(layer, q, k, v, scale)
+            self._outputs[layer] = out
+        self._drop_context(layer)
         return out
+
+    def _drop_context(self, layer: int) -> None:
+        if self.drops_context:
+            self.context.kv.drop(layer)
 
     def _attend(self, layer: int, q, k, v, scale: float | None):
         cfg = self.context.config
         query = self._current.pop(layer, None)
         if self.context.shares_across_rows(q.shape[0]):  # several questions or contexts (inference)
-            out, lse = self._shared_context_part(q, layer, scale)
-            if query is not None:
-                merge_own_keys_(out, lse, q, *query, starts=getattr(self.query_kv, "starts", None), scale=scale,
-                                backend=cfg.backend)
-            if self.distributed:
-                with guarded_step("phase2", self.group):
+            with guarded_step("phase2", self.group):  # the local parts too, as in phase2_attention
+                out, lse = self._shared_context_part(q, layer, scale)
+                if query is not None:
+                    merge_own_keys_(out, lse, q, *query, starts=getattr(self.query_kv, "starts", None), scale=scale,
+                                    backend=cfg.backend)
+                if self.distributed:
                     out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
             self._tick(layer)
             return out.to(q.dtype)
@@ -275,6 +291,32 @@ class QueryPass(_Pass):
     def seq_length(self, layer: int = 0) -> int:
         held = 0 if self.query_kv is None else self.query_kv.length[layer]
         return self.context.context_len + held
+
+
+class SplitPass:
+    """One training forward over ``[phase-1 rows | phase-2 rows]`` (``rows (B, ., n + m, .)``): at each layer
+    the first ``context_rows`` rows' KV and attention go to ``prefill``, the rest to ``query`` (a
+    ``QueryPass`` built with ``drops_context=True``), and the outputs are stacked in the same order."""
+
+    def __init__(self, prefill: PrefillPass, query: QueryPass, context_rows: int):
+        self.prefill, self.query, self.context_rows = prefill, query, context_rows
+        self._kv: dict[int, list] = {}
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
+        n = self.context_rows
+        self._kv[layer] = [self.prefill.update(k[:, :, :n], v[:, :, :n], layer),
+                           self.query.update(k[:, :, n:], v[:, :, n:], layer)]
+        return k, v
+
+    def attend(self, layer: int, q, k, v, scale: float | None):
+        n = self.context_rows
+        (kc, vc), (kt, vt) = self._kv.pop(layer)
+        out_c = self.prefill.attend(layer, q[:, :, :n], kc, vc, scale)
+        out_t = self.query.attend(layer, q[:, :, n:], kt, vt, scale)
+        return torch.cat([out_c, out_t], dim=2)
+
+    def seq_length(self, layer: int = 0) -> int:
+        return self.prefill.seq_length(layer)
 
 
 class DecodeStepPass(_Pass):
@@ -299,6 +341,12 @@ class DecodeStepPass(_Pass):
         return k, v
 
     def attend(self, layer: int, q, k, v, scale: float | None):
+        with guarded_step("decode", self.group):  # the local parts too: a failure there reaches every rank
+            out = self._attend(layer, q, k, v, scale)
+        self._tick(layer)
+        return out.to(q.dtype)
+
+    def _attend(self, layer: int, q, k, v, scale: float | None):
         cfg = self.context.config
         scale = default_scale(q.shape[-1]) if scale is None else scale
         acc = accumulation_dtype(q.dtype)
@@ -317,10 +365,8 @@ class DecodeStepPass(_Pass):
                 self._valid = self.query_kv.valid(1)
             merge_into_(out, lse, *valid_keys_attention(q, k, v, self._valid, scale))
         if self.distributed:
-            with guarded_step("decode", self.group):
-                out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
-        self._tick(layer)
-        return out.to(q.dtype)
+            out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
+        return out
 
     def finish(self, advance: bool = True) -> None:
         """After the model's forward: move the query KV's fill level past this step's token (``advance``;

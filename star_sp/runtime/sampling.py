@@ -6,11 +6,20 @@ broadcasts the result, so every rank continues with the same token.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from ..config import is_integer, is_number
 from ..errors import StarInputError
+
+_SEED_RANGE = "an integer from -2**63 to 2**64 - 1 (what torch.Generator.manual_seed takes)"
+
+
+def _is_seed(value: object) -> bool:
+    """An integer ``torch.Generator.manual_seed`` takes."""
+    return is_integer(value) and -2 ** 63 <= value < 2 ** 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,15 +41,18 @@ class SamplingConfig:
     """One seed per sequence (several questions of one context), instead of ``seed`` for every one."""
 
     def __post_init__(self) -> None:
-        if self.do_sample and not self.temperature > 0:
-            raise StarInputError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        temperature, top_p = self.temperature, self.top_p
+        if not is_number(temperature) or not math.isfinite(temperature) or (self.do_sample and temperature <= 0):
+            raise StarInputError(f"temperature must be a finite number (> 0 when sampling), got {temperature!r}")
+        if not is_integer(self.top_k) or self.top_k < 0:
             raise StarInputError(f"top_k must be a non-negative integer (0 keeps every token), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise StarInputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seeds is not None and (not isinstance(self.seeds, (tuple, list)) or not self.seeds or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in self.seeds)):
-            raise StarInputError(f"seeds must be a non-empty tuple of integers (one per sequence), got {self.seeds!r}")
+        if not is_number(top_p) or not 0 < top_p <= 1:  # NaN fails the comparison
+            raise StarInputError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        if not _is_seed(self.seed):
+            raise StarInputError(f"seed must be {_SEED_RANGE}, got {self.seed!r}")
+        if self.seeds is not None and (not isinstance(self.seeds, (tuple, list)) or not self.seeds
+                                       or not all(map(_is_seed, self.seeds))):
+            raise StarInputError(f"seeds must be a non-empty tuple of integers, each {_SEED_RANGE}, got {self.seeds!r}")
 
     def seeds_error(self, batch: int) -> str | None:
         """What is wrong with ``seeds`` for a batch of ``batch`` sequences, or None."""

@@ -43,7 +43,7 @@ from ..integrations.hf.engine import StarEngine
 from ..layout import BlockLayout
 from ..runtime.inputs import check_ids, fingerprint
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
-from ..runtime.passes import PrefillPass, QueryPass, StarContext
+from ..runtime.passes import PrefillPass, QueryPass, SplitPass, StarContext
 from .terms import IGNORE_INDEX, HeadRows, RankShare
 
 
@@ -125,23 +125,30 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     context = StarContext(layout=layout, config=config, batch_size=batch, kv=ContextKV(engine.num_layers),
                           group=group)
     n_labelled = int((labels != IGNORE_INDEX).sum())
-    device = engine.device
-    offload = engine.device if offload_activations else None
+    # one forward over [this rank's phase-1 rows | the target rows]: each layer's phase 2 reads its context
+    # KV at once (distributed/rows.py: the phase-1 rows; an idle rank runs one stand-in row)
+    rows = phase1_rows(layout, context_ids, recompute=config.anchor_source == "recompute",
+                       context_loss=context_loss_weight > 0, answer_from_last=n_labelled > 0)
+    prefill = PrefillPass(context, engine.num_layers, check=True, training=True)
+    prefill.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
+    query = QueryPass(context, engine.num_layers, TrainingQueryKV(engine.num_layers) if layout.is_query_host
+                      else None, check=True, training=True, drops_context=True)
+    ids = torch.cat([rows.ids, target_ids.to(rows.ids.device)], dim=1)
+    positions = torch.cat([rows.positions, torch.arange(lc, lc + lt)])
+    n, n_kept = rows.num_rows, len(rows.keep)
+    keep = torch.tensor(rows.keep + list(range(n, n + max(lt - 1, 1))), device=engine.device)  # target rows
+    offload = engine.device if offload_activations else None  # predict labels[:, 1:]
     with _compat.attn_implementation_set(model, ATTENTION_NAME), \
             _compat.recompute_with_attention(model, ATTENTION_NAME, offload):
-        answer, context_mean = _context_stream(engine, context, context_ids, labels, n_labelled, context_loss_weight,
-                                               loss_chunk_tokens)
-        # phase 2: the target rows on every rank; their logits predict labels[:, 1:]
-        state = QueryPass(context, engine.num_layers, TrainingQueryKV(engine.num_layers) if layout.is_query_host
-                          else None, check=True, training=True)
-        positions = torch.arange(lc, lc + lt)
-        keep = torch.arange(max(lt - 1, 1), device=device)
-        kept = _kept_rows(engine, state, target_ids, positions, keep, loss_chunk_tokens)
-        if lt > 1 and n_labelled:
-            replicated = kept.ce_sum(labels[:, 1:]) / n_labelled
-        else:  # no target row predicts a label, but every rank must still run phase 2's backward (its
-            # collectives): the target rows stay in the graph with weight 0
-            replicated = kept.zero().to(answer.dtype)
+        kept = _kept_rows(engine, SplitPass(prefill, query, n), ids, positions, keep, loss_chunk_tokens)
+    answer, context_mean = phase1_terms(kept.narrow(0, n_kept), rows, context_ids, labels, n_labelled)
+    answer = tie(answer, *prefill.keep_alive)
+    targets = kept.narrow(n_kept, kept.num_rows - n_kept)
+    if lt > 1 and n_labelled:
+        replicated = targets.ce_sum(labels[:, 1:]) / n_labelled
+    else:  # no target row predicts a label, but every rank must still run phase 2's backward (its
+        # collectives): the target rows stay in the graph with weight 0
+        replicated = targets.zero().to(answer.dtype)
     loss, answer_part, context_part = RankShare.apply(
         replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, float(context_loss_weight), group,
         config.collective_timeout_s)
@@ -158,24 +165,6 @@ def _kept_rows(engine: StarEngine, state, ids: torch.Tensor, positions: torch.Te
         return HeadRows(engine._forward(state, ids, positions, logits_to_keep=keep).logits)
     hidden = engine._forward(state, ids, positions).last_hidden_state
     return HeadRows(hidden.index_select(1, keep), head, chunk_tokens)
-
-
-def _context_stream(engine: StarEngine, context: StarContext, context_ids, labels, n_labelled: int,
-                    weight: float, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 1 over this rank's rows (``distributed/rows.py``), with the loss terms its rows own:
-    ``(answer, context)`` (``phase1_terms``).
-
-    Every rank runs the same modules in forward and backward (ZeRO-3 gathers parameters per module):
-    an idle rank runs one stand-in row, and logits of at least one row always join the loss, with
-    weight 0 where no term needs them."""
-    state = PrefillPass(context, engine.num_layers, check=True, training=True)
-    state.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
-    rows = phase1_rows(context.layout, context_ids, recompute=context.config.anchor_source == "recompute",
-                       context_loss=weight > 0, answer_from_last=n_labelled > 0)
-    keep = torch.tensor(rows.keep, device=engine.device)
-    kept = _kept_rows(engine, state, rows.ids, rows.positions, keep, chunk_tokens)
-    answer, context_mean = phase1_terms(kept, rows, context_ids, labels, n_labelled)
-    return tie(answer, *state.keep_alive), context_mean
 
 
 def phase1_terms(kept: HeadRows, rows: Phase1Rows, context_ids: torch.Tensor, labels: torch.Tensor,

@@ -121,7 +121,10 @@ def _load(cfg: FinetuneConfig, device: torch.device):
                              "the target rows, and their dropout masks would differ; set the model's dropout to 0")
     if cfg.data == "tasks" and tokenizer.eos_token_id is None:
         raise StarInputError(f"the tokenizer of {cfg.model} has no EOS token, which ends every answer; set one")
-    return tokenizer, model.to(device).train()
+    model = model.to(device).train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return tokenizer, model
 
 
 def _run(cfg: FinetuneConfig, world, device: torch.device, inspect) -> int:
@@ -148,7 +151,8 @@ def _run(cfg: FinetuneConfig, world, device: torch.device, inspect) -> int:
     resume = resume_point(cfg, world, layout)
     module = TrainModule(model, attention=cfg.attention, sp=groups.sp, sp_rank=layout.sp_rank,
                          context_loss_weight=cfg.context_loss_weight, anchor_source=cfg.anchor_source,
-                         backend=cfg.backend, collective_timeout_s=cfg.collective_timeout_s)
+                         backend=cfg.backend, collective_timeout_s=cfg.collective_timeout_s,
+                         offload_activations=cfg.offload_activations, loss_chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.uses_deepspeed:
         stepper = DeepSpeedStepper(module, cfg, groups, ds_config)
     else:

@@ -8,8 +8,11 @@ rank of the group.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from ... import _compat
 from ...config import StarConfig
 from ...ops.backends import many_shapes
 from ...training.loss import star_train_loss
@@ -60,11 +63,21 @@ class TrainModule(torch.nn.Module):
     """
 
     def __init__(self, model, *, attention: str, sp, sp_rank: int, context_loss_weight: float,
-                 anchor_source: str = "broadcast", backend: str = "auto", collective_timeout_s: float = 600.0):
+                 anchor_source: str = "broadcast", backend: str = "auto", collective_timeout_s: float = 600.0,
+                 offload_activations: bool = False, loss_chunk_tokens: int = 4096):
         super().__init__()
         self.model = model
         self.attention, self.sp, self.sp_rank, self.weight = attention, sp, sp_rank, context_loss_weight
         self.star = dict(anchor_source=anchor_source, backend=backend, collective_timeout_s=collective_timeout_s)
+        self.memory = dict(offload_activations=offload_activations, loss_chunk_tokens=loss_chunk_tokens)
+
+    def _offloading(self):
+        """The plain model's checkpoints keep their inputs in CPU memory under ``offload_activations``."""
+        if not self.memory["offload_activations"]:
+            return contextlib.nullcontext()
+        model = self.model
+        return _compat.recompute_with_attention(model, model.config._attn_implementation,
+                                                offload=next(model.parameters()).device)
 
     def star_config(self, sample) -> StarConfig:
         return StarConfig(block_size=sample.block_size, anchor_size=sample.anchor_size, **self.star)
@@ -76,14 +89,16 @@ class TrainModule(torch.nn.Module):
     def _forward(self, sample):
         ctx, tgt, labels = sample.context_ids, sample.target_ids, sample.labels
         if self.attention == "global":
-            loss, answer, context = global_train_loss(self.model, ctx, tgt, labels, context_loss_weight=self.weight)
+            with self._offloading():
+                loss, answer, context = global_train_loss(self.model, ctx, tgt, labels,
+                                                          context_loss_weight=self.weight)
             share = loss if self.sp_rank == 0 else loss * 0.0
             info = {"loss": float(loss.detach()), "answer_loss": float(answer),
                     "context_loss": None if context is None else float(context)}
             return share, info
         config = self.star_config(sample)
         loss, parts = star_train_loss(self.model, ctx, tgt, labels, config, self.sp, context_loss_weight=self.weight,
-                                      return_parts=True)
+                                      return_parts=True, **self.memory)
         info = {"loss": float(loss.detach()), "answer_loss": float(parts["answer"]),
                 "context_loss": float(parts["context"].detach()) if self.weight else None}
         return loss, info

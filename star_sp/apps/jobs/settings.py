@@ -140,6 +140,15 @@ class _FinetuneKeys:
                            "over the data-parallel groups)", "")
     anchor_source: str = field_help("broadcast or recompute (see star-sp generate --help)", "broadcast")
 
+    # -- memory --------------------------------------------------------------------------------------
+    gradient_checkpointing: bool = field_help("recompute each decoder layer in the backward pass (transformers' "
+                                              "non-reentrant activation checkpointing; Star recomputes without "
+                                              "collectives)", False)
+    offload_activations: bool = field_help("with gradient_checkpointing: keep each layer's checkpointed input in CPU "
+                                           "memory (pinned on CUDA) until the backward pass needs it", False)
+    loss_chunk_tokens: int = field_help("the loss computes the logits of this many rows at a time, recomputed in the "
+                                        "backward pass (0: all at once)", 4096)
+
 
 @dataclass(kw_only=True)
 class FinetuneConfig(TrainSettings, _FinetuneKeys):
@@ -163,6 +172,11 @@ class FinetuneConfig(TrainSettings, _FinetuneKeys):
         check_choice("anchor_source", self.anchor_source, ANCHOR_SOURCES)
         check_integer("sp_size", self.sp_size, 1)
         check_integer("eval_samples", self.eval_samples, 0)
+        check_integer("loss_chunk_tokens", self.loss_chunk_tokens, 0)
+        check_booleans(self, "gradient_checkpointing", "offload_activations")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise StarInputError("offload_activations offloads what gradient checkpointing keeps; set "
+                                 "gradient_checkpointing = true too (or offload_activations = false)")
         super().__post_init__()
         if self.lengths[0] < 64:
             raise StarInputError(f"lengths must be at least 64 tokens (the tasks' smallest samples), got "

@@ -44,17 +44,47 @@ from .checks import check_model, dropout_error, model_spec
 
 def _with_star_attention(method):
     """Run an engine method with the model switched to the ``star`` attention function, and switch it
-    back afterwards: outside the engine's calls the user's model behaves exactly as it did before."""
+    back afterwards: outside the engine's calls the user's model behaves exactly as it did before.
+
+    With a group the whole call is one guarded step (``_one_step``), so an error on any rank, inside
+    Star's attention or outside it (an MLP, the LM head), reaches every rank as the same error naming
+    that rank."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with torch.no_grad(), _compat.attn_implementation_set(self.model, ATTENTION_NAME), self._compiling() as layers:
+        with (torch.no_grad(), _compat.attn_implementation_set(self.model, ATTENTION_NAME), self._compiling() as layers,
+              _one_step(method.__name__, self.group)):
             result = method(self, *args, **kwargs)
         if layers is not None:
             self.stats["compile_s"] = layers.seconds
         return result
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _one_step(step: str, group: "dist.ProcessGroup | None"):
+    """One engine call as one guarded step of ``group`` (``distributed/guard.py``): a rank that raises
+    records the error before the others time out in their next collective, and they name it. The call
+    ends with an agreement of every rank: after its last collective a rank still runs local layers (the
+    last layers' MLPs, the LM head of ``score``), and a failure there must not leave the others
+    returning. An error every rank raises alike (``on_every_rank``: an agreement's, the query host's
+    token broadcast's, a capture outcome the ranks shared) passes unchanged."""
+    if group is None:
+        yield
+        return
+    agreed = None
+    with guarded_step(step, group):
+        try:
+            yield
+        except StarError as exc:
+            if not getattr(exc, "on_every_rank", False):
+                raise
+            agreed = exc
+        else:
+            agree_or_raise(group, step, {}, None)  # every rank got to the end of the call
+    if agreed is not None:
+        raise agreed
 
 
 class StarEngine:
@@ -374,8 +404,10 @@ class StarEngine:
         if context.config.decode_graphs == "on":
             if failure is not None and context.group is None:
                 raise failure
-            raise StarError(f"decode_graphs='on': capturing the decode step failed on {error}; use "
-                            "decode_graphs='auto' (falls back without a graph) or 'static'")
+            failed = StarError(f"decode_graphs='on': capturing the decode step failed on {error}; use "
+                               "decode_graphs='auto' (falls back without a graph) or 'static'")
+            failed.on_every_rank = context.group is not None  # first_failure: the same outcome on every rank
+            raise failed
         warnings.warn(f"decode_graphs='auto': capturing the decode step failed ({error}); decoding without a "
                       "graph. decode_graphs='static' or 'off' skips the attempt", RuntimeWarning, stacklevel=3)
         if self.device.type == "cuda":

@@ -117,15 +117,21 @@ def group_size(group) -> tuple[int, int]:
 class StarCoreAttention(torch.nn.Module):
     """Megatron's core-attention slot, parameter-free. Built by Megatron with ``config, layer_number,
     attn_mask_type, attention_type, cp_comm_type, softmax_scale, pg_collection`` and the spec's
-    ``star`` (a ``StarConfig``) and ``attention`` (``star``, ``global`` or ``ring``).
+    ``star`` (a ``StarConfig``, required: ``star_layer_spec`` puts it there) and ``attention`` (``star``,
+    ``global`` or ``ring``).
 
-    ``forward(query [sq, b, np, hn], key, value [sk, b, ng, hn], attention_mask, ...)`` returns
-    ``[sq, b, np * hn]``; grouped-query heads are not expanded (the kernels read them as they are)."""
+    ``forward(query [sq, b, np, hn], key, value [sq, b, ng, hn], attention_mask, ...)`` returns
+    ``[sq, b, np * hn]``; grouped-query heads are not expanded (the kernels read them as they are). The
+    keys are the rows' own: Megatron's KV-cached inference, which passes the cached keys too, is refused
+    (``megatron_prefill`` and ``megatron_generate`` keep Star's KV themselves)."""
 
     def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
                  cp_comm_type=None, softmax_scale: float | None = None, pg_collection=None, *,
                  star: StarConfig | None = None, attention: str = "star", **_unused):
         super().__init__()
+        if not isinstance(star, StarConfig):
+            raise StarInputError(f"StarCoreAttention needs the layer spec's star config, a StarConfig (got "
+                                 f"{type(star).__name__}): build the spec with star_layer_spec(spec, StarConfig(...))")
         if attention not in ATTENTIONS:
             raise StarInputError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if attention_type != "self":
@@ -148,7 +154,7 @@ class StarCoreAttention(torch.nn.Module):
         self.layer = layer_number - 1
         self.num_layers = config.num_layers
         self.scale = softmax_scale
-        self.star = star if star is not None else StarConfig(block_size=4096, anchor_size=4096)
+        self.star = star
         self.attention = attention
         self.star_positions = False  # set by use_star_positions(model) on the model that holds this module
         cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
@@ -165,6 +171,10 @@ class StarCoreAttention(torch.nn.Module):
         if packed_seq_params is not None:
             raise StarInputError("Star Attention does not take packed sequences (THD); pass one sequence per "
                                  "batch row")
+        if key.shape[0] != query.shape[0]:
+            raise StarInputError(f"StarCoreAttention got {key.shape[0]} keys for {query.shape[0]} query rows: Megatron's "
+                                 "KV-cached inference (inference_context) is not supported; generate with "
+                                 "star_sp.integrations.megatron.megatron_prefill and megatron_generate")
         step = _PLAN.get()
         if step is None:
             step = self._context_only(query)

@@ -14,6 +14,7 @@ import torch
 
 from ...config import ATTENTIONS, StarConfig
 from ...distributed.agreement import agree_or_raise
+from ...distributed.guard import guarded_step
 from ...distributed.rows import phase1_rows
 from ...errors import StarInputError
 from ...layout import BlockLayout, RingLayout
@@ -70,6 +71,21 @@ def _output_rows(model, keep: list[int] | None, device):
             layer.forward = own
 
 
+@contextlib.contextmanager
+def _one_step(step: str, group):
+    """A group-wide call as one guarded step of ``group`` (``distributed/guard.py``): an error on any
+    rank, in Star's attention or elsewhere in the model, reaches every rank as the same error naming
+    that rank, before the others time out in their next collective. The call ends with an agreement
+    of every rank, so a failure in the local layers after its last collective does not leave the
+    other ranks returning."""
+    if group is None:
+        yield
+        return
+    with guarded_step(step, group):
+        yield
+        agree_or_raise(group, step, {}, None)  # every rank got to the end of the call
+
+
 def vocab_size(model) -> int:
     return getattr(model, "vocab_size", None) or model.config.padded_vocab_size
 
@@ -79,34 +95,35 @@ def megatron_prefill(model, context_ids: torch.Tensor, config: StarConfig, group
     """Phase 1 on every rank of ``group`` (Megatron's CP group): this rank's blocks behind the anchor
     (``ring``: its zigzag share, exact). ``context_ids [B, Lc]``, the full ids on every rank. Returns
     the rank's ``StarContext`` (its own blocks' KV) for ``megatron_generate``."""
-    use_star_positions(model)
-    error = check_ids("context_ids", context_ids, vocab_size(model))
-    if error is None and attention not in ATTENTIONS:
-        error = f"attention must be one of {ATTENTIONS}, got {attention!r}"
-    if error is None and not isinstance(config, StarConfig):
-        error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
-    agree_or_raise(group, "prefill", {"ids": None if error else fingerprint(context_ids), "attention": attention,
-                               "config": None if error else config.to_dict()}, error)
-    size, rank = group_size(group)
-    lc = context_ids.shape[1]
-    num_layers = model.config.num_layers
-    if attention == "ring" and size > 1 and lc >= 2 * size:
-        layout = RingLayout(lc, size, rank)
-        context = StarContext(layout, config, context_ids.shape[0], ContextKV(num_layers), group)
-        step = ForwardPlan(layout.positions(), layout.num_tokens, RingPrefillPass(context, num_layers), group=group, keep=[0])
-        ids = layout.shard(context_ids, 1)
-    else:
-        if attention != "star":  # global (or ring on a context too short to split): one block
-            config = replace(config, block_size=lc, anchor_size=lc)
-        layout = BlockLayout.from_config(config, lc, size, rank)
-        context = StarContext(layout, config, context_ids.shape[0], ContextKV(num_layers), group)
-        rows = phase1_rows(layout, context_ids, recompute=config.anchor_source == "recompute", context_loss=False,
-                           answer_from_last=False)  # an idle host: one stand-in row
-        ids = rows.ids
-        step = ForwardPlan(rows.positions, rows.num_rows, PrefillPass(context, num_layers), group=group, keep=[0])
-    with torch.no_grad():  # the KV is what prefill is for: one row of logits, unread
-        model_forward(model, ids, step)
-    return context
+    with _one_step("prefill", group):
+        use_star_positions(model)
+        error = check_ids("context_ids", context_ids, vocab_size(model))
+        if error is None and attention not in ATTENTIONS:
+            error = f"attention must be one of {ATTENTIONS}, got {attention!r}"
+        if error is None and not isinstance(config, StarConfig):
+            error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
+        agree_or_raise(group, "prefill", {"ids": None if error else fingerprint(context_ids), "attention": attention,
+                                   "config": None if error else config.to_dict()}, error)
+        size, rank = group_size(group)
+        lc = context_ids.shape[1]
+        num_layers = model.config.num_layers
+        if attention == "ring" and size > 1 and lc >= 2 * size:
+            layout = RingLayout(lc, size, rank)
+            context = StarContext(layout, config, context_ids.shape[0], ContextKV(num_layers), group)
+            step = ForwardPlan(layout.positions(), layout.num_tokens, RingPrefillPass(context, num_layers), group=group, keep=[0])
+            ids = layout.shard(context_ids, 1)
+        else:
+            if attention != "star":  # global (or ring on a context too short to split): one block
+                config = replace(config, block_size=lc, anchor_size=lc)
+            layout = BlockLayout.from_config(config, lc, size, rank)
+            context = StarContext(layout, config, context_ids.shape[0], ContextKV(num_layers), group)
+            rows = phase1_rows(layout, context_ids, recompute=config.anchor_source == "recompute", context_loss=False,
+                               answer_from_last=False)  # an idle host: one stand-in row
+            ids = rows.ids
+            step = ForwardPlan(rows.positions, rows.num_rows, PrefillPass(context, num_layers), group=group, keep=[0])
+        with torch.no_grad():  # the KV is what prefill is for: one row of logits, unread
+            model_forward(model, ids, step)
+        return context
 
 
 @torch.no_grad()
@@ -117,29 +134,30 @@ def megatron_generate(model, context: StarContext, query_ids: torch.Tensor, max_
     Returns ``[B, n]`` new tokens (``n <= max_new_tokens``; stops when every row has produced EOS),
     the same on every rank (the last rank's choice is broadcast, ``runtime/generate.py``)."""
     group = context.group
-    error = check_ids("query_ids", query_ids, vocab_size(model))
-    if error is None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        error = f"max_new_tokens must be a positive integer, got {max_new_tokens!r}"
-    if error is None and query_ids.shape[0] != context.batch_size and context.batch_size != 1:
-        error = (f"query_ids has batch {query_ids.shape[0]} but the context was prefilled with batch "
-                 f"{context.batch_size}; pass one query per context sequence, or prefill one context (batch 1)")
-    agree_or_raise(group, "generate", {"ids": None if error else fingerprint(query_ids), "new": max_new_tokens}, error)
-    size, rank = group_size(group)
-    num_layers = model.config.num_layers
-    lc, lq = context.context_len, query_ids.shape[1]
-    holds = rank == size - 1
-    state = QueryPass(context, num_layers, QueryKV(num_layers, lq + max_new_tokens) if holds else None)
-    start = [lc]  # the next position
+    with _one_step("generate", group):
+        error = check_ids("query_ids", query_ids, vocab_size(model))
+        if error is None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            error = f"max_new_tokens must be a positive integer, got {max_new_tokens!r}"
+        if error is None and query_ids.shape[0] != context.batch_size and context.batch_size != 1:
+            error = (f"query_ids has batch {query_ids.shape[0]} but the context was prefilled with batch "
+                     f"{context.batch_size}; pass one query per context sequence, or prefill one context (batch 1)")
+        agree_or_raise(group, "generate", {"ids": None if error else fingerprint(query_ids), "new": max_new_tokens}, error)
+        size, rank = group_size(group)
+        num_layers = model.config.num_layers
+        lc, lq = context.context_len, query_ids.shape[1]
+        holds = rank == size - 1
+        state = QueryPass(context, num_layers, QueryKV(num_layers, lq + max_new_tokens) if holds else None)
+        start = [lc]  # the next position
 
-    def forward(step: int, ids: torch.Tensor) -> torch.Tensor | None:
-        plan = ForwardPlan(torch.arange(start[0], start[0] + ids.shape[1]), 0, query=state, group=group,
-                           keep=[ids.shape[1] - 1])
-        logits = model_forward(model, ids, plan)[:, -1]
-        state.check = False
-        start[0] += ids.shape[1]
-        return logits if holds else None
+        def forward(step: int, ids: torch.Tensor) -> torch.Tensor | None:
+            plan = ForwardPlan(torch.arange(start[0], start[0] + ids.shape[1]), 0, query=state, group=group,
+                               keep=[ids.shape[1] - 1])
+            logits = model_forward(model, ids, plan)[:, -1]
+            state.check = False
+            start[0] += ids.shape[1]
+            return logits if holds else None
 
-    tokens, _ = decode_tokens(forward, query_ids, max_new_tokens, holds=holds, group=group, src=size - 1,
-                              device=model_device(model), sampling=SamplingConfig(), stop=StopRule.make(eos_token_id),
-                              timeout_s=context.config.collective_timeout_s)
-    return tokens
+        tokens, _ = decode_tokens(forward, query_ids, max_new_tokens, holds=holds, group=group, src=size - 1,
+                                  device=model_device(model), sampling=SamplingConfig(), stop=StopRule.make(eos_token_id),
+                                  timeout_s=context.config.collective_timeout_s)
+        return tokens

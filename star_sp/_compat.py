@@ -83,7 +83,7 @@ def attn_implementation_set(model, name: str):
 
 
 @contextlib.contextmanager
-def recompute_with_attention(model, name: str, offload: "torch.device | None" = None):
+def recompute_with_attention(model, name: str, offload: "torch.device | None" = None, inside=None):
     """While inside, the layers that activation checkpointing recomputes run their forward, at first and
     when the backward pass recomputes it (after the ``with`` block, in ``loss.backward()``), with the
     attention implementation ``name``: otherwise the recomputation would run the model's own attention.
@@ -91,7 +91,8 @@ def recompute_with_attention(model, name: str, offload: "torch.device | None" = 
     ``gradient_checkpointing_enable`` sets) is wrapped for the block and put back afterwards.
 
     ``offload`` (the model's device): what each checkpoint keeps for its recomputation, the layer's
-    inputs, waits in CPU memory (pinned when the device is CUDA) instead of on the device."""
+    inputs, waits in CPU memory (pinned when the device is CUDA) instead of on the device. ``inside()``:
+    a context manager each layer's forward also runs in, at first and when recomputed."""
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
               and getattr(m, "_gradient_checkpointing_func", None) is not None]
     saved = [(m, m.__dict__.get("_gradient_checkpointing_func")) for m in layers]
@@ -100,7 +101,7 @@ def recompute_with_attention(model, name: str, offload: "torch.device | None" = 
 
         def under(function, *args, _checkpoint=checkpoint, **kwargs):
             def run(*inner, **inner_kw):
-                with attn_implementation_set(model, name):
+                with attn_implementation_set(model, name), inside() if inside else contextlib.nullcontext():
                     return function(*inner, **inner_kw)
             if offload is None:
                 return _checkpoint(run, *args, **kwargs)

@@ -203,3 +203,32 @@ def test_logits_come_a_chunk_at_a_time_and_the_gradients_match_oracle(cluster, w
     else:
         results = cluster(world_size).run(workers.train_step, spec)
     _assert_matches_oracle(results, spec)
+
+
+def _mlp_rows(spec):
+    """Run ``train_step`` in one process, counting the rows of every call of a projection into the MLP's
+    intermediate (the tiny models' only Linear layers with ``intermediate_size`` outputs)."""
+    rows = []
+    width = build(spec["family"], dtype=torch.float64)[0].config.intermediate_size
+
+    def count(module, args, out):
+        if isinstance(module, torch.nn.Linear) and module.out_features == width:
+            rows.append(args[0].shape[1])
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        result = workers.train_step(None, spec)
+    finally:
+        handle.remove()
+    return result, rows
+
+
+@pytest.mark.parametrize("checkpointing", [None, "plain"])
+def test_tiled_mlp_runs_a_chunk_at_a_time_and_the_gradients_match_oracle(cluster, checkpointing):
+    """``tiled_mlp=4``: every MLP call (forward and the backward's recomputations) sees at most 4 rows,
+    with or without activation checkpointing; one process and two ranks, against the oracle."""
+    spec = {**SPECS[0], "weight": 0.6, "anchor_source": "broadcast", "tiled_mlp": 4, "chunk": 3,
+            "checkpointing": checkpointing}
+    result, rows = _mlp_rows(spec)
+    assert rows and max(rows) <= 4, rows
+    _assert_matches_oracle([result], spec)
+    _assert_matches_oracle(cluster(2).run(workers.train_step, spec), spec)

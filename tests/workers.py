@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from common import Case, make_qkv, rank_partial
+from common import Case, make_qkv, merge_inputs, plain_attention_lse
 from star_sp import BlockLayout
 from star_sp.distributed import phase1_attention, phase2_attention
 
@@ -165,11 +165,33 @@ def ring_layer(group, length: int, dtype: torch.dtype, lse_grad: bool, seed: int
 
 
 def allreduce_merge(group, dtype_name: str) -> dict:
-    """``AllReduceMerge.merge`` of every rank's ``common.rank_partial``."""
+    """``AllReduceMerge.merge`` of this rank's partial attention: the plain implementation in the dtype
+    (``common.plain_attention_lse``) over this rank's span of ``common.merge_inputs``' keys."""
     from star_sp.distributed import AllReduceMerge
 
-    merged, merged_lse = AllReduceMerge(group).merge(*rank_partial(dist.get_rank(group), getattr(torch, dtype_name)))
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    q, k, v, mask, spans = merge_inputs(world)
+    s, e = spans[rank]
+    out, lse = plain_attention_lse(q, k[:, :, s:e], v[:, :, s:e], mask[:, s:e], getattr(torch, dtype_name))
+    merged, merged_lse = AllReduceMerge(group).merge(out, lse)
     return {"out": merged, "lse": merged_lse}
+
+
+def tool_main(group, path: str, argv: list | None = None) -> tuple[int, str]:
+    """``main(argv)`` of the script at ``path`` (``tools/*.py``) on every rank of the pool, which it joins as
+    the already initialized default group (``init_from_env``); returns (exit code, stdout)."""
+    import contextlib
+    import importlib.util
+    import io
+    import os
+
+    spec = importlib.util.spec_from_file_location("tool_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = module.main() if argv is None else module.main(argv)
+    return code, out.getvalue()
 
 
 class _BrokenTokenizer:
@@ -236,7 +258,7 @@ def train_step(group, spec: dict) -> dict:
                      collective_timeout_s=spec.get("timeout", 60))
     loss = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=spec["weight"],
                            offload_activations=spec.get("checkpointing") == "offload",
-                           loss_chunk_tokens=spec.get("chunk", 4096))
+                           loss_chunk_tokens=spec.get("chunk", 4096), tiled_mlp=spec.get("tiled_mlp", 0))
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.get("autograd_grad"):  # the gradients of the trainable parameters only, by autograd.grad
         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):

@@ -54,9 +54,9 @@ def _global_step(model, ctx, tgt, weight: float) -> None:
     loss.backward()
 
 
-def _star_step(model, ctx, tgt, config: StarConfig, weight: float, offload: bool, chunk: int) -> None:
+def _star_step(model, ctx, tgt, config: StarConfig, weight: float, offload: bool, chunk: int, tiled: int) -> None:
     star_train_loss(model, ctx, tgt, tgt, config, context_loss_weight=weight, offload_activations=offload,
-                    loss_chunk_tokens=chunk).backward()
+                    loss_chunk_tokens=chunk, tiled_mlp=tiled).backward()
 
 
 def _checkpointing(model, choice: str, device: torch.device):
@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", default="off", help="off, on, offload: comma-separated, each method with each")
     p.add_argument("--trainable", default="", help="substrings of the parameters that train (default: every one)")
     p.add_argument("--loss-chunk-tokens", type=int, default=4096)
+    p.add_argument("--tiled-mlp", type=int, default=0, help="star: MLP rows per chunk (0: untiled)")
     p.add_argument("--out", default="runs/bench-train")
     p.add_argument("--profile", action="store_true", help="also write OUT/profile.txt (one profiled step per row)")
     args = p.parse_args(argv)
@@ -198,9 +199,10 @@ def _rows_at(model, ctx, tgt, methods, choice: str, common: dict, args, device, 
                 anchor = bench._size(anchor_spec, length, 1, block)
                 cfg = StarConfig(block_size=block, anchor_size=anchor)
                 row = {**common, "method": "star", "block": block, "anchor": anchor, "block_spec": block_spec,
+                       "tiled_mlp": args.tiled_mlp,
                        "anchor_spec": anchor_spec, **_measure(
                            lambda: _star_step(model, ctx, tgt, cfg, args.context_loss_weight, choice == "offload",
-                                              args.loss_chunk_tokens), model, device, args.repeats, profile,
+                                              args.loss_chunk_tokens, args.tiled_mlp), model, device, args.repeats, profile,
                            f"star, context {length}, batch {args.batch}, block {block}, anchor {anchor}, "
                            f"checkpointing {choice}")}
                 rows.append(row)

@@ -235,7 +235,9 @@ class QueryPass(_Pass):
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
         if self.query_kv is not None:
-            if self._first_update(layer):  # a recomputation's KV equals the first (training appends once)
+            # inference appends each call (one pass may serve several decode steps); training once per layer,
+            # a recomputation's KV equalling the first
+            if not self.training or self._first_update(layer):
                 k, v = self.query_kv.append(layer, k, v)
             self._current[layer] = (k, v)
         return k, v

@@ -28,6 +28,7 @@ gradient of the loss for the plain model under ``M_star``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,6 +41,7 @@ from ..distributed.rows import Phase1Rows, phase1_rows
 from ..integrations.hf.attention import ATTENTION_NAME
 from ..integrations.hf.checks import dropout_error, plain_head
 from ..integrations.hf.engine import StarEngine
+from ..integrations.hf.tiled import tiled_mlp as tile_mlp
 from ..layout import BlockLayout
 from ..runtime.inputs import check_ids, fingerprint
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
@@ -92,7 +94,7 @@ def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | 
 def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
                     config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
                     context_loss_weight: float = 0.0, return_parts: bool = False, offload_activations: bool = False,
-                    loss_chunk_tokens: int = 4096):
+                    loss_chunk_tokens: int = 4096, tiled_mlp: int = 0):
     """The loss of one training step under the anchor pattern (module docstring), differentiable.
 
     ``context_ids: LongTensor[B, Lc]``, ``target_ids, labels: LongTensor[B, Lt]``, the full tensors on
@@ -105,7 +107,8 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     checkpointed layer saves for its recomputation (its input) in CPU memory; it needs checkpointing on.
     ``loss_chunk_tokens``: the logits of the rows the loss reads are computed this many rows at a time
     and recomputed in the backward pass (``HeadRows``); 0 computes them at once, as does a model whose
-    head scales or soft-caps its logits.
+    head scales or soft-caps its logits. ``tiled_mlp``: each decoder layer's MLP runs over this many rows at
+    a time, each chunk recomputed in the backward pass (``integrations/hf/tiled.py``; 0: untiled).
 
     ``return_parts=True`` returns ``(loss, {"answer": ..., "context": ...})``: the answer part (the target
     tokens' mean loss) and the context's mean next-token loss (unweighted; 0 when the weight is 0, as
@@ -114,6 +117,9 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     engine = StarEngine(model, config, group)  # checks the model and the config
     vocab = engine.vocab_size
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, vocab)
+    for name, value in (("loss_chunk_tokens", loss_chunk_tokens), ("tiled_mlp", tiled_mlp)):
+        if error is None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            error = f"{name} must be a whole number of rows >= 0 (0: off), got {value!r}"
     if error is None and offload_activations and not _compat.gradient_checkpointing_on(model):
         error = ("offload_activations=True offloads what activation checkpointing keeps; enable it first: "
                  "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
@@ -138,8 +144,9 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     n, n_kept = rows.num_rows, len(rows.keep)
     keep = torch.tensor(rows.keep + list(range(n, n + max(lt - 1, 1))), device=engine.device)  # target rows
     offload = engine.device if offload_activations else None  # predict labels[:, 1:]
-    with _compat.attn_implementation_set(model, ATTENTION_NAME), \
-            _compat.recompute_with_attention(model, ATTENTION_NAME, offload):
+    tiles = (lambda: tile_mlp(model, tiled_mlp)) if tiled_mlp else contextlib.nullcontext
+    with _compat.attn_implementation_set(model, ATTENTION_NAME), tiles(), \
+            _compat.recompute_with_attention(model, ATTENTION_NAME, offload, tiles):
         kept = _kept_rows(engine, SplitPass(prefill, query, n), ids, positions, keep, loss_chunk_tokens)
     answer, context_mean = phase1_terms(kept.narrow(0, n_kept), rows, context_ids, labels, n_labelled)
     answer = tie(answer, *prefill.keep_alive)

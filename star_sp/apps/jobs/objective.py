@@ -64,16 +64,17 @@ class TrainModule(torch.nn.Module):
 
     def __init__(self, model, *, attention: str, sp, sp_rank: int, context_loss_weight: float,
                  anchor_source: str = "broadcast", backend: str = "auto", collective_timeout_s: float = 600.0,
-                 offload_activations: bool = False, loss_chunk_tokens: int = 4096):
+                 offload_activations: bool = False, loss_chunk_tokens: int = 4096, tiled_mlp: int = 0):
         super().__init__()
         self.model = model
         self.attention, self.sp, self.sp_rank, self.weight = attention, sp, sp_rank, context_loss_weight
         self.star = dict(anchor_source=anchor_source, backend=backend, collective_timeout_s=collective_timeout_s)
-        self.memory = dict(offload_activations=offload_activations, loss_chunk_tokens=loss_chunk_tokens)
+        self.memory = dict(offload_activations=offload_activations, loss_chunk_tokens=loss_chunk_tokens,
+                           tiled_mlp=tiled_mlp)
 
     def _offloading(self):
         """The plain model's checkpoints keep their inputs in CPU memory under ``offload_activations``."""
-        if not self.memory["offload_activations"]:
+        if not self.memory["offload_activations"]:  # (the control's MLP is not tiled)
             return contextlib.nullcontext()
         model = self.model
         return _compat.recompute_with_attention(model, model.config._attn_implementation,

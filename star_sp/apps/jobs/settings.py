@@ -148,6 +148,8 @@ class _FinetuneKeys:
                                            "memory (pinned on CUDA) until the backward pass needs it", False)
     loss_chunk_tokens: int = field_help("the loss computes the logits of this many rows at a time, recomputed in the "
                                         "backward pass (0: all at once)", 4096)
+    tiled_mlp: int = field_help("each decoder layer's MLP runs over this many rows at a time, each chunk recomputed "
+                                "in the backward pass (0: untiled)", 0)
 
 
 @dataclass(kw_only=True)
@@ -173,6 +175,7 @@ class FinetuneConfig(TrainSettings, _FinetuneKeys):
         check_integer("sp_size", self.sp_size, 1)
         check_integer("eval_samples", self.eval_samples, 0)
         check_integer("loss_chunk_tokens", self.loss_chunk_tokens, 0)
+        check_integer("tiled_mlp", self.tiled_mlp, 0)
         check_booleans(self, "gradient_checkpointing", "offload_activations")
         if self.offload_activations and not self.gradient_checkpointing:
             raise StarInputError("offload_activations offloads what gradient checkpointing keeps; set "

@@ -239,6 +239,25 @@ def trains(spec: dict, name: str) -> bool:
     return any(s in name for s in spec.get("trainable", [""]))
 
 
+def lora_model(spec: dict):
+    """The tiny float64 model with exact norms, wrapped by peft's LoRA on q_proj and v_proj (rank 4), its
+    B matrices drawn non-zero from a seed so that the adapters change the output from the start."""
+    from peft import LoraConfig, get_peft_model
+
+    from star_sp.testing import build, exact_norms
+
+    model, _ = build(spec["family"], dtype=torch.float64, **spec.get("model", {}))
+    exact_norms(model)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+    return model
+
+
 def train_step(group, spec: dict) -> dict:
     """``star_train_loss`` + backward (or ``autograd.grad``) + ``reduce_gradients`` on a tiny float64
     model with exact norms; returns the loss and every parameter's summed gradient."""
@@ -246,10 +265,13 @@ def train_step(group, spec: dict) -> dict:
     from star_sp.testing import build, exact_norms
     from star_sp.training import reduce_gradients, star_train_loss
 
-    model, _ = build(spec["family"], dtype=torch.float64, **spec.get("model", {}))
-    exact_norms(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(trains(spec, name))
+    if spec.get("lora"):  # peft freezes the base; the adapters train
+        model = lora_model(spec)
+    else:
+        model, _ = build(spec["family"], dtype=torch.float64, **spec.get("model", {}))
+        exact_norms(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trains(spec, name))
     if spec.get("checkpointing"):  # transformers' non-reentrant activation checkpointing; "offload": inputs on CPU
         model.train()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

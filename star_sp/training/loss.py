@@ -115,6 +115,7 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     it is not computed then), detached, the same on every rank.
     """
     engine = StarEngine(model, config, group)  # checks the model and the config
+    model = engine.model  # a peft model's adapted transformers model
     vocab = engine.vocab_size
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, vocab)
     for name, value in (("loss_chunk_tokens", loss_chunk_tokens), ("tiled_mlp", tiled_mlp)):

@@ -50,8 +50,9 @@ def _check(model, context_ids, target_ids, labels, weight, attention) -> str | N
         return (f"the model uses dropout (hidden {cfg.hidden_dropout}, attention {cfg.attention_dropout}); every CP "
                 "rank computes the target rows and their masks would differ: set both to 0")
     if getattr(cfg, "recompute_granularity", None):
-        return ("activation recomputation (recompute_granularity) would repeat Star's collectives out of order in "
-                "the backward pass; turn it off")
+        return ("Megatron's activation recomputation (recompute_granularity) is a reentrant checkpoint, which runs each "
+                "layer first without gradients and so cuts phase 2's gradient path to the context's KV; set "
+                "recompute_granularity to None (transformers models recompute under Star: gradient_checkpointing)")
     return None
 
 

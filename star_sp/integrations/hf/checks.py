@@ -61,3 +61,10 @@ def plain_head(model):
     if any(getattr(cfg, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return None
     return model.get_output_embeddings()
+
+
+def unwrap_adapters(model):
+    """The transformers model inside a peft ``PeftModel`` (LoRA and the like inject their layers into it, so
+    its forward is the adapted model's), or ``model`` itself."""
+    get_base = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if callable(get_base) else model

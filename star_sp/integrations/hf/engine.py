@@ -39,7 +39,7 @@ from ...runtime.kv_cache import ContextKV, QueryKV, StaticQueryKV
 from ...runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from ...runtime.sampling import SamplingConfig
 from .attention import ATTENTION_NAME, TransformersCache, register
-from .checks import check_model, dropout_error, model_spec
+from .checks import check_model, dropout_error, model_spec, unwrap_adapters
 
 
 def _with_star_attention(method):
@@ -124,6 +124,7 @@ class StarEngine:
         if attention == "global" and self.world_size > 1:
             raise StarInputError("attention='global' is the plain model in one process: run it with one process "
                                  "(group=None, or a launcher with one process per node)")
+        model = unwrap_adapters(model)
         check_model(model)
         register()
         self.model, self.config, self.group, self.attention = model, config, group, attention

@@ -311,18 +311,21 @@ def test_wandb_offline_run_holds_the_logged_keys(deepspeed_run):
                            "summary.md"]) in artifacts, artifacts
 
 
-# -- torchrun: plain PyTorch, 4 processes: 2 sequence-parallel groups of 2 -------------------------------
+# -- plain PyTorch, 4 ranks of the pool: 2 sequence-parallel groups of 2 -----------------------------------
 
 @pytest.mark.slow
-def test_torchrun_gradients_match_the_oracle(tiny_dir, tmp_path):
-    out, grads = tmp_path / "out", tmp_path / "grads.pt"
-    result = _launch([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "4"],
-                     ["tests/test_finetune.py", "--grads-out", str(grads), "--model", tiny_dir, "--out", str(out),
-                      *COMMON, "--sp-size", "2", "--steps", "3", "--gradient-accumulation-steps", "1"])
-    assert result.returncode == 0, result.stderr[-5000:]
+def test_plain_pytorch_gradients_match_the_oracle(cluster, tiny_dir, tmp_path):
+    """Four ranks of the gloo pool (the job takes its group as a launcher's; torchrun itself is tested in
+    ``test_torchrun_bad_setting_one_line`` and ``test_launch.py``): every rank's step-0 gradients, averaged
+    over the two data-parallel groups, are the oracle's."""
+    out = tmp_path / "out"
+    argv = ["--model", tiny_dir, "--out", str(out), *COMMON, "--sp-size", "2", "--steps", "3",
+            "--gradient-accumulation-steps", "1"]
+    results = cluster(4).run(finetune_gradients, argv, timeout_s=300)
     samples = _samples(tiny_dir, 0, 1, [0, 1])  # the two data-parallel groups' samples, averaged
     oracle, plain = _reference_gradients(tiny_dir, samples, 0.5)
-    _assert_gradients(torch.load(grads), oracle, plain, ranks=2)
+    for grads in results:
+        _assert_gradients(grads, oracle, plain, ranks=2)
     rows = _rows(out)
     assert rows[3]["loss"] < rows[1]["loss"], [r["loss"] for r in rows.values()]
     assert rows[1]["tokens"] == sum(s.tokens for s in samples)
@@ -667,3 +670,38 @@ def test_torchrun_bad_setting_one_line(tiny_dir):
     line = "star-sp finetune: error: lr must be a finite number > 0, got -1.0"
     assert result.returncode == 1
     assert result.stderr.splitlines().count(line) == 1, result.stderr  # torchrun's report quotes it as well
+
+
+def test_lora_table_trains_the_adapters_alone_and_generate_loads_base_and_adapter(tiny_dir, tmp_path):
+    """A ``[lora]`` table: the job trains peft's adapters on q_proj and v_proj (the base unchanged), saves
+    them in peft's layout, and ``--model`` of the commands loads base + adapter, whose q_proj weight is the
+    base's plus ``alpha / rank * B @ A`` from the saved adapter file; a bad table is one line."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install star-sp[lora])")
+    from safetensors.torch import load_file
+
+    from star_sp import StarInputError
+    from star_sp.apps.model_arg import load_model, model_config
+    from star_sp.apps.runconfig import RunConfig
+    from star_sp.apps.jobs.settings import FinetuneConfig
+
+    config = tmp_path / "lora.toml"
+    config.write_text('[lora]\nrank = 4\nalpha = 8.0\ntarget_modules = ["q_proj", "v_proj"]\n')
+    out = tmp_path / "out"
+    assert _run(["--config", config, "--model", tiny_dir, "--out", out, *COMMON, "--deepspeed", "", "--steps", "2"]) == 0
+    saved = sorted(out.glob("checkpoint-*"))[-1]
+    assert (saved / "adapter_config.json").exists() and not (saved / "model.safetensors").exists()
+    adapter = load_file(saved / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter), sorted(adapter)
+    base = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    path, cfg = model_config(RunConfig(model=str(saved)))
+    model = load_model(RunConfig(model=str(saved), dtype="float32"), path, cfg, torch.device("cpu"), progress=False)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    a = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = adapter["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert b.abs().max() > 0  # trained: peft starts B at zero
+    expected = base[name] + (8.0 / 4) * b @ a
+    assert torch.allclose(model.state_dict()[name], expected, rtol=0, atol=1e-6)
+    assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(StarInputError, match=r"the \[lora\] table needs exactly the keys \('rank', 'alpha', "
+                                             r"'target_modules'\), got \['rank'\]"):
+        FinetuneConfig(model=tiny_dir, lora={"rank": 4})

@@ -1,12 +1,16 @@
 """The model a ``star-sp`` command names with ``--model``: its config, its weights, its tokenizer.
 
 Each problem a user can cause (no model, a directory without a config or weights, transformers not
-installed) is a ``StarInputError`` of one line; a directory without tokenizer files is legal.
+installed) is a ``StarInputError`` of one line; a directory without tokenizer files is legal. A peft
+adapter directory (``adapter_config.json``, as the fine-tuning job's ``[lora]`` saves it) names its base
+model: the command loads the base and merges the adapter into it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 import torch
 
@@ -43,19 +47,46 @@ def model_config(cfg):
         raise StarInputError("transformers is not installed: pip install 'star-sp[transformers]'") from None
     if not cfg.model:
         raise StarInputError("no model given: pass --model PATH or set model in --config")
-    path = resolve_model(cfg.model, weights=not cfg.random_weights)
+    base = adapter_base(cfg.model)
+    path = cfg.model if base else resolve_model(cfg.model, weights=not cfg.random_weights)
     try:
-        return path, transformers.AutoConfig.from_pretrained(path)
+        return path, transformers.AutoConfig.from_pretrained(base or path)
     except (OSError, ValueError, KeyError) as exc:
         raise StarInputError(f"cannot read the model config in {cfg.model}: {str(exc).splitlines()[0]}") from None
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model directory of a peft adapter directory, or None for any other path."""
+    adapter = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(adapter):
+        return None
+    with open(adapter) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise StarInputError(f"the adapter in {path} names the base model {base!r}, which is not a directory here; "
+                             "set base_model_name_or_path in its adapter_config.json")
+    return resolve_model(base)
+
+
+def _with_adapter(model, path: str):
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise StarInputError(f"{path} is a peft adapter, which needs peft: pip install 'star-sp[lora]'") from None
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
 def load_model(cfg, path: str, config, device: torch.device, progress: bool = True):
     import transformers
 
     dtype = _dtype(cfg.dtype, device)
+    base = None if cfg.random_weights else adapter_base(path)
     try:
-        if cfg.random_weights:
+        if base:
+            with _progress_bars(progress):
+                model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config, dtype=dtype)
+            model = _with_adapter(model, path).to(device)
+        elif cfg.random_weights:
             torch.manual_seed(cfg.seed)
             with torch.device(device):
                 model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

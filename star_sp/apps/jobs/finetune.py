@@ -95,6 +95,19 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def _with_lora(model, table: dict):
+    """``model`` wrapped by peft's LoRA (``[lora]``): the base frozen, the adapters trainable."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise StarInputError("the [lora] table needs peft: pip install 'star-sp[lora]'") from None
+    try:
+        return get_peft_model(model, LoraConfig(r=table["rank"], lora_alpha=table["alpha"],
+                                                target_modules=table["target_modules"], lora_dropout=0.0))
+    except ValueError as exc:  # e.g. a target module the model does not have
+        raise StarInputError(f"[lora]: {str(exc).splitlines()[0]}") from None
+
+
 def _load(cfg: FinetuneConfig, device: torch.device):
     """The tokenizer and the float32 model, checked for training."""
     import transformers
@@ -121,6 +134,8 @@ def _load(cfg: FinetuneConfig, device: torch.device):
                              "the target rows, and their dropout masks would differ; set the model's dropout to 0")
     if cfg.data == "tasks" and tokenizer.eos_token_id is None:
         raise StarInputError(f"the tokenizer of {cfg.model} has no EOS token, which ends every answer; set one")
+    if cfg.lora:
+        model = _with_lora(model, cfg.lora)
     model = model.to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

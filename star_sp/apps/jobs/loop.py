@@ -49,12 +49,15 @@ def job_parser(prog: str, description: str, configs: str, examples: str) -> argp
 def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
     """A flag per field of the config dataclass ``cls`` but those in ``skip`` (``--sp-size`` for
     ``sp_size``; its help is the field's): ``--x/--no-x`` for a bool, comma-separated items for a list,
-    else a value of the default's type. Every flag defaults to None: unset, the config's value."""
+    else a value of the default's type; a table (``[lora]``) is set in the TOML file only. Every flag defaults
+    to None: unset, the config's value."""
     for f in fields(cls):
         if f.name in skip:
             continue
         flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         default = f.default_factory() if callable(f.default_factory) else f.default
+        if isinstance(default, dict):
+            continue
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, list):

@@ -148,6 +148,9 @@ class _FinetuneKeys:
                                            "memory (pinned on CUDA) until the backward pass needs it", False)
     loss_chunk_tokens: int = field_help("the loss computes the logits of this many rows at a time, recomputed in the "
                                         "backward pass (0: all at once)", 4096)
+    lora: dict = field_help("a [lora] table: LoRA adapters through peft, {rank, alpha, target_modules}, trained "
+                            "alone and saved in peft's layout (star-sp generate --model loads base + adapter); "
+                            "empty: the whole model trains", default_factory=dict)
     tiled_mlp: int = field_help("each decoder layer's MLP runs over this many rows at a time, each chunk recomputed "
                                 "in the backward pass (0: untiled)", 0)
 
@@ -176,6 +179,7 @@ class FinetuneConfig(TrainSettings, _FinetuneKeys):
         check_integer("eval_samples", self.eval_samples, 0)
         check_integer("loss_chunk_tokens", self.loss_chunk_tokens, 0)
         check_integer("tiled_mlp", self.tiled_mlp, 0)
+        check_lora(self.lora)
         check_booleans(self, "gradient_checkpointing", "offload_activations")
         if self.offload_activations and not self.gradient_checkpointing:
             raise StarInputError("offload_activations offloads what gradient checkpointing keeps; set "
@@ -224,6 +228,26 @@ def check_pair(name: str, value, kind) -> tuple:
         kind_name = "integers" if kind is int else "numbers"
         raise StarInputError(f"{name} must be two {kind_name} [low, high] with low <= high, got {value!r}")
     return tuple(kind(v) for v in value)
+
+
+LORA_KEYS = ("rank", "alpha", "target_modules")
+
+
+def check_lora(table) -> None:
+    """The ``[lora]`` table: empty, or ``rank`` (an integer >= 1), ``alpha`` (a number > 0) and
+    ``target_modules`` (module names, e.g. ["q_proj", "v_proj"])."""
+    if not isinstance(table, dict):
+        raise StarInputError(f"lora must be a table [lora] with keys {LORA_KEYS}, got {table!r}")
+    if not table:
+        return
+    if set(table) != set(LORA_KEYS):
+        raise StarInputError(f"the [lora] table needs exactly the keys {LORA_KEYS}, got {sorted(table)}")
+    check_integer("lora rank", table["rank"], 1)
+    check_number("lora alpha", table["alpha"], positive=True)
+    modules = table["target_modules"]
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+        raise StarInputError(f"lora target_modules must be a list of module names, e.g. [\"q_proj\", \"v_proj\"], "
+                             f"got {modules!r}")
 
 
 def check_booleans(config, *names: str) -> None:

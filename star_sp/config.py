@@ -118,8 +118,8 @@ class StarConfig:
         timeout = self.collective_timeout_s
         if not is_number(timeout) or not 0 < timeout <= MAX_COLLECTIVE_TIMEOUT_S:  # NaN fails the comparison
             raise StarInputError(f"collective_timeout_s must be a positive number of seconds, at most "
-                                 f"{MAX_COLLECTIVE_TIMEOUT_S:.0e} (about 31 years: torch's collective deadlines overflow "
-                                 f"beyond that), got {timeout!r}")
+                                 f"{MAX_COLLECTIVE_TIMEOUT_S:.0e} (about 31 years: torch's collective deadlines "
+                                 f"overflow beyond that), got {timeout!r}")
 
     @property
     def anchor(self) -> int:

@@ -172,8 +172,8 @@ class StarCoreAttention(torch.nn.Module):
             raise StarInputError("Star Attention does not take packed sequences (THD); pass one sequence per "
                                  "batch row")
         if key.shape[0] != query.shape[0]:
-            raise StarInputError(f"StarCoreAttention got {key.shape[0]} keys for {query.shape[0]} query rows: Megatron's "
-                                 "KV-cached inference (inference_context) is not supported; generate with "
+            raise StarInputError(f"StarCoreAttention got {key.shape[0]} keys for {query.shape[0]} query rows: "
+                                 "Megatron's KV-cached inference (inference_context) is not supported; generate with "
                                  "star_sp.integrations.megatron.megatron_prefill and megatron_generate")
         step = _PLAN.get()
         if step is None:

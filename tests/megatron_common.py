@@ -177,9 +177,21 @@ def train_step(group, spec):
     oracle, model = models(_star(spec), spec.get("attention", "star"), **spec.get("shape", {}))
     ctx, tgt, labels = inputs(spec)
     ref_loss, ref_grads = oracle_train(oracle, ctx, tgt, labels, *_oracle_sizes(spec), spec["weight"])
-    loss = megatron_train_loss(model, ctx, tgt, labels, _star(spec), group, context_loss_weight=spec["weight"],
-                               attention=spec.get("attention", "star"))
-    loss.backward()
+    head_rows = []  # the rows of every projection the output layer runs (its input is [rows, B, H])
+    layer_class = type(model.output_layer)
+    project = layer_class.forward
+
+    def counted(self, hidden, *args, **kwargs):
+        if self is model.output_layer:  # the class also serves the layers' linear projections
+            head_rows.append(hidden.shape[0])
+        return project(self, hidden, *args, **kwargs)
+    layer_class.forward = counted  # the class's: star_sp's row selection calls the forward it finds
+    try:
+        loss = megatron_train_loss(model, ctx, tgt, labels, _star(spec), group, context_loss_weight=spec["weight"],
+                                   attention=spec.get("attention", "star"), loss_chunk_tokens=spec.get("chunk", 4096))
+        loss.backward()
+    finally:
+        layer_class.forward = project
     reduce_gradients(model, group)
     errors = {}
     for name, p in model.named_parameters():
@@ -188,6 +200,7 @@ def train_step(group, spec):
         errors[name] = float((got - ref).norm() / ref.norm().clamp_min(1e-300))
     loss = loss.detach()
     return {"loss_error": abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)), "grad_errors": errors,
+            "head_rows": head_rows,
             "loss": float(loss)}
 
 

@@ -45,6 +45,16 @@ def test_context_parallel_gradients_equal_the_oracle(cluster, n, case):
     _check_train(cluster(n).run(mc.train_step, CASES[case]))
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_logits_a_chunk_at_a_time_keep_the_oracle_gradients(cluster, n):
+    """``loss_chunk_tokens=3`` (fewer than the rows the loss reads, with the context loss on): the output
+    layer never sees more than 3 rows, forward or backward, and the gradients are the oracle's."""
+    results = cluster(n).run(mc.train_step, dict(CASES[0], chunk=3))
+    _check_train(results)
+    for r in results:
+        assert r["head_rows"] and max(r["head_rows"]) <= 3, r["head_rows"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["global", "ring"])
 def test_global_and_ring_gradients_equal_the_causal_oracle(cluster, attention):

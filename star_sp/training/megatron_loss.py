@@ -58,11 +58,14 @@ def _check(model, context_ids, target_ids, labels, weight, attention) -> str | N
 
 def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
                         config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
-                        context_loss_weight: float = 0.0, attention: str = "star", return_parts: bool = False):
+                        context_loss_weight: float = 0.0, attention: str = "star", return_parts: bool = False,
+                        loss_chunk_tokens: int = 4096):
     """The loss of one training step (``star_train_loss``'s definition) for a Megatron-core GPT model,
     differentiable; ``group`` is the CP group (None: one process). ``context_ids [B, Lc]``,
     ``target_ids, labels [B, Lt]``: the full tensors on every rank. Any bad argument raises the same
-    ``StarInputError`` on every rank. ``return_parts``: also ``{"answer", "context"}``, detached."""
+    ``StarInputError`` on every rank. ``return_parts``: also ``{"answer", "context"}``, detached.
+    ``loss_chunk_tokens``: the kept rows' logits are computed this many rows at a time (``HeadRows``;
+    0: at once)."""
     use_star_positions(model)
     size, rank = group_size(group)
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, attention)
@@ -89,14 +92,15 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     query = QueryPass(context, num_layers, TrainingQueryKV(num_layers) if layout.is_query_host else None)
     keep = rows.keep + list(range(rows.num_rows, rows.num_rows + lt))  # the kept phase-1 rows, the target rows
     step = ForwardPlan(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group, keep)
-    logits = model_forward(model, torch.cat([rows.ids, target_ids], dim=1), step)  # [B, len(keep), V]
+    hidden, project = model_forward(model, torch.cat([rows.ids, target_ids], dim=1), step, hidden=True)
+    out = HeadRows(hidden, project, loss_chunk_tokens)  # the kept rows: [B, len(keep), H]
     kept = len(rows.keep)
-    answer, context_mean = phase1_terms(HeadRows(logits[:, :kept]), rows, context_ids, labels, n_labelled)
+    answer, context_mean = phase1_terms(out.narrow(0, kept), rows, context_ids, labels, n_labelled)
     answer = tie(answer, *prefill.keep_alive)
     if lt > 1 and n_labelled:
-        replicated = ce_sum(logits[:, kept: kept + lt - 1], labels[:, 1:]) / n_labelled
+        replicated = out.narrow(kept, lt - 1).ce_sum(labels[:, 1:]) / n_labelled
     else:  # every rank still runs phase 2's backward (its collectives): the rows join at weight 0
-        replicated = 0 * logits[:, kept:].sum().to(answer.dtype)
+        replicated = out.narrow(kept, lt).zero().to(answer.dtype)
     loss, answer_part, context_part = RankShare.apply(
         replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, weight, group,
         config.collective_timeout_s)

@@ -51,6 +51,8 @@ class TrainSettings:
     max_grad_norm: float = field_help("clip the gradient's global norm to this (0: no clipping)", 1.0)
     context_loss_weight: float = field_help("weight of the mean next-token loss on context tokens beside the mean "
                                        "loss on answer tokens", 0.0)
+    loss_chunk_tokens: int = field_help("the loss computes the logits of this many rows at a time, recomputed in the "
+                                        "backward pass (0: all at once)", 4096)
 
     # -- data (data.py) ------------------------------------------------------------------------------
     data: str = field_help("'tasks' (the RULER-style generators, answers as targets) or a JSONL file of "
@@ -82,7 +84,7 @@ class TrainSettings:
                                  "is picked from LOCAL_RANK)")
         for name in ("steps", "gradient_accumulation_steps", "log_every"):
             check_integer(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "save_every", "keep_last", "num_workers"):
+        for name in ("warmup_steps", "save_every", "keep_last", "num_workers", "loss_chunk_tokens"):
             check_integer(name, getattr(self, name), 0)
         check_integer("seed", self.seed, None)
         for name in ("lr", "adam_eps", "collective_timeout_s"):
@@ -146,8 +148,6 @@ class _FinetuneKeys:
                                               "collectives)", False)
     offload_activations: bool = field_help("with gradient_checkpointing: keep each layer's checkpointed input in CPU "
                                            "memory (pinned on CUDA) until the backward pass needs it", False)
-    loss_chunk_tokens: int = field_help("the loss computes the logits of this many rows at a time, recomputed in the "
-                                        "backward pass (0: all at once)", 4096)
     lora: dict = field_help("a [lora] table: LoRA adapters through peft, {rank, alpha, target_modules}, trained "
                             "alone and saved in peft's layout (star-sp generate --model loads base + adapter); "
                             "empty: the whole model trains", default_factory=dict)
@@ -177,7 +177,6 @@ class FinetuneConfig(TrainSettings, _FinetuneKeys):
         check_choice("anchor_source", self.anchor_source, ANCHOR_SOURCES)
         check_integer("sp_size", self.sp_size, 1)
         check_integer("eval_samples", self.eval_samples, 0)
-        check_integer("loss_chunk_tokens", self.loss_chunk_tokens, 0)
         check_integer("tiled_mlp", self.tiled_mlp, 0)
         check_lora(self.lora)
         check_booleans(self, "gradient_checkpointing", "offload_activations")

@@ -32,26 +32,35 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def model_forward(model, ids: torch.Tensor, step: ForwardPlan) -> torch.Tensor:
+def model_forward(model, ids: torch.Tensor, step: ForwardPlan, *, hidden: bool = False):
     """The model's logits ``[B, rows, V]`` for ``ids [B, rows]`` under ``step`` (``[B, len(keep), V]``
     with ``step.keep``: the vocabulary projection runs on those rows only, as transformers'
-    ``logits_to_keep`` does; at 64K rows and a 128K vocabulary the full logits are 17 GB in bf16)."""
+    ``logits_to_keep`` does; at 64K rows and a 128K vocabulary the full logits are 17 GB in bf16).
+
+    ``hidden=True`` (with ``step.keep``): ``(h [B, len(keep), H], project)``, the kept rows' final hidden
+    states and ``project(h [B, r, H]) -> logits [B, r, V]``, the output layer as the model runs it, so a
+    loss can compute the logits a chunk at a time."""
     use_star_positions(model)
     device = model_device(model)
-    with running(step), _output_rows(model, step.keep, device):
+    projection = [] if hidden else None
+    with running(step), _output_rows(model, step.keep, device, projection):
         positions = step.positions.to(device)[None].expand(ids.shape[0], -1)
         logits = model(ids.to(device), positions, None)
     if step.keep is not None and logits.shape[1] != len(step.keep):
         raise StarInputError(f"the model returned logits for {logits.shape[1]} rows, not the {len(step.keep)} asked for: "
                              "pass the GPTModel itself (not a wrapper around it)")
-    return logits
+    return (logits, projection[0]) if hidden else logits
 
 
 @contextlib.contextmanager
-def _output_rows(model, keep: list[int] | None, device):
-    """While inside, the model's output layer projects only the hidden states of rows ``keep``."""
+def _output_rows(model, keep: list[int] | None, device, projection: list | None = None):
+    """While inside, the model's output layer projects only the hidden states of rows ``keep``; given
+    ``projection`` (a list), it projects nothing: it returns those rows' hidden states and appends the
+    projection with the arguments the model gave it."""
     layer = getattr(model, "output_layer", None)
     if keep is None or layer is None:
+        if projection is not None:
+            raise StarInputError("hidden states come from a GPTModel forward with rows to keep (a plan's keep)")
         yield
         return
     rows = torch.tensor(keep, dtype=torch.long, device=device)
@@ -59,7 +68,11 @@ def _output_rows(model, keep: list[int] | None, device):
     project = layer.forward
 
     def forward(hidden, *args, **kwargs):  # hidden [rows, B, H]
-        return project(hidden.index_select(0, rows), *args, **kwargs)
+        kept = hidden.index_select(0, rows)
+        if projection is None:
+            return project(kept, *args, **kwargs)
+        projection.append(lambda h: project(h.transpose(0, 1), *args, **kwargs)[0].transpose(0, 1))
+        return kept, None
 
     layer.forward = forward
     try:

@@ -95,24 +95,36 @@ def recompute_with_attention(model, name: str, offload: "torch.device | None" = 
     a context manager each layer's forward also runs in, at first and when recomputed."""
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
               and getattr(m, "_gradient_checkpointing_func", None) is not None]
-    saved = [(m, m.__dict__.get("_gradient_checkpointing_func")) for m in layers]
-    for m in layers:
+
+    def wrapped(m):
         checkpoint = m._gradient_checkpointing_func
 
-        def under(function, *args, _checkpoint=checkpoint, **kwargs):
+        def under(function, *args, **kwargs):
             def run(*inner, **inner_kw):
                 with attn_implementation_set(model, name), inside() if inside else contextlib.nullcontext():
                     return function(*inner, **inner_kw)
             if offload is None:
-                return _checkpoint(run, *args, **kwargs)
+                return checkpoint(run, *args, **kwargs)
             with torch.autograd.graph.save_on_cpu(pin_memory=offload.type == "cuda"):
-                return _checkpoint(run, *args, **kwargs)
-        m._gradient_checkpointing_func = under
+                return checkpoint(run, *args, **kwargs)
+        return under
+
+    with patched(layers, "_gradient_checkpointing_func", wrapped):
+        yield
+
+
+@contextlib.contextmanager
+def patched(objects, name: str, value_for):
+    """While inside, each object's attribute ``name`` is ``value_for(obj)`` (set on the instance); afterwards
+    the instance's own value again, or none (its class's) where it had none."""
+    saved = [(obj, obj.__dict__.get(name)) for obj in objects]
+    for obj in objects:
+        setattr(obj, name, value_for(obj))
     try:
         yield
     finally:
-        for m, own in saved:
+        for obj, own in saved:
             if own is None:
-                del m._gradient_checkpointing_func
+                delattr(obj, name)
             else:
-                m._gradient_checkpointing_func = own
+                setattr(obj, name, own)

@@ -15,6 +15,8 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..._compat import patched
+
 
 def _tiled(forward, chunk_tokens: int, x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 3 or x.shape[1] <= chunk_tokens:
@@ -32,16 +34,11 @@ def tiled_mlp(model, chunk_tokens: int):
     Entering it again inside (a recomputed layer) changes nothing."""
     mlps = [m.mlp for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
     mlps = [m for m in mlps if not getattr(m.forward, "star_sp_tiled", False)]
-    saved = [(m, m.__dict__.get("forward")) for m in mlps]
-    for m in mlps:
-        tiled = functools.partial(_tiled, m.forward, chunk_tokens)
-        tiled.star_sp_tiled = True
-        m.forward = tiled
-    try:
+
+    def tiled(mlp):
+        forward = functools.partial(_tiled, mlp.forward, chunk_tokens)
+        forward.star_sp_tiled = True
+        return forward
+
+    with patched(mlps, "forward", tiled):
         yield
-    finally:
-        for m, own in saved:
-            if own is None:
-                del m.forward
-            else:
-                m.forward = own

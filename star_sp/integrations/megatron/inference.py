@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+from ..._compat import patched
 from ...config import ATTENTIONS, StarConfig
 from ...distributed.agreement import agree_or_raise
 from ...distributed.guard import guarded_step
@@ -64,7 +65,6 @@ def _output_rows(model, keep: list[int] | None, device, projection: list | None 
         yield
         return
     rows = torch.tensor(keep, dtype=torch.long, device=device)
-    own = layer.__dict__.get("forward")  # a forward set on the instance, put back afterwards
     project = layer.forward
 
     def forward(hidden, *args, **kwargs):  # hidden [rows, B, H]
@@ -74,14 +74,8 @@ def _output_rows(model, keep: list[int] | None, device, projection: list | None 
         projection.append(lambda h: project(h.transpose(0, 1), *args, **kwargs)[0].transpose(0, 1))
         return kept, None
 
-    layer.forward = forward
-    try:
+    with patched([layer], "forward", lambda _: forward):  # a forward the instance had is put back afterwards
         yield
-    finally:
-        if own is None:
-            del layer.forward  # the class's forward again
-        else:
-            layer.forward = own
 
 
 @contextlib.contextmanager

@@ -123,11 +123,11 @@ def test_coverage_and_output_buffers():
 
     q = torch.randn(2, 7, 3, 4, dtype=torch.bfloat16).transpose(1, 2)  # (B, H, S, D) view of (B, S, H, D)
     two = spans((0, 7), (2, 7))
-    for metas, fused, dtype, zeroed in [(spans((0, 3), (3, 7)), False, torch.bfloat16, False),
+    for part_rows, fused, dtype, zeroed in [(spans((0, 3), (3, 7)), False, torch.bfloat16, False),
                                         (two, False, torch.float32, True), (two, True, torch.bfloat16, True),
                                         (two + spans((4, 6)), True, torch.float32, True),
                                         (spans((1, 7)), False, torch.bfloat16, True)]:
-        out, lse = output_buffers(q, metas, fused)
+        out, lse = output_buffers(q, part_rows, fused)
         like_q = torch.empty_like(q, dtype=dtype).stride()
         assert out.dtype == dtype and out.stride() == like_q != out.contiguous().stride()
         assert lse.dtype == torch.float32 and lse.shape == (2, 3, 7) and torch.isneginf(lse).all()

@@ -13,7 +13,7 @@ from ..distributed.process_group import close_process_group
 from ..errors import StarInputError
 from ..models import resolve_model
 from .model_arg import load_model, load_tokenizer, model_config
-from .report import everyone, same_everywhere, speaks
+from .report import run_on_every_rank, same_everywhere, prints_for_host
 
 
 def evaluate(args) -> int:
@@ -43,9 +43,9 @@ def evaluate(args) -> int:
     ok = False
     try:
         rank = dist.get_rank(group) if group is not None else 0
-        path, config = everyone(group, "model config", lambda: model_config(cfg))
-        model = everyone(group, "load model",
-                         lambda: load_model(cfg, path, config, device, progress=speaks(rank) and not args.quiet))
+        path, config = run_on_every_rank(group, "model config", lambda: model_config(cfg))
+        model = run_on_every_rank(group, "load model",
+                         lambda: load_model(cfg, path, config, device, progress=prints_for_host(rank) and not args.quiet))
 
         def need_tokenizer():
             tok = load_tokenizer(args.model)
@@ -59,7 +59,7 @@ def evaluate(args) -> int:
                                      f"{limit} positions; use shorter --lengths")
             return tok
 
-        tokenizer = everyone(group, "tokenizer", need_tokenizer)
+        tokenizer = run_on_every_rank(group, "tokenizer", need_tokenizer)
 
         def make_engine(method, length):
             block, anchor = method.sizes(length)
@@ -73,7 +73,7 @@ def evaluate(args) -> int:
                   "samples": args.samples, "seed": args.seed, "anchor_source": args.anchor_source,
                   "world_size": dist.get_world_size(group) if group is not None else 1}
         if args.wandb:
-            everyone(group, "wandb", Tracker.require)
+            run_on_every_rank(group, "wandb", Tracker.require)
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
         tracker = Tracker(args.wandb, config, args.out, enabled=rank == 0)

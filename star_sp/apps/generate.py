@@ -16,7 +16,7 @@ import torch.distributed as dist
 from ..distributed.process_group import close_process_group
 from .inputs import read_inputs
 from .model_arg import load_model, load_tokenizer, model_config
-from .report import everyone, same_everywhere, speaks
+from .report import run_on_every_rank, same_everywhere, prints_for_host
 
 
 class _Progress:
@@ -66,12 +66,12 @@ def _generate(args, cfg, group, device) -> int:
 
     rank = dist.get_rank(group) if group is not None else 0
     world = dist.get_world_size(group) if group is not None else 1
-    show = speaks(rank) and not args.quiet and not args.json
-    path, config = everyone(group, "model config", lambda: model_config(cfg))
+    show = prints_for_host(rank) and not args.quiet and not args.json
+    path, config = run_on_every_rank(group, "model config", lambda: model_config(cfg))
     tokenizer = load_tokenizer(path)
     context_ids, query_ids = read_inputs(args, cfg, tokenizer, config.vocab_size, group)  # before the weights load
-    model = everyone(group, "load model", lambda: load_model(cfg, path, config, device, progress=show))
-    engine = everyone(group, "engine", lambda: StarEngine(model, cfg.star_config(), group, attention=cfg.attention))
+    model = run_on_every_rank(group, "load model", lambda: load_model(cfg, path, config, device, progress=show))
+    engine = run_on_every_rank(group, "engine", lambda: StarEngine(model, cfg.star_config(), group, attention=cfg.attention))
     if args.warmup:
         engine.generate(engine.prefill(context_ids), query_ids, cfg.max_new_tokens, sampling=cfg.sampling())
     context = engine.prefill(context_ids, progress=_Progress(show, f"prefill {context_ids.shape[1]} tokens"))

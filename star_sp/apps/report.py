@@ -1,6 +1,6 @@
 """How the ``star-sp`` command reports a user error and Ctrl-C across ranks.
 
-A user error becomes the same error on every rank (``everyone``, ``same_everywhere``), is printed as one
+A user error becomes the same error on every rank (``run_on_every_rank``, ``same_everywhere``), is printed as one
 line, once, by the first process of each host (``report``), and under torchrun is also the root cause at
 the end of torchrun's failure report. Ctrl-C ends every process at once with exit code 130
 (``exit_on_interrupt``). Lines start with the program's name, ``prog``: ``star-sp`` for the command,
@@ -24,7 +24,7 @@ from ..errors import StarInputError
 PROG = "star-sp"
 
 
-def everyone(group, step: str, fn):
+def run_on_every_rank(group, step: str, fn):
     """Run ``fn`` on every rank; if it fails anywhere, raise the same error everywhere."""
     from ..distributed.agreement import agree
 
@@ -60,7 +60,7 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
-def speaks(rank: int) -> bool:
+def prints_for_host(rank: int) -> bool:
     """Whether this process prints what every process knows: the first process of its host."""
     return int(os.environ.get("LOCAL_RANK", rank)) == 0
 
@@ -79,14 +79,14 @@ def report(line: str, *, everywhere: bool, prog: str = PROG, exiting: bool = Fal
     rank = _rank()
     if not everywhere and _world() > 1:
         line = line.replace(f"{prog}:", f"{prog} (rank {rank}):", 1)
-    if not everywhere or speaks(rank):
+    if not everywhere or prints_for_host(rank):
         print(line, file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
         with contextlib.suppress(OSError), open(error_file, "w") as f:
             json.dump(record, f)
-    if exiting and everywhere and _world() > 1 and not speaks(rank):
+    if exiting and everywhere and _world() > 1 and not prints_for_host(rank):
         # a rank that stays silent leaves the line to the first process of its host; if it exited first, the
         # launcher would stop that process before it printed (torchrun ends the others when one fails)
         time.sleep(SILENT_EXIT_DELAY_S)

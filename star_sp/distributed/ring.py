@@ -60,8 +60,8 @@ class _Ring(torch.autograd.Function):
                 nxt = (r - t - 1) % n
                 pending = _exchange(kv, kv.new_empty((2, *k.shape[:2], layout.num_tokens_of(nxt), d)), group, timeout_s)
             parts, _ = ring_parts(layout, src, kv[0], kv[1])
-            metas, kvs = split_parts(parts)
-            auxes.append(forward_into(q, metas, kvs, kernel, scale, out_acc, lse_acc, covered))
+            part_rows, part_keys = split_parts(parts)
+            auxes.append(forward_into(q, part_rows, part_keys, kernel, scale, out_acc, lse_acc, covered))
             if pending is not None:
                 kv = pending()
         out = out_acc.to(q.dtype)
@@ -87,8 +87,8 @@ class _Ring(torch.autograd.Function):
             shape = (2, *k.shape[:2], layout.num_tokens_of(nxt), k.shape[-1])
             pending = _exchange(kv, kv.new_empty(shape), group, timeout_s) if t < n - 1 else None
             parts, offsets = ring_parts(layout, src, kv[0], kv[1])
-            metas, kvs = split_parts(parts)
-            grads = backward_into(dout, dlse, q, out, lse, metas, kvs, ctx.auxes[t], ctx.kernel, ctx.scale, dq)
+            part_rows, part_keys = split_parts(parts)
+            grads = backward_into(dout, dlse, q, out, lse, part_rows, part_keys, ctx.auxes[t], ctx.kernel, ctx.scale, dq)
             for i, start in enumerate(offsets):
                 dk, dv = grads[2 * i], grads[2 * i + 1]
                 dkv[0, :, :, start:start + dk.shape[2]] += dk

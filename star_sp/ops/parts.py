@@ -93,10 +93,10 @@ def _check_alignment(kernel: Kernel, q, rows: int, keys: int, causal: bool) -> N
                              f"has {rows} rows and {keys} keys; build parts with ops.key_parts")
 
 
-def coverage(metas, rows: int) -> tuple[int, bool]:
+def coverage(part_rows, rows: int) -> tuple[int, bool]:
     """``(most, full)``: the most parts that share one query row (``most <= 1``: no row needs a merge),
     and whether every one of the ``rows`` query rows has a part."""
-    events = sorted([(m[0], 1) for m in metas] + [(m[1], -1) for m in metas])  # an end sorts before a start
+    events = sorted([(m[0], 1) for m in part_rows] + [(m[1], -1) for m in part_rows])  # an end sorts before a start
     most = depth = 0
     gap = False
     reached = 0  # rows [0, reached) covered so far
@@ -109,13 +109,13 @@ def coverage(metas, rows: int) -> tuple[int, bool]:
     return most, not gap and reached >= rows
 
 
-def output_buffers(q: torch.Tensor, metas, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def output_buffers(q: torch.Tensor, part_rows, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The running ``(out_acc, lse_acc)`` for ``forward_into``: ``out_acc`` in q's memory layout (so the
     model's transpose back to ``(B, S, H, D)`` is free), uninitialised when every row gets exactly one part.
 
     Its dtype is q's when no row needs a merge, or when no row gets more than two parts and the merge
     is fused (one rounding per row: the same bits as a float32 accumulator); float32 otherwise."""
-    most, full = coverage(metas, q.shape[2])
+    most, full = coverage(part_rows, q.shape[2])
     acc = q.dtype if most <= 1 or (fused and most <= 2) else accumulation_dtype(q.dtype)
     # uninitialised only where nothing is merged into it: a part that overlaps another in part reads rows
     # that only the later part covers (the merge weights them by 0, but 0 * NaN garbage is NaN)
@@ -124,14 +124,14 @@ def output_buffers(q: torch.Tensor, metas, fused: bool) -> tuple[torch.Tensor, t
     return out_acc, lse_acc
 
 
-def forward_into(q, metas, kvs, kernel: Kernel, scale, out_acc, lse_acc, covered: list) -> list:
-    """Run the parts ``metas`` (``(row_start, row_end, causal, fold, ready)``, keys ``kvs[2i], kvs[2i+1]``;
+def forward_into(q, part_rows, part_keys, kernel: Kernel, scale, out_acc, lse_acc, covered: list) -> list:
+    """Run the parts ``part_rows`` (``(row_start, row_end, causal, fold, ready)``, keys ``part_keys[2i], part_keys[2i+1]``;
     ``split_parts`` makes both from ``Part`` objects) and
     merge each result into ``out_acc, lse_acc`` (in place; ``covered`` lists the row ranges already
     written, so a range's first result is stored without a merge). Returns each part's kernel aux."""
     auxes = []
-    for i, (r0, r1, causal, fold, ready) in enumerate(metas):
-        k, v = kvs[2 * i], kvs[2 * i + 1]
+    for i, (r0, r1, causal, fold, ready) in enumerate(part_rows):
+        k, v = part_keys[2 * i], part_keys[2 * i + 1]
         _check_alignment(kernel, q, r1 - r0, k.shape[2], causal)
         if ready is not None:
             ready()
@@ -146,12 +146,12 @@ def forward_into(q, metas, kvs, kernel: Kernel, scale, out_acc, lse_acc, covered
     return auxes
 
 
-def backward_into(dout, dlse, q, out, lse, metas, kvs, auxes, kernel: Kernel, scale, dq) -> list:
+def backward_into(dout, dlse, q, out, lse, part_rows, part_keys, auxes, kernel: Kernel, scale, dq) -> list:
     """The backward of ``forward_into`` with the *merged* ``out, lse``: adds each part's query gradient
     into ``dq`` (in place) and returns the parts' key and value gradients ``[dk_0, dv_0, dk_1, ...]``."""
     kv_grads = []
-    for i, (r0, r1, causal, fold, _) in enumerate(metas):
-        k, v = kvs[2 * i], kvs[2 * i + 1]
+    for i, (r0, r1, causal, fold, _) in enumerate(part_rows):
+        k, v = part_keys[2 * i], part_keys[2 * i + 1]
         _check_alignment(kernel, q, r1 - r0, k.shape[2], causal)
         qp, kp, vp = _fold(q[:, :, r0:r1], fold), _fold(k, fold), _fold(v, fold)
         op, lp = _fold(out[:, :, r0:r1], fold), _fold(lse[:, :, r0:r1], fold)
@@ -172,30 +172,30 @@ def backward_into(dout, dlse, q, out, lse, metas, kvs, auxes, kernel: Kernel, sc
 
 class _PartsAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, metas, kernel: Kernel, scale, reducer, *kvs):
+    def forward(ctx, q, part_rows, kernel: Kernel, scale, reducer, *part_keys):
         if reducer is None:
-            out_acc, lse_acc = output_buffers(q, metas, fused_merge_available(q))
+            out_acc, lse_acc = output_buffers(q, part_rows, fused_merge_available(q))
         else:  # the reducer merges across processes in the accumulation dtype
             out_acc = q.new_zeros(q.shape, dtype=accumulation_dtype(q.dtype))
             lse_acc = q.new_full(q.shape[:3], float("-inf"), dtype=out_acc.dtype)
-        auxes = forward_into(q, metas, kvs, kernel, scale, out_acc, lse_acc, [])
+        auxes = forward_into(q, part_rows, part_keys, kernel, scale, out_acc, lse_acc, [])
         if reducer is not None:
             out_acc, lse_acc = reducer.merge(out_acc, lse_acc)
         out = out_acc.to(q.dtype)
-        ctx.save_for_backward(q, out, lse_acc, *kvs)
-        ctx.metas, ctx.kernel, ctx.scale, ctx.reducer, ctx.auxes = metas, kernel, scale, reducer, auxes
+        ctx.save_for_backward(q, out, lse_acc, *part_keys)
+        ctx.part_rows, ctx.kernel, ctx.scale, ctx.reducer, ctx.auxes = part_rows, kernel, scale, reducer, auxes
         ctx.set_materialize_grads(False)
         return out, lse_acc
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, out, lse, *kvs = ctx.saved_tensors
+        q, out, lse, *part_keys = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         if ctx.reducer is not None:  # every rank's output depends on every rank's parts: sum their gradients
             dout, dlse = ctx.reducer.sum_output_grad(dout, dlse)
         dq = torch.zeros_like(q, dtype=accumulation_dtype(q.dtype))
-        kv_grads = backward_into(dout, dlse, q, out, lse, ctx.metas, kvs, ctx.auxes, ctx.kernel, ctx.scale, dq)
+        kv_grads = backward_into(dout, dlse, q, out, lse, ctx.part_rows, part_keys, ctx.auxes, ctx.kernel, ctx.scale, dq)
         return (dq.to(q.dtype), None, None, None, None, *kv_grads)
 
 
@@ -207,12 +207,12 @@ def parts_attention(
     ``out`` has q's dtype and shape; ``lse: (B, H, S)`` is float32 (float64 for float64 input) and is
     ``-inf`` in rows that no part covers (such rows get ``out = 0``).
     """
-    metas, kvs = split_parts(parts)
-    return _PartsAttention.apply(q, metas, kernel, scale, reducer, *kvs)
+    part_rows, part_keys = split_parts(parts)
+    return _PartsAttention.apply(q, part_rows, kernel, scale, reducer, *part_keys)
 
 
 def split_parts(parts: list[Part]) -> tuple[tuple, list[torch.Tensor]]:
-    """``(metas, kvs)`` for ``forward_into`` / ``backward_into``: each part's ``(row_start, row_end,
+    """``(part_rows, part_keys)`` for ``forward_into`` / ``backward_into``: each part's ``(row_start, row_end,
     causal, fold, ready)`` and its keys and values, flattened."""
     return (tuple((p.row_start, p.row_end, p.causal, p.fold, p.ready) for p in parts),
             [t for p in parts for t in (p.k, p.v)])

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ...errors import StarError, StarInputError
-from ..report import everyone, exit_on_interrupt, report, same_everywhere
+from ..report import run_on_every_rank, exit_on_interrupt, report, same_everywhere
 from .loop import add_config_flags, job_parser, load_from_args, open_tracker, resume_point, train_steps, training_dtype
 from .settings import FinetuneConfig
 
@@ -156,12 +156,12 @@ def _run(cfg: FinetuneConfig, world, device: torch.device, inspect) -> int:
     groups = TrainGroups.create(world, cfg.sp_size, cfg.collective_timeout_s)
     layout = groups.layout
     rank = layout.rank
-    tokenizer, model = everyone(world, "load model", lambda: _load(cfg, device))
-    data = everyone(world, "data", lambda: open_data(cfg, tokenizer, layout.dp_size))
+    tokenizer, model = run_on_every_rank(world, "load model", lambda: _load(cfg, device))
+    data = run_on_every_rank(world, "data", lambda: open_data(cfg, tokenizer, layout.dp_size))
     if cfg.wandb:
         from ..tracking import Tracker
 
-        everyone(world, "wandb", Tracker.require)
+        run_on_every_rank(world, "wandb", Tracker.require)
 
     resume = resume_point(cfg, world, layout)
     module = TrainModule(model, attention=cfg.attention, sp=groups.sp, sp_rank=layout.sp_rank,

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ...errors import StarError, StarInputError
-from ..report import everyone, exit_on_interrupt, on_every_rank, report, same_everywhere
+from ..report import run_on_every_rank, exit_on_interrupt, on_every_rank, report, same_everywhere
 from .loop import add_config_flags, job_parser, load_from_args, open_tracker, resume_point, train_steps, training_dtype
 from .megatron_model import GENERATE_KEYS, MODEL_KEYS, MegatronConfig, quiet_megatron
 
@@ -157,8 +157,8 @@ def _train(cfg: MegatronConfig, world, device, cp_group, dp_group) -> int:
     layout = GroupLayout(dist.get_world_size(world), dist.get_rank(world), cfg.context_parallel_size)
     groups = TrainGroups(layout, world, cp_group, dp_group)
     rank, dtype = layout.rank, training_dtype(cfg, device)
-    tokenizer = everyone(world, "tokenizer", lambda: _tokenizer(cfg.tokenizer))
-    data = everyone(world, "data", lambda: open_data(cfg, tokenizer, layout.dp_size))
+    tokenizer = run_on_every_rank(world, "tokenizer", lambda: _tokenizer(cfg.tokenizer))
+    data = run_on_every_rank(world, "data", lambda: open_data(cfg, tokenizer, layout.dp_size))
     if cfg.data != "tasks" and cfg.attention == "star" and cfg.context_parallel_size > 1:  # the tasks': in main
         shortest = min(len(ids) for ids in tokenizer([r["context"] for r in data.records])["input_ids"])
         same_everywhere(lambda: _check_star(cfg, layout.world_size, shortest))
@@ -167,7 +167,7 @@ def _train(cfg: MegatronConfig, world, device, cp_group, dp_group) -> int:
     if cfg.wandb:
         from ..tracking import Tracker
 
-        everyone(world, "wandb", Tracker.require)
+        run_on_every_rank(world, "wandb", Tracker.require)
     resume = resume_point(cfg, world, layout, ignore=GENERATE_KEYS)  # a generate key is no part of the run
     model = build_model(cfg, len(tokenizer), device, cfg.seed)
     _broadcast(model, world)
@@ -214,7 +214,7 @@ def _generate(cfg: MegatronConfig, world, device, cp_group, dp_group) -> int:
 
     path, text, saved = same_everywhere(find)
     run_cfg = replace(cfg, **{k: saved[k] for k in MODEL_KEYS})
-    tokenizer = everyone(world, "tokenizer", lambda: _tokenizer(run_cfg.tokenizer))
+    tokenizer = run_on_every_rank(world, "tokenizer", lambda: _tokenizer(run_cfg.tokenizer))
     context = torch.tensor([tokenizer(text)["input_ids"]])
     query = torch.tensor([tokenizer(cfg.query, add_special_tokens=False)["input_ids"]])
     same_everywhere(lambda: _check_star(cfg, dist.get_world_size(world), context.shape[1]))

@@ -11,7 +11,7 @@ from star_sp.distributed import phase1_attention, phase2_attention
 
 
 def _from_rank0(group, tensors):
-    """The ring-flash-attention test design: rank 0's inputs, broadcast to everyone."""
+    """The ring-flash-attention test design: rank 0's inputs, broadcast to every rank."""
     for t in tensors:
         dist.broadcast(t, src=0, group=group)
     return tensors

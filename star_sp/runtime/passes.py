@@ -116,6 +116,7 @@ class _Pass:
     def __post_init__(self) -> None:
         self._stored: set[int] = set()  # layers whose KV this pass stored (update ran)
         self._outputs: dict[int, object] = {}  # training: what a layer's first attend returned or received
+        self._grad_at_start = torch.is_grad_enabled()
 
     def _first_update(self, layer: int) -> bool:
         """True the first time a layer's KV reaches this pass; False when it is being recomputed."""
@@ -125,7 +126,8 @@ class _Pass:
         return True
 
     def _check_grad(self) -> None:
-        if self.training and not torch.is_grad_enabled():
+        """A training pass built with gradients on whose layer runs without them: a reentrant checkpoint."""
+        if self.training and self._grad_at_start and not torch.is_grad_enabled():
             raise StarInputError("a training pass ran a layer without gradients: reentrant activation "
                                  "checkpointing, which cannot keep phase 2's gradient path to the context's KV; "
                                  "use non-reentrant checkpointing, e.g. model.gradient_checkpointing_enable("

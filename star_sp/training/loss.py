@@ -46,7 +46,7 @@ from ..layout import BlockLayout
 from ..runtime.inputs import check_ids, fingerprint
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
 from ..runtime.passes import PrefillPass, QueryPass, SplitPass, StarContext
-from .terms import IGNORE_INDEX, HeadRows, RankShare
+from .terms import IGNORE_INDEX, HeadRows, RankShare, head_calls
 
 
 def check_train_inputs(context_ids, target_ids, labels, weight, vocab: int) -> str | None:
@@ -142,21 +142,16 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
                       else None, check=True, training=True, drops_context=True)
     ids = torch.cat([rows.ids, target_ids.to(rows.ids.device)], dim=1)
     positions = torch.cat([rows.positions, torch.arange(lc, lc + lt)])
-    n, n_kept = rows.num_rows, len(rows.keep)
+    n = rows.num_rows
     keep = torch.tensor(rows.keep + list(range(n, n + max(lt - 1, 1))), device=engine.device)  # target rows
     offload = engine.device if offload_activations else None  # predict labels[:, 1:]
     tiles = (lambda: tile_mlp(model, tiled_mlp)) if tiled_mlp else contextlib.nullcontext
     with _compat.attn_implementation_set(model, ATTENTION_NAME), tiles(), \
             _compat.recompute_with_attention(model, ATTENTION_NAME, offload, tiles):
         kept = _kept_rows(engine, SplitPass(prefill, query, n), ids, positions, keep, loss_chunk_tokens)
-    answer, context_mean = phase1_terms(kept.narrow(0, n_kept), rows, context_ids, labels, n_labelled)
+    calls = head_calls(lc + config.anchor_size + lt, loss_chunk_tokens)  # alike on every rank
+    answer, context_mean, replicated = sample_terms(kept, calls, rows, context_ids, labels, n_labelled)
     answer = tie(answer, *prefill.keep_alive)
-    targets = kept.narrow(n_kept, kept.num_rows - n_kept)
-    if lt > 1 and n_labelled:
-        replicated = targets.ce_sum(labels[:, 1:]) / n_labelled
-    else:  # no target row predicts a label, but every rank must still run phase 2's backward (its
-        # collectives): the target rows stay in the graph with weight 0
-        replicated = targets.zero().to(answer.dtype)
     loss, answer_part, context_part = RankShare.apply(
         replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, float(context_loss_weight), group,
         config.collective_timeout_s)
@@ -172,23 +167,33 @@ def _kept_rows(engine: StarEngine, state, ids: torch.Tensor, positions: torch.Te
     if head is None:
         return HeadRows(engine._forward(state, ids, positions, logits_to_keep=keep).logits)
     hidden = engine._forward(state, ids, positions).last_hidden_state
-    return HeadRows(hidden.index_select(1, keep), head, chunk_tokens)
+    return HeadRows(hidden.index_select(1, keep), head)
 
 
-def phase1_terms(kept: HeadRows, rows: Phase1Rows, context_ids: torch.Tensor, labels: torch.Tensor,
-                 n_labelled: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(answer, context)``: the loss terms of one rank's phase-1 rows, from the rows ``rows.keep``
-    (``kept``, ``len(keep)`` rows). ``answer`` is the first label's term (the last context token, over
-    ``n_labelled``; 0 x the rows elsewhere, so every rank's rows join the backward); ``context`` the
-    rank's part of the context's mean next-token loss (over ``B * (Lc - 1)`` terms; 0 when
-    ``rows.predicting`` is empty)."""
+def sample_terms(kept: HeadRows, calls: int, rows: Phase1Rows, context_ids: torch.Tensor, labels: torch.Tensor,
+                 n_labelled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(answer, context, replicated)``, the loss terms of one rank's kept rows: ``kept`` holds its phase-1
+    rows ``rows.keep`` and then the target rows (the first ``Lt - 1`` predict ``labels[:, 1:]``), their
+    cross-entropy from ``calls`` head calls (``HeadRows.row_losses``).
+
+    ``answer``: the first label's term (the last context token, over ``n_labelled``), on the query host;
+    ``context``: the rank's part of the context's mean next-token loss (over ``B * (Lc - 1)`` terms; 0 when
+    ``rows.predicting`` is empty); ``replicated``: the target rows' mean over the labelled tokens. Every
+    kept row joins the backward (0 x its loss where it owns no term), so every rank runs the same modules."""
+    batch, lc = context_ids.shape
+    n_kept, lt = len(rows.keep), labels.shape[1]
+    targets = torch.full((batch, kept.num_rows), IGNORE_INDEX, dtype=torch.long, device=labels.device)
+    p = rows.predicting
+    if p:
+        targets[:, : len(p)] = context_ids[:, p.start + 1: p.stop + 1]
     if rows.last:
-        answer = kept.narrow(kept.num_rows - 1, 1).ce_sum(labels[:, :1]) / n_labelled
-    else:
-        answer = kept.zero()
-    context_mean = torch.zeros((), dtype=kept.real, device=kept.hidden.device)
-    if rows.predicting:
-        p = rows.predicting
-        targets = context_ids[:, p.start + 1: p.stop + 1]
-        context_mean = kept.narrow(0, len(p)).ce_sum(targets) / (context_ids.shape[0] * (context_ids.shape[1] - 1))
-    return answer, context_mean
+        targets[:, n_kept - 1] = labels[:, 0]
+    targets[:, n_kept: n_kept + lt - 1] = labels[:, 1:]
+    ce = kept.row_losses(targets, calls)
+    joined = 0 * ce.sum()
+    answer = joined + (ce[:, n_kept - 1].sum() / n_labelled if rows.last else 0)
+    context = ce[:, : len(p)].sum() / (batch * (lc - 1)) if p else torch.zeros_like(joined)
+    replicated = ce[:, n_kept: n_kept + lt - 1].sum() / n_labelled if lt > 1 and n_labelled else torch.zeros_like(joined)
+    return answer, context, replicated
+
+

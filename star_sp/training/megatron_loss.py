@@ -34,8 +34,8 @@ from ..integrations.megatron.positions import use_star_positions
 from ..layout import BlockLayout, RingLayout
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
 from ..runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
-from .loss import check_train_inputs, phase1_terms, train_meta
-from .terms import IGNORE_INDEX, HeadRows, RankShare, ce_sum
+from .loss import check_train_inputs, sample_terms, train_meta
+from .terms import IGNORE_INDEX, HeadRows, RankShare, ce_sum, head_calls
 
 
 def _check(model, context_ids, target_ids, labels, weight, attention) -> str | None:
@@ -93,14 +93,10 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     keep = rows.keep + list(range(rows.num_rows, rows.num_rows + lt))  # the kept phase-1 rows, the target rows
     step = ForwardPlan(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group, keep)
     hidden, project = model_forward(model, torch.cat([rows.ids, target_ids], dim=1), step, hidden=True)
-    out = HeadRows(hidden, project, loss_chunk_tokens)  # the kept rows: [B, len(keep), H]
-    kept = len(rows.keep)
-    answer, context_mean = phase1_terms(out.narrow(0, kept), rows, context_ids, labels, n_labelled)
+    calls = head_calls(lc + config.anchor_size + lt, loss_chunk_tokens)  # alike on every rank
+    answer, context_mean, replicated = sample_terms(HeadRows(hidden, project), calls, rows, context_ids, labels,
+                                                    n_labelled)
     answer = tie(answer, *prefill.keep_alive)
-    if lt > 1 and n_labelled:
-        replicated = out.narrow(kept, lt - 1).ce_sum(labels[:, 1:]) / n_labelled
-    else:  # every rank still runs phase 2's backward (its collectives): the rows join at weight 0
-        replicated = out.narrow(kept, lt).zero().to(answer.dtype)
     loss, answer_part, context_part = RankShare.apply(
         replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, weight, group,
         config.collective_timeout_s)

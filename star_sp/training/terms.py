@@ -51,53 +51,46 @@ def ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class HeadRows:
     """The rows a loss reads, as their final hidden states and the projection to the vocabulary, so that
-    the loss materialises logits ``chunk_tokens`` rows at a time: each chunk's logits are computed, turned
-    into its cross-entropy and dropped, and recomputed in the backward pass (at 128K rows and a 128K
+    the loss materialises logits a chunk of rows at a time: each chunk's logits are computed, turned into
+    its rows' cross-entropy and dropped, and recomputed in the backward pass (at 128K rows and a 128K
     vocabulary all of them would take 64 GB in float32).
 
     ``hidden (B, R, H)``; ``project(h (B, r, H)) -> logits (B, r, V)``, or None when ``hidden`` already
-    holds the logits ``(B, R, V)`` (a model whose head does more than a projection); ``chunk_tokens``
-    0: all rows at once."""
+    holds the logits ``(B, R, V)`` (a model whose head does more than a projection)."""
 
-    def __init__(self, hidden: torch.Tensor, project=None, chunk_tokens: int = 0):
-        self.hidden, self.project, self.chunk_tokens = hidden, project, chunk_tokens
+    def __init__(self, hidden: torch.Tensor, project=None):
+        self.hidden, self.project = hidden, project
 
     @property
     def num_rows(self) -> int:
         return self.hidden.shape[1]
 
-    @property
-    def real(self) -> torch.dtype:
-        """The dtype loss terms are summed in: float64 for float64 models, else float32."""
-        return torch.float64 if self.hidden.dtype == torch.float64 else torch.float32
-
-    def narrow(self, start: int, length: int) -> "HeadRows":
-        return HeadRows(self.hidden[:, start:start + length], self.project, self.chunk_tokens)
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden if self.project is None else self.project(hidden)
-
-    def ce_sum(self, targets: torch.Tensor) -> torch.Tensor:
-        """The summed cross-entropy of the rows against ``targets (B, R)`` (``ce_sum``), chunk by chunk."""
-        step = self.chunk_tokens or self.num_rows
-        if self.project is None or step >= self.num_rows:
-            return ce_sum(self._logits(self.hidden), targets)
-        total = torch.zeros((), dtype=self.real, device=self.hidden.device)
-        for start in range(0, self.num_rows, step):
-            h, t = self.hidden[:, start:start + step], targets[:, start:start + step]
-            if torch.is_grad_enabled():
-                part = checkpoint(self._chunk, h, t, use_reentrant=False)
+    def row_losses(self, targets: torch.Tensor, calls: int) -> torch.Tensor:
+        """Each row's cross-entropy against ``targets (B, R)`` (0 where ``IGNORE_INDEX``), ``(B, R)`` in float32
+        or better, from exactly ``calls`` calls of the head, the last ones over no rows where there are
+        fewer rows than calls: every rank of a group that passes the same ``calls`` runs the head's module as
+        often as the others (ZeRO-3 gathers its parameters at each call, forward and backward)."""
+        if self.project is None:
+            return self._chunk(self.hidden, targets)
+        step = max(1, -(-self.num_rows // calls))
+        parts = []
+        for i in range(calls):
+            h, t = self.hidden[:, i * step:(i + 1) * step], targets[:, i * step:(i + 1) * step]
+            if torch.is_grad_enabled() and calls > 1:
+                parts.append(checkpoint(self._chunk, h, t, use_reentrant=False))
             else:
-                part = self._chunk(h, t)
-            total = total + part
-        return total
+                parts.append(self._chunk(h, t))
+        return torch.cat(parts, dim=1)
 
     def _chunk(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return ce_sum(self._logits(hidden), targets)
+        logits = hidden if self.project is None else self.project(hidden)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX,
+                               reduction="none").view(targets.shape)
 
-    def zero(self) -> torch.Tensor:
-        """0 x every row and one row's logits: the rows and the head join the backward on a rank whose rows
-        own no loss term (every rank then runs the same modules, as ZeRO-3's parameter gathering needs)."""
-        if self.project is None:
-            return 0 * self.hidden.sum().to(self.real)
-        return 0 * (self.hidden.sum().to(self.real) + self._logits(self.hidden[:, :1]).sum().to(self.real))
+
+def head_calls(rows_bound: int, chunk_tokens: int) -> int:
+    """The head calls of a loss over at most ``rows_bound`` rows, ``chunk_tokens`` rows a call (0: one call);
+    a bound every rank of a group computes alike."""
+    return max(1, -(-rows_bound // chunk_tokens)) if chunk_tokens else 1

@@ -17,6 +17,7 @@ The schedule (``lr_lambda``): linear warm-up over ``warmup_steps``, then a cosin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import os
 import torch
 
 from ...distributed.guard import guarded_step
-from ...errors import StarInputError
+from ...errors import StarCollectiveError, StarInputError
 from ...training.grads import guarded_backward, reduce_gradients
 
 
@@ -172,6 +173,49 @@ def deepspeed_config(path: str, cfg, dtype: torch.dtype) -> dict:
     return ds
 
 
+@contextlib.contextmanager
+def _job_step(step: str, groups):
+    """One step of a training job, which a failure on any rank ends on every rank of the job.
+
+    ``guarded_step`` records a rank's failure for the group it guards, and a rank blocked in a collective
+    reads the records of the group whose step it is in: Star's steps over the sequence-parallel group,
+    DeepSpeed's collectives (over every rank) in this step over the world. So this rank's own failure,
+    wherever it was caught first, is recorded for the world and for each of its groups, and the ranks of
+    every group name it (a Star step by the failed rank's rank in its group, this step by its world
+    rank). An error every rank raises alike, or another rank's failure seen here, passes unchanged."""
+    try:
+        yield
+    except StarCollectiveError as exc:
+        # guard.py's error on the rank that raised ("rank R failed in step ..."), so far recorded for one group
+        own = exc.failed_rank is not None and str(exc).startswith(f"rank {exc.failed_rank} failed in step ")
+        if own and exc.__cause__ is not None:
+            _record_everywhere(exc.step, groups, exc.__cause__)
+        raise
+    except Exception as exc:  # recorded, then raised as the world's guard raises it
+        if getattr(exc, "on_every_rank", False):
+            raise
+        told = _record_everywhere(step, groups, exc)
+        if told is exc:
+            raise
+        raise told from exc
+
+
+def _record_everywhere(step: str, groups, exc: BaseException) -> BaseException:
+    """Record ``exc``, this rank's failure in ``step``, for the world and each of this rank's groups, as
+    ``guarded_step`` does (unless another rank of that group failed first); returns the error the world's
+    guard raises for it (``exc`` itself in one process)."""
+    told = []
+    for group in (groups.world, groups.sp, groups.dp):
+        if group is None:
+            continue
+        try:
+            with guarded_step(step, group):
+                raise exc
+        except Exception as error:  # noqa: BLE001 - the guard's verdict
+            told.append(error)
+    return told[0] if told else exc
+
+
 class DeepSpeedStepper:
     """A DeepSpeed engine around the ``TrainModule`` (``ds_config`` from ``deepspeed_config``).
 
@@ -203,20 +247,24 @@ class DeepSpeedStepper:
         self._stats: dict = {}
 
     def micro_step(self, sample, *, boundary: bool, inspect=None) -> dict:
-        share, info = self.engine(sample)
-        with guarded_step("backward", self.groups.sp):
+        # DeepSpeed's collectives (ZeRO's gathers and reductions, the step's) span every rank, not the
+        # sequence-parallel group alone: each part is one step of the whole job (_job_step)
+        with _job_step("forward", self.groups):
+            share, info = self.engine(sample)
+        with _job_step("backward", self.groups):
             self.engine.backward(share * self.groups.layout.sp_size)  # see the class docstring
-        if boundary:
-            from deepspeed.utils import safe_get_full_grad
+        with _job_step("optimizer step", self.groups):
+            if boundary:
+                from deepspeed.utils import safe_get_full_grad
 
-            if inspect is not None:
-                inspect({n: safe_get_full_grad(p).detach().float().clone()
-                         for n, p in zip(self.names, (p for p in self.module.parameters() if p.requires_grad))})
-            lr = self.engine.get_lr()[0]
-        self.engine.step()  # DeepSpeed counts micro-batches here and updates at the boundary only
-        if boundary:
-            norm = self.engine.get_global_grad_norm()
-            self._stats = {"grad_norm": None if norm is None else float(norm), "lr": lr}
+                if inspect is not None:
+                    inspect({n: safe_get_full_grad(p).detach().float().clone()
+                             for n, p in zip(self.names, (p for p in self.module.parameters() if p.requires_grad))})
+                lr = self.engine.get_lr()[0]
+            self.engine.step()  # DeepSpeed counts micro-batches here and updates at the boundary only
+            if boundary:
+                norm = self.engine.get_global_grad_norm()
+                self._stats = {"grad_norm": None if norm is None else float(norm), "lr": lr}
         return info
 
     def stats(self) -> dict:

@@ -69,36 +69,70 @@ def plain_lowp(case: Case, q, k, v, g):
     return out.detach(), grads
 
 
-def rank_partial(rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """One rank's partial attention result ``(out (2, 3, 5, 4), lse (2, 3, 5))`` for merge tests, from a
-    seed per rank: row 4 has no keys on any rank, row ``rank % 4`` none on this rank (there ``out = 0``)."""
-    gen = torch.Generator().manual_seed(100 + rank)
-    out = torch.randn(2, 3, 5, 4, generator=gen).to(dtype)
-    lse = torch.randn(2, 3, 5, generator=gen) * 20
-    lse[:, :, 4] = float("-inf")
-    lse[:, :, rank % 4] = float("-inf")
-    out[lse == float("-inf")] = 0
-    return out, lse
+def merge_inputs(world: int, seed: int = 0):
+    """Float64 ``q (2, 3, 6, 16), k, v (2, 3, K, 16)``, a key mask ``(6, K)`` (True = attend) and each
+    rank's span of the keys, for merge tests over ``world`` ranks: the spans have different lengths, the
+    scores are spread (q scaled by 4: the ranks' log-sum-exps differ by several units), row ``r % 5``
+    has no key on rank ``r`` and row 5 none on any rank."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    lengths = [5 + 2 * r for r in range(world)]
+    starts = [sum(lengths[:r]) for r in range(world)]
+    spans = [(s, s + n) for s, n in zip(starts, lengths)]
+    keys = sum(lengths)
+    q = torch.randn(2, 3, 6, 16, generator=gen, dtype=torch.float64) * 4
+    k = torch.randn(2, 3, keys, 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 3, keys, 16, generator=gen, dtype=torch.float64)
+    mask = torch.rand(6, keys, generator=gen) < 0.7
+    for r, (s, e) in enumerate(spans):
+        mask[r % 5, s:e] = False
+    mask[5] = False
+    return q, k, v, mask, spans
+
+
+def plain_attention_lse(q, k, v, mask, dtype):
+    """The plain implementation in ``dtype`` with its log-sum-exp: dense attention under ``mask`` (True =
+    attend), products in ``dtype``, softmax and log-sum-exp in float32 (float64 for float64), the output
+    in ``dtype``; a row without keys gives ``out = 0``, ``lse = -inf`` (a kernel's partial result)."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    s = q @ k.transpose(-1, -2)
+    s = (s if dtype == torch.float64 else s.float()) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0).to(dtype)  # a row without keys: 0, not NaN
+    return p @ v, torch.logsumexp(s, dim=-1)
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
 
 
+def oracle_bound(ref: torch.Tensor, plain: torch.Tensor | None, dtype: torch.dtype) -> float:
+    """How far a result may be from the float64 oracle ``ref`` (docs/design.md, section 4). float64:
+    1e-10 of the data's scale. Lower precision: twice the error of ``plain`` (the plain implementation of
+    the same math in ``dtype``) against the oracle, flash-attn's factor, plus a floor of 4 eps of
+    ``dtype`` at the data's scale (the roundings a fast path may add to the plain one's)."""
+    scale = max(1.0, ref.abs().max().item())
+    if dtype == torch.float64:
+        return 1e-10 * scale
+    assert plain is not None
+    return 2 * max_err(plain, ref) + 4 * torch.finfo(dtype).eps * scale
+
+
 def assert_close_to_oracle(name: str, got: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor | None,
                            dtype: torch.dtype) -> float:
-    """float64: within 1e-10. Lower precision: at most 2x the plain implementation's error (plus a
-    floor of a few ulps at the data's scale). Returns the error seen."""
+    """``got`` within ``oracle_bound`` of the float64 oracle ``ref``. Returns the error seen."""
     err = max_err(got, ref)
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    if dtype == torch.float64:
-        bound = 1e-10 * max(1.0, ref.abs().max().item())
-    else:
-        assert plain is not None
-        eps = torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
-        bound = 2 * max_err(plain, ref) + 4 * eps
+    bound = oracle_bound(ref, plain, dtype)
     assert err <= bound, f"{name}: error {err:.3g} against the float64 oracle exceeds {bound:.3g}"
     return err
+
+
+def assert_bound_not_vacuous(name: str, wrong: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor | None,
+                             dtype: torch.dtype) -> None:
+    """``wrong`` (what a named bug would give, e.g. a merge that drops one rank's keys) must lie outside
+    ``oracle_bound``: a bound that lets it pass could not catch that bug."""
+    err, bound = max_err(wrong, ref), oracle_bound(ref, plain, dtype)
+    assert err > bound, f"{name}: the bound {bound:.3g} is vacuous: a wrong result within {err:.3g} passes it"
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """tools/bench.py in its smallest form on CPU: every method runs (torch-cp is recorded as needing
-CUDA), in one process and in two under torchrun, and the JSON and Markdown carry their provenance."""
+CUDA), in one process and on two ranks (the gloo pool, as under torchrun), and the JSON and Markdown
+carry their provenance."""
 
 import importlib.util
 import json
@@ -7,8 +8,9 @@ import os
 
 import pytest
 
+import workers
 from star_sp.testing import save
-from test_launch import BIN, ROOT, _launch, free_port
+from test_launch import ROOT
 
 ARGS = ["--contexts", "64,101", "--decode", "3", "--query", "3", "--dtype", "float32", "--project", "4", "--warmup", "40",
         "--methods", "global,engine-global,star,star-paper,ring,torch-cp"]
@@ -150,21 +152,26 @@ def test_prefill_floor_counts_the_work_of_the_busiest_host():
 
 
 @pytest.mark.slow
-def test_bench_two_processes(tiny, tmp_path):
-    proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    "tools/bench.py", "--model", str(tiny), *ARGS, "--out", str(tmp_path / "two")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_bench_two_processes(tiny, tmp_path, cluster):
+    """``main`` on two ranks of the gloo pool (``init_from_env`` takes the pool's group as a launcher's):
+    the launchers themselves are tested in ``test_launch.py``."""
+    results = cluster(2).run(workers.tool_main, os.path.join(ROOT, "tools", "bench.py"),
+                             ["--model", str(tiny), *ARGS, "--out", str(tmp_path / "two")], timeout_s=300)
+    assert [code for code, _ in results] == [0, 0], results
     _check(tmp_path / "two", 2, tiny)
 
 
 @pytest.mark.slow
-def test_multi_gpu_check_passes_on_cpu_processes():
-    """tools/multi_gpu_check.py (run first on a multi-GPU machine) on gloo: every check passes."""
-    proc = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    "tools/multi_gpu_check.py"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "0 check(s) failed on 2 process(es), cpu" in proc.stdout
-    assert proc.stdout.count("ok   rank") == 2 * (2 * (5 + 10 + 2) + 3)  # ranks x (dtypes x checks + engine)
+def test_multi_gpu_check_passes_on_cpu_processes(cluster):
+    """tools/multi_gpu_check.py (run first on a multi-GPU machine) on two ranks of the gloo pool: every
+    check passes."""
+    results = cluster(2).run(workers.tool_main, os.path.join(ROOT, "tools", "multi_gpu_check.py"), None,
+                             timeout_s=300)
+    assert [code for code, _ in results] == [0, 0], results
+    out = results[0][1]  # rank 0 prints every rank's lines
+    assert "0 check(s) failed on 2 process(es), cpu" in out, out
+    assert out.count("ok   rank") == 2 * (2 * (5 + 10 + 2) + 3), out  # ranks x (dtypes x checks + engine)
+    assert results[1][1] == "", results[1][1]
 
 
 def test_host_overhead_tool_runs_and_reports(capsys):

@@ -1,6 +1,7 @@
 """Every command that ``star-sp generate --help`` and ``star-sp eval --help`` show runs as written, on
 CPU, from the repository's root (here: a scratch folder that links the root's examples/, configs/ and
-launch/, so that runs/ lands there)."""
+launch/, so that runs/ lands there). generate's torchrun command runs with the other launchers of
+``launch/infer.py`` in ``test_launch.py``."""
 
 import os
 import re
@@ -43,6 +44,9 @@ def test_the_help_shows_commands(capsys):
     generate, evaluate = _commands(_help("generate", capsys)), _commands(_help("eval", capsys))
     assert len(generate) == 3 and len(evaluate) == 2, (generate, evaluate)
     assert any(c.startswith("torchrun ") for c in generate) and any(c.startswith("torchrun ") for c in evaluate)
+    # generate's torchrun command (launch/infer.py) runs, as written, with the other launchers of that flow in
+    # test_launch.py::test_infer_under_the_launchers_matches_one_process; the others run below
+    assert [c.split()[0] for c in generate] == ["star-sp", "torchrun", "star-sp"], generate
 
 
 def _needle_answer() -> str:
@@ -54,8 +58,7 @@ def _needle_answer() -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command, index", [("generate", 0), ("generate", 1), ("generate", 2), ("eval", 0),
-                                            ("eval", 1)])
+@pytest.mark.parametrize("command, index", [("generate", 0), ("generate", 2), ("eval", 0), ("eval", 1)])
 def test_every_command_in_the_help_runs_as_written(capsys, tmp_path, command, index):
     line = _commands(_help(command, capsys))[index]
     for name in ("examples", "configs", "launch"):

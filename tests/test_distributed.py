@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import workers
-from common import Case, assert_close_to_oracle, make_qkv, oracle, plain_lowp, rank_partial
+from common import (Case, assert_bound_not_vacuous, assert_close_to_oracle, make_qkv, merge_inputs, oracle,
+                    plain_attention_lse, plain_lowp)
+from star_sp.ops import reference_attention
 
 CASES = [
     Case(context_len=23, query_len=3, block_size=5, anchor_size=5),              # ragged last block
@@ -180,17 +182,30 @@ def test_fused_phase1_without_gradients_matches_oracle(cluster, world_size, anch
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_allreduce_merge_equals_merge_of_all_partials(cluster, world_size, dtype):
-    """The phase-2 all-reduce merge equals ``merge_partials`` over every rank's partial result,
-    including rows with keys on some ranks only and a row with keys on none (O = 0, lse = -inf)."""
-    from star_sp.ops import merge_partials
-
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_allreduce_merge_matches_oracle(cluster, world_size, dtype):
+    """The phase-2 all-reduce merge (``AllReduceMerge``) of every rank's partial attention over its share of
+    the keys, against the float64 oracle over all keys (``common.merge_inputs``: rows with keys on some
+    ranks only, scores spread so the max shift matters). The partials are the plain implementation in
+    ``dtype`` (``plain_attention_lse``), as a kernel's would be. Bounds (``assert_close_to_oracle``):
+    float64 within 1e-10; lower precision within twice the error of the plain implementation over all
+    keys at once in that dtype, plus 4 eps of the dtype for the output and 4 float32 eps for the
+    log-sum-exp (float32 on every low-precision path: the merge's max, exp, sum and log). Not vacuous: a
+    merge that drops the last rank's partial lies outside both bounds. A row with keys on no rank stays
+    O = 0, lse = -inf."""
+    lowp = getattr(torch, dtype)
+    lse_dtype = torch.float64 if lowp == torch.float64 else torch.float32
     results = cluster(world_size).run(workers.allreduce_merge, dtype)
-    partials = [rank_partial(rank, getattr(torch, dtype)) for rank in range(world_size)]
-    want_out, want_lse = merge_partials([(out.float(), lse) for out, lse in partials])
+    q, k, v, mask, spans = merge_inputs(world_size)
+    ref_out, ref_lse = reference_attention(q, k, v, mask)
+    plain_out, plain_lse = plain_attention_lse(q, k, v, mask, lowp)
+    last = spans[-1][0]  # the keys of every rank but the last
+    dropped_out, dropped_lse = reference_attention(q, k[:, :, :last], v[:, :, :last], mask[:, :last])
+    rows = mask.any(dim=-1)
+    assert not rows[5] and rows[:5].all()
     for r in results:
-        assert torch.allclose(r["out"], want_out, atol=1e-6) and torch.equal(torch.isneginf(r["lse"]), torch.isneginf(want_lse))
-        finite = torch.isfinite(want_lse)
-        assert torch.allclose(r["lse"][finite], want_lse[finite], atol=1e-5)
-        assert (r["out"][:, :, 4] == 0).all() and torch.isneginf(r["lse"][:, :, 4]).all()
+        assert_close_to_oracle("out", r["out"][:, :, rows], ref_out[:, :, rows], plain_out[:, :, rows], lowp)
+        assert_close_to_oracle("lse", r["lse"][:, :, rows], ref_lse[:, :, rows], plain_lse[:, :, rows], lse_dtype)
+        assert (r["out"][:, :, ~rows] == 0).all() and torch.isneginf(r["lse"][:, :, ~rows]).all()
+    assert_bound_not_vacuous("out", dropped_out[:, :, rows], ref_out[:, :, rows], plain_out[:, :, rows], lowp)
+    assert_bound_not_vacuous("lse", dropped_lse[:, :, rows], ref_lse[:, :, rows], plain_lse[:, :, rows], lse_dtype)

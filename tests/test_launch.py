@@ -1,9 +1,11 @@
 """The command line and the launchers: ``star-sp generate`` in one process, under torchrun and
-under the deepspeed launcher (CPU, gloo), and its errors (exit code 1 on every rank, one clear line).
-``test_cli_launchers.py`` covers what a user sees of an error or Ctrl-C under the launchers."""
+under the deepspeed launcher (CPU, gloo; one test, the documented torchrun commands included), and its
+errors (exit code 1 on every rank, one clear line). ``test_cli_launchers.py`` covers what a user sees of
+an error or Ctrl-C under the launchers."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -71,23 +73,82 @@ def test_generate_one_process(dirs, capsys):
     assert glob["attention"] == "global" and len(glob["tokens"]) == 6
 
 
+def _doc_torchrun(doc: str, capsys) -> tuple[str, str]:
+    """The torchrun command that ``doc`` shows ("readme": the README's, "help": ``star-sp generate --help``'s)
+    and its one-process twin, as written."""
+    if doc == "readme":
+        from test_docs import _example_commands
+
+        commands = _example_commands()
+    else:
+        from test_cli_help import _commands, _help
+
+        commands = _commands(_help("generate", capsys))
+    (torchrun,) = [c for c in commands if c.startswith("torchrun ") and " launch/infer.py " in c]
+    (single,) = [c for c in commands if c.startswith("star-sp generate ") and "--model reference" in c]
+    return torchrun, single
+
+
+def _flags(command: str) -> list[str]:
+    words = shlex.split(command, comments=True)
+    return words[words.index("launch/infer.py") + 1:] if "launch/infer.py" in words else words[2:]
+
+
+LAUNCHES = [  # (id, launcher, processes, extra flags); "readme" and "help": the documented command as written
+    ("torchrun-2-readme", "readme", 2, ()),
+    ("torchrun-2-help", "help", 2, ()),
+    ("torchrun-4-ring", "torchrun", 4, ("--attention", "ring")),
+    ("deepspeed-3-recompute", "deepspeed", 3, ("--anchor-source", "recompute")),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, extra", [(2, ()), (3, ("--anchor-source", "recompute")), (4, ("--attention", "ring"))])
-def test_torchrun_matches_one_process(dirs, capsys, nproc, extra):
+@pytest.mark.parametrize("launcher, nproc, extra", [case[1:] for case in LAUNCHES], ids=[case[0] for case in LAUNCHES])
+def test_infer_under_the_launchers_matches_one_process(dirs, capsys, tmp_path, launcher, nproc, extra):
+    """``launch/infer.py`` (the ``star-sp generate`` flow) under torchrun at 2 and 4 processes and under
+    the deepspeed launcher at 3, with Star's anchor broadcast and recomputed and ring attention: rank 0
+    alone prints, and the tokens are one process's.
+
+    At 2 processes it runs the torchrun commands the README and ``star-sp generate --help`` show, as
+    written (the shipped reference model over examples/needle-2k.txt): each is its one-process twin's
+    flags behind the launcher, and prints the needle (the README's: exactly ``test_docs.ANSWER``, what
+    its one-process command prints in ``test_docs.py``; the help's: the number the context hides, as
+    its one-process command does in ``test_cli_help.py``). At 3 and 4 processes the tiny float64 model
+    gives exactly one process's greedy tokens; the deepspeed launcher builds no DeepSpeed extension."""
+    if launcher in ("readme", "help"):
+        _run_documented(launcher, nproc, capsys, tmp_path)
+        return
     expected = _single(dirs, capsys, *extra)
-    proc = _launch([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "launch/infer.py",
-                    *_args(dirs, *extra)])
+    if launcher == "torchrun":
+        cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(nproc)]
+    else:
+        cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port())]
+    proc = _launch([*cmd, "launch/infer.py", *_args(dirs, *extra)])
     record = _record(proc)
     assert record["tokens"] == expected["tokens"] and record["world_size"] == nproc
+    if launcher == "deepspeed":
+        assert "JIT" not in proc.stdout + proc.stderr  # no DeepSpeed extension was built
 
 
-@pytest.mark.slow
-def test_deepspeed_launcher_matches_one_process(dirs, capsys):
-    expected = _single(dirs, capsys)
-    proc = _launch([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                    "launch/infer.py", *_args(dirs)])
-    assert _record(proc)["tokens"] == expected["tokens"]
-    assert "JIT" not in proc.stdout + proc.stderr  # no DeepSpeed extension was built
+def _run_documented(doc: str, nproc: int, capsys, tmp_path) -> None:
+    from test_cli_help import _needle_answer
+    from test_docs import ANSWER, _run
+
+    command, single = _doc_torchrun(doc, capsys)
+    assert command.startswith(f"torchrun --standalone --nproc_per_node {nproc} launch/infer.py ")
+    assert _flags(command) == _flags(single), (command, single)  # the same request, launched
+    if doc == "readme":  # as test_docs runs its commands: bash (the query is read by $(cat ...)), from the root
+        proc = _run(command)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip() == ANSWER, (proc.stdout, proc.stderr[-3000:])
+        return
+    # as test_cli_help runs its commands: from a scratch folder that links examples/, configs/ and launch/
+    for name in ("examples", "configs", "launch"):
+        os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run(shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, command + "\n" + proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[0].split()[0] == _needle_answer(), proc.stdout
 
 
 @pytest.mark.slow

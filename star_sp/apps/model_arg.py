@@ -47,7 +47,7 @@ def model_config(cfg):
         raise StarInputError("transformers is not installed: pip install 'star-sp[transformers]'") from None
     if not cfg.model:
         raise StarInputError("no model given: pass --model PATH or set model in --config")
-    base = adapter_base(cfg.model)
+    base = None if cfg.random_weights else adapter_base(cfg.model)
     path = cfg.model if base else resolve_model(cfg.model, weights=not cfg.random_weights)
     try:
         return path, transformers.AutoConfig.from_pretrained(base or path)
@@ -60,9 +60,14 @@ def adapter_base(path: str) -> str | None:
     adapter = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(adapter):
         return None
-    with open(adapter) as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base or not os.path.isdir(base):
+    try:
+        with open(adapter) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StarInputError(f"{adapter} cannot be read as a peft adapter config: {str(exc).splitlines()[0]}") from None
+    if isinstance(base, str) and not os.path.isabs(base) and not os.path.isdir(base):
+        base = os.path.join(path, base)  # relative to the adapter's folder
+    if not isinstance(base, str) or not os.path.isdir(base):
         raise StarInputError(f"the adapter in {path} names the base model {base!r}, which is not a directory here; "
                              "set base_model_name_or_path in its adapter_config.json")
     return resolve_model(base)

@@ -61,8 +61,8 @@ def guarded_step(step: str, group: "dist.ProcessGroup | None"):
                 _record(store, group, dist.get_rank(), step, f"StarInputError: {exc}".splitlines()[0][:500])
         raise
     except Exception as exc:  # noqa: BLE001
-        if group is None or not dist.is_initialized():
-            raise
+        if group is None or not dist.is_initialized() or type(exc).__name__ == "_StopRecomputationError":
+            raise  # (the last: torch.utils.checkpoint ending a recomputation early, no failure)
         rank, me = dist.get_rank(group), dist.get_rank()
         store = default_store()
         peer = _read_failure(store, group, me) if store is not None else None

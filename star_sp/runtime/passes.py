@@ -20,7 +20,8 @@ keys (the context, and the query KV held so far):
 
 - ``SplitPass`` (training): one forward over ``[phase-1 rows | phase-2 rows]``, each layer's first rows
   to a ``PrefillPass`` and the rest (the target tokens) to a ``QueryPass``; phase 2 reads the layer's
-  context KV in the same layer, which then lets it go, so no layer's context KV outlives its layer.
+  context KV in the same layer, which then lets it go (across hosts under activation checkpointing the
+  layer's phase-2 attention still keeps it among its saved tensors until the layer's backward).
 
 Recomputation (activation checkpointing, training): a pass runs each layer once, so a second call of
 a layer in the same pass is the backward pass recomputing it. It runs without any collective, so the

@@ -124,7 +124,9 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     if error is None and offload_activations and not _compat.gradient_checkpointing_on(model):
         error = ("offload_activations=True offloads what activation checkpointing keeps; enable it first: "
                  "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
-    engine._agree("train", train_meta(context_ids, target_ids, labels, config, context_loss_weight, error), error)
+    meta = train_meta(context_ids, target_ids, labels, config, context_loss_weight, error)
+    meta["memory"] = (loss_chunk_tokens, tiled_mlp, bool(offload_activations))  # the head's and MLP's calls
+    engine._agree("train", meta, error)
 
     batch, lc = context_ids.shape
     lt = target_ids.shape[1]
@@ -145,12 +147,13 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     n = rows.num_rows
     keep = torch.tensor(rows.keep + list(range(n, n + max(lt - 1, 1))), device=engine.device)  # target rows
     offload = engine.device if offload_activations else None  # predict labels[:, 1:]
-    tiles = (lambda: tile_mlp(model, tiled_mlp)) if tiled_mlp else contextlib.nullcontext
+    bound = lc + config.anchor_size + lt  # the rows of any rank's forward: the same bound on every rank
+    tiles = (lambda: tile_mlp(model, head_calls(bound, tiled_mlp))) if tiled_mlp else contextlib.nullcontext
     with _compat.attn_implementation_set(model, ATTENTION_NAME), tiles(), \
             _compat.recompute_with_attention(model, ATTENTION_NAME, offload, tiles):
         kept = _kept_rows(engine, SplitPass(prefill, query, n), ids, positions, keep, loss_chunk_tokens)
-    calls = head_calls(lc + config.anchor_size + lt, loss_chunk_tokens)  # alike on every rank
-    answer, context_mean, replicated = sample_terms(kept, calls, rows, context_ids, labels, n_labelled)
+    answer, context_mean, replicated = sample_terms(kept, head_calls(bound, loss_chunk_tokens), rows, context_ids,
+                                                    labels, n_labelled)
     answer = tie(answer, *prefill.keep_alive)
     loss, answer_part, context_part = RankShare.apply(
         replicated, answer, context_mean, 1.0 if layout.is_query_host else 0.0, float(context_loss_weight), group,

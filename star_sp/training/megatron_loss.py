@@ -71,7 +71,8 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, attention)
     if error is None and not isinstance(config, StarConfig):
         error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
-    meta = {**train_meta(context_ids, target_ids, labels, config, context_loss_weight, error), "attention": attention}
+    meta = {**train_meta(context_ids, target_ids, labels, config, context_loss_weight, error), "attention": attention,
+            "loss_chunk_tokens": loss_chunk_tokens}
     agree_or_raise(group, "train", meta, error)
 
     batch, lc = context_ids.shape

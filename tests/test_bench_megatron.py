@@ -43,5 +43,5 @@ def test_bench_megatron_runs_global_and_star_on_cpu(tmp_path):
     assert provenance["megatron_core"] == megatron.__version__ and provenance["device"]
     assert provenance["command"] == "tools/bench_megatron.py " + " ".join(argv)
     md = (tmp_path / "bench_megatron.md").read_text()
-    assert "| context | batch | method | block | anchor | step s | tokens/s | vs global | peak GiB |" in md
+    assert "| context | batch | method | checkpointing | block | anchor | step s | tokens/s | vs global | peak GiB |" in md
     assert md.count("| 128 | 1 | star |") == 2 and "| 128 | 1 | global |" in md and "tools/bench_megatron.py" in md

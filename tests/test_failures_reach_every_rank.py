@@ -10,8 +10,8 @@ import failure_workers as fw
 import pytest
 from cluster import Cluster
 
-TIMEOUT_S = 5.0  # StarConfig.collective_timeout_s
-GROUP_TIMEOUT_S = 10.0  # the pool's process-group timeout: agreements and DeepSpeed's collectives
+TIMEOUT_S = 2.0  # StarConfig.collective_timeout_s
+GROUP_TIMEOUT_S = 6.0  # the pool's process-group timeout: agreements and DeepSpeed's collectives
 BOUND_S = 3 * GROUP_TIMEOUT_S  # every rank has raised by then (a hang would run to the pool's limit)
 
 

@@ -17,7 +17,6 @@ keys (the context, and the query KV held so far):
 - ``DecodeStepPass`` (phase 2, one decode step with fixed shapes, so that it can be captured as a CUDA
   graph and replayed): as ``QueryPass``, but the query KV is a ``StaticQueryKV`` written and masked
   at a device-side position (``ops.valid_keys``) instead of sliced at a Python one.
-
 - ``SplitPass`` (training): one forward over ``[phase-1 rows | phase-2 rows]``, each layer's first rows
   to a ``PrefillPass`` and the rest (the target tokens) to a ``QueryPass``; phase 2 reads the layer's
   context KV in the same layer, which then lets it go (across hosts under activation checkpointing the
@@ -115,16 +114,8 @@ class _Pass:
     """A training pass: its layers may be recomputed in the backward pass (module docstring)."""
 
     def __post_init__(self) -> None:
-        self._stored: set[int] = set()  # layers whose KV this pass stored (update ran)
         self._outputs: dict[int, object] = {}  # training: what a layer's first attend returned or received
         self._grad_at_start = torch.is_grad_enabled()
-
-    def _first_update(self, layer: int) -> bool:
-        """True the first time a layer's KV reaches this pass; False when it is being recomputed."""
-        if layer in self._stored:
-            return False
-        self._stored.add(layer)
-        return True
 
     def _check_grad(self) -> None:
         """A training pass built with gradients on whose layer runs without them: a reentrant checkpoint."""
@@ -174,8 +165,7 @@ class PrefillPass(_Pass):
     keep_alive: list | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
-        self._first_update(layer)  # a recomputation stores the recomputed KV again, for phase 2's recomputation
-        layout = self.context.layout
+        layout = self.context.layout  # a recomputation stores the recomputed KV again, for phase 2's recomputation
         skip = k.shape[2] if layout.is_idle else layout.anchor_rows(self.context.config.anchor_source == "recompute")
         self.context.kv.store(layer, k[:, :, skip:], v[:, :, skip:])
         return k, v
@@ -235,13 +225,15 @@ class QueryPass(_Pass):
         self.query_kv = query_kv
         self.drops_context = drops_context  # a SplitPass's: the layer's context KV is read once, then let go
         self._current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._appended: set[int] = set()  # training: the layers whose query KV this pass appended
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int, *args, **kwargs):
         if self.query_kv is not None:
             # inference appends each call (one pass may serve several decode steps); training once per layer,
             # a recomputation's KV equalling the first
-            if not self.training or self._first_update(layer):
+            if not self.training or layer not in self._appended:
                 k, v = self.query_kv.append(layer, k, v)
+                self._appended.add(layer)
             self._current[layer] = (k, v)
         return k, v
 
@@ -251,9 +243,7 @@ class QueryPass(_Pass):
             self._drop_context(layer)
             return self._outputs[layer]
         self._check_grad()
-        if not self.training:
-            return self._attend(layer, q, k, v, scale)
-        if not self.distributed:  # no collective: a recomputation recomputes this too
+        if not self.training or not self.distributed:  # no collective: a recomputation recomputes this too
             out = self._attend(layer, q, k, v, scale)
         else:
             # a checkpoint around the layer drops what autograd saves and recomputes it; the attention's

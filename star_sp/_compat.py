@@ -83,18 +83,21 @@ def attn_implementation_set(model, name: str):
 
 
 @contextlib.contextmanager
-def recompute_with_attention(model, name: str, offload: "torch.device | None" = None, inside=None):
+def recompute_with_attention(model, name: str, offload=None, inside=None):
     """While inside, the layers that activation checkpointing recomputes run their forward, at first and
     when the backward pass recomputes it (after the ``with`` block, in ``loss.backward()``), with the
     attention implementation ``name``: otherwise the recomputation would run the model's own attention.
     Each checkpointing layer's checkpoint function (``_gradient_checkpointing_func``, which
     ``gradient_checkpointing_enable`` sets) is wrapped for the block and put back afterwards.
 
-    ``offload`` (the model's device): what each checkpoint keeps for its recomputation, the layer's
-    inputs, waits in CPU memory (pinned when the device is CUDA) instead of on the device. ``inside()``:
-    a context manager each layer's forward also runs in, at first and when recomputed."""
+    ``offload`` (a ``runtime.offload.ActivationOffload``): what the forward's ``i``-th checkpoint call (the
+    ``i``-th layer) keeps for its recomputation, the layer's inputs, waits in host memory
+    (``offload.for_checkpoint(i)``).
+    ``inside()``: a context manager each layer's forward also runs in, at first and when recomputed."""
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
               and getattr(m, "_gradient_checkpointing_func", None) is not None]
+
+    calls = [0]  # checkpoint calls so far in the forward: the layers in their order
 
     def wrapped(m):
         checkpoint = m._gradient_checkpointing_func
@@ -103,14 +106,17 @@ def recompute_with_attention(model, name: str, offload: "torch.device | None" = 
             def run(*inner, **inner_kw):
                 with attn_implementation_set(model, name), inside() if inside else contextlib.nullcontext():
                     return function(*inner, **inner_kw)
-            if offload is None:
-                return checkpoint(run, *args, **kwargs)
-            with torch.autograd.graph.save_on_cpu(pin_memory=offload.type == "cuda"):
+            index, calls[0] = calls[0], calls[0] + 1
+            with offload.for_checkpoint(index) if offload is not None else contextlib.nullcontext():
                 return checkpoint(run, *args, **kwargs)
         return under
 
     with patched(layers, "_gradient_checkpointing_func", wrapped):
-        yield
+        try:
+            yield
+        finally:
+            if offload is not None:
+                offload.done()
 
 
 @contextlib.contextmanager

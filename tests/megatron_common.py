@@ -10,6 +10,7 @@ spec with ``star_layer_spec`` and loads the oracle's weights.
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +87,11 @@ def gpt(spec, config, vocab=61, positions=256):
                     position_embedding_type="rope", rotary_base=10000)
 
 
-def models(star_config, attention="star", seed=0, **shape):
-    """``(oracle, star_model)``: the same weights; the oracle with the dense-mask attention."""
+def models(star_config, attention="star", seed=0, recompute=None, **shape):
+    """``(oracle, star_model)``: the same weights; the oracle with the dense-mask attention. ``recompute``:
+    Megatron's recomputation settings (``recompute_granularity`` ...) for the Star model alone."""
+    import dataclasses
+
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -104,7 +108,8 @@ def models(star_config, attention="star", seed=0, **shape):
             if "layernorm" in name or "final_layernorm" in name:
                 p.uniform_(0.5, 1.5)
     oracle.rotary_pos_emb = OracleRope(oracle.rotary_pos_emb, config.context_parallel_size)
-    model = gpt(star_layer_spec(local, star_config, attention), config).to(config.params_dtype)
+    star_config_ = dataclasses.replace(config, **recompute) if recompute else config
+    model = gpt(star_layer_spec(local, star_config, attention), star_config_).to(config.params_dtype)
     missing = model.load_state_dict(oracle.state_dict(), strict=False)
     assert not missing.missing_keys, missing
     return oracle, model
@@ -173,9 +178,20 @@ def train_step(group, spec):
     from star_sp.training import reduce_gradients
     from star_sp.training.megatron_loss import megatron_train_loss
 
+    from workers import offloads_counted
+
+    from star_sp.integrations.megatron import StarCoreAttention
+
     init_megatron(group)
-    oracle, model = models(_star(spec), spec.get("attention", "star"), **spec.get("shape", {}))
+    oracle, model = models(_star(spec), spec.get("attention", "star"), recompute=spec.get("recompute"),
+                           **spec.get("shape", {}))
     ctx, tgt, labels = inputs(spec)
+    attention_calls = []  # one per StarCoreAttention call: the first forward's and the recomputations'
+    attend = StarCoreAttention.forward
+
+    def counted_attention(self, *args, **kwargs):
+        attention_calls.append((self.layer, torch.is_grad_enabled()))
+        return attend(self, *args, **kwargs)
     ref_loss, ref_grads = oracle_train(oracle, ctx, tgt, labels, *_oracle_sizes(spec), spec["weight"])
     head_rows = []  # the rows of every projection the output layer runs (its input is [rows, B, H])
     layer_class = type(model.output_layer)
@@ -186,12 +202,16 @@ def train_step(group, spec):
             head_rows.append(hidden.shape[0])
         return project(self, hidden, *args, **kwargs)
     layer_class.forward = counted  # the class's: star_sp's row selection calls the forward it finds
+    StarCoreAttention.forward = counted_attention
     try:
-        loss = megatron_train_loss(model, ctx, tgt, labels, _star(spec), group, context_loss_weight=spec["weight"],
-                                   attention=spec.get("attention", "star"), loss_chunk_tokens=spec.get("chunk", 4096))
+        with offloads_counted() as offloaded:
+            loss = megatron_train_loss(model, ctx, tgt, labels, _star(spec), group, context_loss_weight=spec["weight"],
+                                       attention=spec.get("attention", "star"), loss_chunk_tokens=spec.get("chunk", 4096),
+                                       offload_activations=spec.get("offload", False))
         loss.backward()
     finally:
         layer_class.forward = project
+        StarCoreAttention.forward = attend
     reduce_gradients(model, group)
     errors = {}
     for name, p in model.named_parameters():
@@ -200,7 +220,7 @@ def train_step(group, spec):
         errors[name] = float((got - ref).norm() / ref.norm().clamp_min(1e-300))
     loss = loss.detach()
     return {"loss_error": abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)), "grad_errors": errors,
-            "head_rows": head_rows,
+            "head_rows": head_rows, "attention_calls": attention_calls, "offloaded": offloaded,
             "loss": float(loss)}
 
 
@@ -275,15 +295,17 @@ def bad_train(group, spec, rank_with_error=None):
     from star_sp.training.megatron_loss import megatron_train_loss
 
     init_megatron(group)
-    _, model = models(_star(spec))
+    attention = spec.get("attention", "star")
+    _, model = models(_star(spec), attention, recompute=spec.get("recompute"))
     ctx, tgt, labels = inputs(spec)
     rank = 0 if group is None else torch.distributed.get_rank(group)
     weight = spec["weight"]
-    if rank_with_error is None or rank == rank_with_error:
+    if spec.get("bad_labels", True) and (rank_with_error is None or rank == rank_with_error):
         labels = labels.clone()
         labels[0, 0] = 10_000  # outside the vocabulary
     try:
-        megatron_train_loss(model, ctx, tgt, labels, _star(spec), group, context_loss_weight=weight)
+        megatron_train_loss(model, ctx, tgt, labels, _star(spec), group, context_loss_weight=weight,
+                            attention=attention, offload_activations=spec.get("offload", False))
     except Exception as exc:  # noqa: BLE001 - reported
         return f"{type(exc).__name__}: {exc}"
     return "no error"
@@ -323,17 +345,24 @@ def own_loop_refusals(group):
     size = torch.distributed.get_world_size(group)
     ids = contiguous_share(torch.randint(0, 61, (1, 32), generator=torch.Generator().manual_seed(5)), group)
     errors = []
-    for star, attention, positions in ((StarConfig(block_size=8, anchor_size=3), "star", False),
-                                       (StarConfig(block_size=8, anchor_size=3), "ring", True),
-                                       (StarConfig(block_size=8, anchor_size=3, anchor_source="recompute"), "star", True),
-                                       (StarConfig(block_size=5, anchor_size=3), "star", True)):
-        _, model = models(star, attention, cp=size)
+    full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    for star, attention, positions, recompute in (
+            (StarConfig(block_size=8, anchor_size=3), "star", False, None),
+            (StarConfig(block_size=8, anchor_size=3), "ring", True, None),
+            (StarConfig(block_size=8, anchor_size=3, anchor_source="recompute"), "star", True, None),
+            (StarConfig(block_size=5, anchor_size=3), "star", True, None),
+            (StarConfig(block_size=8, anchor_size=3), "star", True, full)):
+        _, model = models(star, attention, cp=size, recompute=recompute)
         if positions:
             use_star_positions(model)
         else:  # Megatron's own RoPE (which needs CUDA here): a stand-in that is not StarRotary
             model.rotary_pos_emb = OracleRope(model.rotary_pos_emb, size)
+        # Megatron's reentrant checkpoint reads CUDA's RNG state first; a CPU stand-in lets it reach Star's module
+        rng = mock.patch("megatron.core.tensor_parallel.random._get_all_rng_states",
+                         lambda: (torch.get_rng_state(), None, {})) if recompute else contextlib.nullcontext()
         try:
-            model(ids, None, None)
+            with rng:
+                model(ids, None, None)
             errors.append("no error")
         except Exception as exc:  # noqa: BLE001 - reported
             errors.append(str(exc))

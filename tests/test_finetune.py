@@ -639,7 +639,7 @@ def test_memory_settings_keep_the_oracle_gradients(cluster, tiny_dir, tmp_path):
     the bound of the runs without them (``_assert_gradients``); offload without checkpointing is one line."""
     argv = ["--model", tiny_dir, "--out", str(tmp_path), *COMMON, "--sp-size", "2", "--steps", "1",
             "--gradient-accumulation-steps", "2", "--gradient-checkpointing", "--offload-activations",
-            "--loss-chunk-tokens", "7"]
+            "--offload-layers", "1", "--loss-chunk-tokens", "7"]
     results = cluster(2).run(finetune_gradients, argv)
     oracle, plain = _reference_gradients(tiny_dir, _samples(tiny_dir, 0, 2, [0]), 0.5)
     for grads in results:
@@ -650,6 +650,9 @@ def test_memory_settings_keep_the_oracle_gradients(cluster, tiny_dir, tmp_path):
     with pytest.raises(StarInputError, match="offload_activations offloads what gradient checkpointing keeps; set "
                                              "gradient_checkpointing = true too"):
         FinetuneConfig(model=tiny_dir, offload_activations=True)
+    with pytest.raises(StarInputError, match="offload_layers = 1 applies to offload_activations; set "
+                                             "offload_activations = true too"):
+        FinetuneConfig(model=tiny_dir, gradient_checkpointing=True, offload_layers=1)
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ of blocks' parts and of the ranks' partial results; about 1e-15 relative per ste
 six orders of magnitude for accumulation through two layers and the loss.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -53,6 +55,58 @@ def test_logits_a_chunk_at_a_time_keep_the_oracle_gradients(cluster, n):
     _check_train(results)
     for r in results:
         assert r["head_rows"] and max(r["head_rows"]) <= 3, r["head_rows"]
+
+
+RECOMPUTE = {  # Megatron's recomputation settings, run by star_recompute as torch's non-reentrant checkpoint
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
+    "selective": dict(recompute_granularity="selective"),  # core attention (Star's module)
+    "selective-mlp": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
+}
+RECOMPUTED_CALLS = {"full": 2, "full-block": 1, "selective": 2, "selective-mlp": 2}  # of the model's 2 layers
+
+
+@pytest.mark.parametrize("n,recompute,case", [(1, "full", 0), (2, "full", 0), (3, "full", 0), (1, "selective", 1),
+                                              (2, "selective", 1), (3, "selective", 1), (2, "full-block", 3),
+                                              (2, "selective-mlp", 2)])
+def test_gradients_with_megatrons_recomputation_equal_the_oracle(cluster, n, recompute, case):
+    """``recompute_granularity`` full and selective: each recomputed layer calls Star's module a second
+    time in the backward pass (without collectives), and the gradients are the oracle's."""
+    results = cluster(n).run(mc.train_step, dict(CASES[case], recompute=RECOMPUTE[recompute]))
+    _check_train(results)
+    for r in results:
+        calls = r["attention_calls"]
+        assert len(calls) == 2 + RECOMPUTED_CALLS[recompute] and all(grad for _, grad in calls), calls
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_offloading_what_megatrons_recomputation_keeps_equals_the_oracle(cluster, n):
+    """``offload_activations``: every checkpoint's inputs (True), or the first one's (1), wait in host
+    memory; the gradients stay the oracle's."""
+    for offload, checkpoints in ((True, [0, 1]), (1, [0])):
+        results = cluster(n).run(mc.train_step, dict(CASES[0], recompute=RECOMPUTE["full"], offload=offload))
+        _check_train(results)
+        for r in results:
+            assert r["offloaded"]["checkpoints"] == checkpoints and r["offloaded"]["bytes"] > 0, r["offloaded"]
+
+
+def test_recomputation_that_cannot_run_under_star_is_one_line(cluster):
+    from types import SimpleNamespace
+
+    from star_sp.integrations.megatron.recompute import recompute_error
+
+    ring = dict(CASES[0], attention="ring", recompute=RECOMPUTE["full"], bad_labels=False)
+    results = cluster(2).run(mc.bad_train, ring)
+    assert all("attention='ring' does not recompute" in r for r in results) and len(set(results)) == 1, results
+    for config, message in ((dict(recompute_modules=["core_attn", "moe_act"]), r"selective recomputation of "
+                             r"\['moe_act'\] is not supported under Star; recompute_modules may hold"),
+                            (dict(fp8="hybrid"), "TransformerEngine's checkpoint"),
+                            (dict(distribute_saved_activations=True), "distribute_saved_activations is not")):
+        assert re.search(message, recompute_error(SimpleNamespace(recompute_granularity="selective", **config)))
+    assert recompute_error(SimpleNamespace(recompute_granularity=None, fp8="hybrid")) is None
+    no_recompute = dict(CASES[0], offload=True, bad_labels=False)
+    (line,) = cluster(1).run(mc.bad_train, no_recompute)
+    assert "offload_activations offloads what activation recomputation keeps; set the model's" in line, line
 
 
 @pytest.mark.slow
@@ -164,11 +218,12 @@ def test_megatrons_own_loop_with_a_contiguous_split_equals_the_oracle(cluster, n
 def test_megatrons_own_loop_refuses_what_it_cannot_run_on_every_rank(cluster):
     results = cluster(2).run(mc.own_loop_refusals)
     assert results[0] == results[1]  # the same line on every rank, none left waiting
-    no_rope, ring, recompute, block = results[0]
+    no_rope, ring, recompute, block, checkpoint = results[0]
     assert "needs use_star_positions(model)" in no_rope
     assert "needs context parallel size 1" in ring
     assert "anchor_source='broadcast'" in recompute
     assert "choose a block size that divides 16" in block
+    assert "does not take recompute_granularity" in checkpoint
 
 
 def test_generation_stops_at_eos_row_by_row(cluster):

@@ -49,11 +49,13 @@ def _rows(out) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Two processes, one CP group of 2, ``STEPS`` steps under each attention (star logs to W&B)."""
+    """Two processes, one CP group of 2, ``STEPS`` steps under each attention (star logs to W&B, and
+    recomputes every layer with its inputs offloaded; global recomputes core attention)."""
     outs = {}
     for attention in ("star", "global", "ring"):
         out = tmp_path_factory.mktemp(attention) / "out"
-        extra = ["--wandb", "megatron-test"] if attention == "star" else []
+        extra = {"star": ["--wandb", "megatron-test", "--recompute", "full", "--offload-activations"],
+                 "global": ["--recompute", "selective"], "ring": []}[attention]
         result = _torchrun([*TINY, "--attention", attention, "--out", out, "--steps", STEPS, "--save-every", 4, *extra])
         assert result.returncode == 0, result.stderr[-4000:]
         outs[attention] = out
@@ -167,6 +169,10 @@ BAD = [  # (flags, words of the one line)
     (["--star-anchor-size", -1], "--star-anchor-size must be an integer >= 0, got -1"),
     (["--generate", "--query", "q"], "generate needs --context-file FILE"),
     (["--context-parallel-size", 1, "--num-query-groups", 3], "must divide hidden_size"),
+    (["--recompute", "some"], "recompute must be one of none, full, selective, got 'some'"),
+    (["--offload-activations"], "offload_activations offloads what recomputation keeps; set recompute = 'full'"),
+    (["--offload-layers", 2], "offload_layers = 2 applies to offload_activations; set offload_activations = true"),
+    (["--attention", "ring", "--recompute", "full"], "attention = 'ring' does not recompute"),
 ]
 
 

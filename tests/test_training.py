@@ -124,7 +124,21 @@ CHECKPOINTED = [SPECS[0], SPECS[3]]  # a < b, a short last block; two blocks (id
 @pytest.mark.parametrize("spec", CHECKPOINTED, ids=lambda s: s["family"])
 def test_one_process_gradients_with_activation_checkpointing_match_oracle(spec, checkpointing):
     spec = {**spec, "weight": 0.6, "anchor_source": "broadcast", "checkpointing": checkpointing}
-    _assert_matches_oracle([workers.train_step(None, spec)], spec)
+    result = workers.train_step(None, spec)
+    _assert_matches_oracle([result], spec)
+    if checkpointing == "offload":  # every layer's checkpoint went through host memory
+        assert result["offloaded"]["checkpoints"] == [0, 1] and result["offloaded"]["bytes"] > 0, result["offloaded"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_offloading_the_first_layers_only_keeps_the_oracle_gradients(cluster, world_size):
+    """``offload_activations=1``: the first layer's checkpoint waits in host memory, the second's on the
+    device; across ranks too (each rank offloads alone, no collective involved)."""
+    spec = {**CHECKPOINTED[0], "weight": 0.6, "anchor_source": "broadcast", "checkpointing": "plain", "offload": 1}
+    results = cluster(world_size).run(workers.train_step, spec)
+    _assert_matches_oracle(results, spec)
+    for r in results:
+        assert r["offloaded"]["checkpoints"] == [0] and r["offloaded"]["bytes"] > 0, r["offloaded"]
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -278,9 +280,11 @@ def train_step(group, spec: dict) -> dict:
     ctx, tgt, labels = train_inputs(spec, model.config.vocab_size)
     cfg = StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], anchor_source=spec["anchor_source"],
                      collective_timeout_s=spec.get("timeout", 60))
-    loss = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=spec["weight"],
-                           offload_activations=spec.get("checkpointing") == "offload",
-                           loss_chunk_tokens=spec.get("chunk", 4096), tiled_mlp=spec.get("tiled_mlp", 0))
+    offload = spec.get("offload", spec.get("checkpointing") == "offload")  # True (every layer) or the first n
+    with offloads_counted() as offloaded:
+        loss = star_train_loss(model, ctx, tgt, labels, cfg, group, context_loss_weight=spec["weight"],
+                               offload_activations=offload, loss_chunk_tokens=spec.get("chunk", 4096),
+                               tiled_mlp=spec.get("tiled_mlp", 0))
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.get("autograd_grad"):  # the gradients of the trainable parameters only, by autograd.grad
         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
@@ -288,7 +292,33 @@ def train_step(group, spec: dict) -> dict:
     else:
         loss.backward()
     reduce_gradients(model, group)
-    return {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
+    return {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+            "offloaded": offloaded}
+
+
+@contextlib.contextmanager
+def offloads_counted():
+    """While inside, every saved tensor is offloaded however small (the tiny models' are all below the
+    1 MiB floor), and each offloading checkpoint's index is listed in what this yields."""
+    from star_sp.runtime import offload
+
+    found = {"checkpoints": [], "bytes": 0}
+    seen = []
+    enter = offload.ActivationOffload.for_checkpoint
+
+    def counted(self, index):
+        self.min_bytes = 0
+        if self.layers is None or index < self.layers:
+            found["checkpoints"].append(index)
+        if self not in seen:
+            seen.append(self)
+        return enter(self, index)
+    offload.ActivationOffload.for_checkpoint = counted
+    try:
+        yield found
+    finally:
+        offload.ActivationOffload.for_checkpoint = enter
+        found["bytes"] = sum(o.offloaded_bytes for o in seen)
 
 
 def train_step_failing(group, spec: dict) -> dict:

@@ -13,11 +13,13 @@ between steps (no optimizer: the optimizer's cost is the same for every method).
   whole context), for each ``--blocks`` x ``--anchors`` setting (``1/4``: block = L/4).
 
 Each method runs once per ``--checkpointing`` choice: ``off``; ``on`` (transformers' non-reentrant
-activation checkpointing of every layer); ``offload`` (that, with each checkpoint's input in pinned CPU
-memory). ``--trainable q_proj,v_proj`` trains those parameters only (the rest frozen). Star's logits come
+activation checkpointing of every layer); ``offload`` (that, with each checkpoint's input in pinned host
+memory, ``runtime/offload.py``; ``--offload-layers N``: the first N layers' only, the rest on the GPU).
+``--trainable q_proj,v_proj`` trains those parameters only (the rest frozen). Star's logits come
 ``--loss-chunk-tokens`` rows at a time.
 
-Each row: the best of ``--repeats`` timed steps after one warm-up, and the peak memory of the GPU.
+Each row: the best of ``--repeats`` timed steps after one warm-up (``--repeats 0``: one step, cold, no
+warm-up), the peak memory of the GPU, and the process's peak host memory (resident set) so far.
 Rows that do not fit are recorded as out of memory and the run goes on. Writes ``OUT/bench_train.json``
 (records with hardware, versions, date, command) and ``OUT/bench_train.md``.
 """
@@ -54,24 +56,27 @@ def _global_step(model, ctx, tgt, weight: float) -> None:
     loss.backward()
 
 
-def _star_step(model, ctx, tgt, config: StarConfig, weight: float, offload: bool, chunk: int, tiled: int) -> None:
+def _star_step(model, ctx, tgt, config: StarConfig, weight: float, offload: bool | int, chunk: int,
+               tiled: int) -> None:
     star_train_loss(model, ctx, tgt, tgt, config, context_loss_weight=weight, offload_activations=offload,
                     loss_chunk_tokens=chunk, tiled_mlp=tiled).backward()
 
 
-def _checkpointing(model, choice: str, device: torch.device):
+def _checkpointing(model, choice: str, offload: bool | int):
     """Set the model's activation checkpointing for one ``--checkpointing`` choice; for the plain model's
     steps, the context that offloads (``_compat.recompute_with_attention`` with its own attention)."""
     import contextlib
 
     from star_sp import _compat
+    from star_sp.runtime.offload import ActivationOffload, offload_layers
 
     if choice == "off":
         model.gradient_checkpointing_disable()
         return contextlib.nullcontext()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if choice == "offload":
-        return _compat.recompute_with_attention(model, model.config._attn_implementation, offload=device)
+        return _compat.recompute_with_attention(model, model.config._attn_implementation,
+                                                offload=ActivationOffload(offload_layers(offload)))
     return contextlib.nullcontext()
 
 
@@ -95,13 +100,37 @@ def _measure(step, model, device, repeats: int, profile: str | None = None, labe
 
     bench._reset(device)
     try:
-        seconds = bench._timed(once, device, repeats=repeats)
+        seconds = bench._timed(once, device, repeats=repeats) if repeats else _cold(once, device)
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         bench._reset(device)
         return {"status": "out of memory"}
     peak = bench._peak(device)
-    return {"status": "ok", "step_s": round(seconds, 4), "peak_gb": None if peak is None else round(peak, 2)}
+    from star_sp.runtime.offload import HOST_POOL
+
+    return {"status": "ok", "step_s": round(seconds, 4), "peak_gb": None if peak is None else round(peak, 2),
+            "cold": not repeats, "host_peak_gb": round(_host_peak_gb(), 2),
+            "pinned_pool_gb": round(HOST_POOL.pinned_bytes / 2**30, 2)}
+
+
+def _cold(once, device) -> float:
+    """One step's seconds, with no warm-up before it."""
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    once()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _host_peak_gb() -> float:
+    """The process's peak resident set so far, GiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def table(rows: list[dict]) -> str:
@@ -144,6 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--trainable", default="", help="substrings of the parameters that train (default: every one)")
     p.add_argument("--loss-chunk-tokens", type=int, default=4096)
     p.add_argument("--tiled-mlp", type=int, default=0, help="star: MLP rows per chunk (0: untiled)")
+    p.add_argument("--offload-layers", type=int, default=0, help="offload: the first N layers' inputs only (0: all)")
     p.add_argument("--out", default="runs/bench-train")
     p.add_argument("--profile", action="store_true", help="also write OUT/profile.txt (one profiled step per row)")
     args = p.parse_args(argv)
@@ -185,23 +215,25 @@ def _rows_at(model, ctx, tgt, methods, choice: str, common: dict, args, device, 
     """The rows of one context and one checkpointing choice: global, then each Star setting."""
     rows, length = [], common["context"]
     if "global" in methods:
-        with _checkpointing(model, choice, device) as _:
+        offload = args.offload_layers or True
+        with _checkpointing(model, choice, offload) as _:
             row = {**common, "method": "global", **_measure(
                 lambda: _global_step(model, ctx, tgt, args.context_loss_weight), model, device, args.repeats,
                 profile, f"global, context {length}, batch {args.batch}, checkpointing {choice}")}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if "star" in methods:
-        _checkpointing(model, choice, device)
+        _checkpointing(model, choice, True)
         for block_spec in args.blocks.split(","):
             block = bench._size(block_spec, length, 1)
             for anchor_spec in args.anchors.split(","):
                 anchor = bench._size(anchor_spec, length, 1, block)
                 cfg = StarConfig(block_size=block, anchor_size=anchor)
                 row = {**common, "method": "star", "block": block, "anchor": anchor, "block_spec": block_spec,
-                       "tiled_mlp": args.tiled_mlp,
+                       "tiled_mlp": args.tiled_mlp, "offload_layers": args.offload_layers,
                        "anchor_spec": anchor_spec, **_measure(
-                           lambda: _star_step(model, ctx, tgt, cfg, args.context_loss_weight, choice == "offload",
+                           lambda: _star_step(model, ctx, tgt, cfg, args.context_loss_weight,
+                                              (args.offload_layers or True) if choice == "offload" else False,
                                               args.loss_chunk_tokens, args.tiled_mlp), model, device, args.repeats, profile,
                            f"star, context {length}, batch {args.batch}, block {block}, anchor {anchor}, "
                            f"checkpointing {choice}")}

@@ -45,6 +45,7 @@ from ..integrations.hf.tiled import tiled_mlp as tile_mlp
 from ..layout import BlockLayout
 from ..runtime.inputs import check_ids, fingerprint
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
+from ..runtime.offload import ActivationOffload, offload_layers
 from ..runtime.passes import PrefillPass, QueryPass, SplitPass, StarContext
 from .terms import IGNORE_INDEX, HeadRows, RankShare, head_calls
 
@@ -93,7 +94,7 @@ def _check(model, context_ids, target_ids, labels, weight, vocab: int) -> str | 
 
 def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
                     config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
-                    context_loss_weight: float = 0.0, return_parts: bool = False, offload_activations: bool = False,
+                    context_loss_weight: float = 0.0, return_parts: bool = False, offload_activations: bool | int = False,
                     loss_chunk_tokens: int = 4096, tiled_mlp: int = 0):
     """The loss of one training step under the anchor pattern (module docstring), differentiable.
 
@@ -104,7 +105,9 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     ``StarInputError`` on every rank. Activation checkpointing (``model.gradient_checkpointing_enable(
     gradient_checkpointing_kwargs={'use_reentrant': False})``) recomputes each layer without collectives
     (``runtime/passes.py``); the reentrant kind is refused. ``offload_activations=True`` keeps what each
-    checkpointed layer saves for its recomputation (its input) in CPU memory; it needs checkpointing on.
+    checkpointed layer saves for its recomputation (its input) in host memory (``runtime/offload.py``),
+    a whole number ``n`` only the first ``n`` layers' (the rest stay on the device); it needs
+    checkpointing on.
     ``loss_chunk_tokens``: the logits of the rows the loss reads are computed this many rows at a time
     and recomputed in the backward pass (``HeadRows``); 0 computes them at once, as does a model whose
     head scales or soft-caps its logits. ``tiled_mlp``: each decoder layer's MLP runs over this many rows at
@@ -121,11 +124,15 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     for name, value in (("loss_chunk_tokens", loss_chunk_tokens), ("tiled_mlp", tiled_mlp)):
         if error is None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             error = f"{name} must be a whole number of rows >= 0 (0: off), got {value!r}"
+    if error is None and not isinstance(offload_activations, bool) and (
+            not isinstance(offload_activations, int) or offload_activations < 0):
+        error = (f"offload_activations must be True, False or a whole number of layers >= 0 (the first ones "
+                 f"offload), got {offload_activations!r}")
     if error is None and offload_activations and not _compat.gradient_checkpointing_on(model):
         error = ("offload_activations=True offloads what activation checkpointing keeps; enable it first: "
                  "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
     meta = train_meta(context_ids, target_ids, labels, config, context_loss_weight, error)
-    meta["memory"] = (loss_chunk_tokens, tiled_mlp, bool(offload_activations))  # the head's and MLP's calls
+    meta["memory"] = (loss_chunk_tokens, tiled_mlp, repr(offload_activations))  # the head's and MLP's calls
     engine._agree("train", meta, error)
 
     batch, lc = context_ids.shape
@@ -146,7 +153,8 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     positions = torch.cat([rows.positions, torch.arange(lc, lc + lt)])
     n = rows.num_rows
     keep = torch.tensor(rows.keep + list(range(n, n + max(lt - 1, 1))), device=engine.device)  # target rows
-    offload = engine.device if offload_activations else None  # predict labels[:, 1:]
+    layers = offload_layers(offload_activations)  # predict labels[:, 1:]
+    offload = ActivationOffload(layers) if layers is not False else None
     bound = lc + config.anchor_size + lt  # the rows of any rank's forward: the same bound on every rank
     tiles = (lambda: tile_mlp(model, head_calls(bound, tiled_mlp))) if tiled_mlp else contextlib.nullcontext
     with _compat.attn_implementation_set(model, ATTENTION_NAME), tiles(), \

@@ -31,8 +31,10 @@ from ..distributed.rows import phase1_rows
 from ..integrations.megatron.attention import ForwardPlan, group_size
 from ..integrations.megatron.inference import model_forward
 from ..integrations.megatron.positions import use_star_positions
+from ..integrations.megatron.recompute import recompute_error, recomputes, star_recompute
 from ..layout import BlockLayout, RingLayout
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
+from ..runtime.offload import ActivationOffload, offload_layers
 from ..runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from .loss import check_train_inputs, sample_terms, train_meta
 from .terms import IGNORE_INDEX, HeadRows, RankShare, ce_sum, head_calls
@@ -49,30 +51,40 @@ def _check(model, context_ids, target_ids, labels, weight, attention) -> str | N
     if (cfg.hidden_dropout or 0) > 0 or (cfg.attention_dropout or 0) > 0:
         return (f"the model uses dropout (hidden {cfg.hidden_dropout}, attention {cfg.attention_dropout}); every CP "
                 "rank computes the target rows and their masks would differ: set both to 0")
-    if getattr(cfg, "recompute_granularity", None):
-        return ("Megatron's activation recomputation (recompute_granularity) is a reentrant checkpoint, which runs each "
-                "layer first without gradients and so cuts phase 2's gradient path to the context's KV; set "
-                "recompute_granularity to None (transformers models recompute under Star: gradient_checkpointing)")
-    return None
+    error = recompute_error(cfg)
+    if error is None and attention == "ring" and recomputes(model):
+        error = ("attention='ring' does not recompute (its recomputation would repeat the ring's collectives in the "
+                 "backward pass); set recompute_granularity to None for ring, or use attention='star' or 'global'")
+    return error
 
 
 def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, labels: torch.Tensor,
                         config: StarConfig, group: "dist.ProcessGroup | None" = None, *,
                         context_loss_weight: float = 0.0, attention: str = "star", return_parts: bool = False,
-                        loss_chunk_tokens: int = 4096):
+                        loss_chunk_tokens: int = 4096, offload_activations: bool | int = False):
     """The loss of one training step (``star_train_loss``'s definition) for a Megatron-core GPT model,
     differentiable; ``group`` is the CP group (None: one process). ``context_ids [B, Lc]``,
     ``target_ids, labels [B, Lt]``: the full tensors on every rank. Any bad argument raises the same
     ``StarInputError`` on every rank. ``return_parts``: also ``{"answer", "context"}``, detached.
     ``loss_chunk_tokens``: the kept rows' logits are computed this many rows at a time (``HeadRows``;
-    0: at once)."""
+    0: at once). Megatron's activation recomputation (``recompute_granularity`` full or selective) runs as
+    torch's non-reentrant checkpoint, without collectives (``integrations/megatron/recompute.py``);
+    ``offload_activations``: what it keeps waits in host memory (True: every checkpoint's, n: the first
+    n's; ``runtime/offload.py``)."""
     use_star_positions(model)
     size, rank = group_size(group)
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, attention)
     if error is None and not isinstance(config, StarConfig):
         error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
+    if error is None and not isinstance(offload_activations, bool) and (
+            not isinstance(offload_activations, int) or offload_activations < 0):
+        error = (f"offload_activations must be True, False or a whole number of checkpoints >= 0 (the first ones "
+                 f"offload), got {offload_activations!r}")
+    if error is None and offload_activations and not recomputes(model):
+        error = ("offload_activations offloads what activation recomputation keeps; set the model's "
+                 "recompute_granularity ('full' or 'selective') first")
     meta = {**train_meta(context_ids, target_ids, labels, config, context_loss_weight, error), "attention": attention,
-            "loss_chunk_tokens": loss_chunk_tokens}
+            "loss_chunk_tokens": loss_chunk_tokens, "offload": repr(offload_activations)}
     agree_or_raise(group, "train", meta, error)
 
     batch, lc = context_ids.shape
@@ -88,12 +100,16 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     rows = phase1_rows(layout, context_ids, recompute=config.anchor_source == "recompute",
                        context_loss=weight > 0, answer_from_last=n_labelled > 0)
     context = StarContext(layout, config, batch, ContextKV(num_layers), group)
-    prefill = PrefillPass(context, num_layers)
+    # training passes: a layer called again is its recomputation (star_recompute), run without collectives
+    prefill = PrefillPass(context, num_layers, training=True)
     prefill.keep_alive = []  # the anchor broadcast's backward must run on the owner and every user
-    query = QueryPass(context, num_layers, TrainingQueryKV(num_layers) if layout.is_query_host else None)
+    query = QueryPass(context, num_layers, TrainingQueryKV(num_layers) if layout.is_query_host else None,
+                      training=True, drops_context=True)
     keep = rows.keep + list(range(rows.num_rows, rows.num_rows + lt))  # the kept phase-1 rows, the target rows
     step = ForwardPlan(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group, keep)
-    hidden, project = model_forward(model, torch.cat([rows.ids, target_ids], dim=1), step, hidden=True)
+    layers = offload_layers(offload_activations)
+    with star_recompute(model, step, ActivationOffload(layers) if layers is not False else None):
+        hidden, project = model_forward(model, torch.cat([rows.ids, target_ids], dim=1), step, hidden=True)
     calls = head_calls(lc + config.anchor_size + lt, loss_chunk_tokens)  # alike on every rank
     answer, context_mean, replicated = sample_terms(HeadRows(hidden, project), calls, rows, context_ids, labels,
                                                     n_labelled)

@@ -167,7 +167,7 @@ def _run(cfg: FinetuneConfig, world, device: torch.device, inspect) -> int:
     module = TrainModule(model, attention=cfg.attention, sp=groups.sp, sp_rank=layout.sp_rank,
                          context_loss_weight=cfg.context_loss_weight, anchor_source=cfg.anchor_source,
                          backend=cfg.backend, collective_timeout_s=cfg.collective_timeout_s,
-                         offload_activations=cfg.offload_activations, loss_chunk_tokens=cfg.loss_chunk_tokens,
+                         offload_activations=cfg.offload, loss_chunk_tokens=cfg.loss_chunk_tokens,
                          tiled_mlp=cfg.tiled_mlp)
     if cfg.uses_deepspeed:
         stepper = DeepSpeedStepper(module, cfg, groups, ds_config)

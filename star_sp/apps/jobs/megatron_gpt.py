@@ -142,7 +142,7 @@ class MegatronModule(torch.nn.Module):
             loss, parts = megatron_train_loss(
                 self.model, sample.context_ids, sample.target_ids, sample.labels, self.star_config(sample), self.cp,
                 context_loss_weight=self.cfg.context_loss_weight, attention=self.cfg.attention, return_parts=True,
-                loss_chunk_tokens=self.cfg.loss_chunk_tokens)
+                loss_chunk_tokens=self.cfg.loss_chunk_tokens, offload_activations=self.cfg.offload)
         weight = self.cfg.context_loss_weight
         return loss, {"loss": float(loss.detach()), "answer_loss": float(parts["answer"]),
                       "context_loss": float(parts["context"]) if weight else None}

@@ -37,6 +37,12 @@ from .settings import TrainSettings, check_booleans, check_choice, check_integer
 MODEL_KEYS = ("tokenizer", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
               "max_position_embeddings", "rotary_base", "norm_epsilon", "tie_embeddings", "init_method_std")
 # keys of the generate mode: not part of a training run's identity (a resumed run may change them)
+RECOMPUTE_CHOICES = ("none", "full", "selective")
+RECOMPUTE_SETTINGS = {  # the job's recompute key as Megatron's TransformerConfig takes it
+    "none": {},
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+}
 GENERATE_KEYS = ("generate", "checkpoint", "context_file", "query", "max_new_tokens")
 
 
@@ -68,6 +74,9 @@ class _MegatronKeys:
     star_anchor_size: int | None = field_help("anchor size (tokens, 0: none); unset: the block with star_block_size, "
                                          "else drawn per sample (anchor_fraction)")
     star_anchor_source: str = field_help("broadcast or recompute (see star-sp generate --help)", "broadcast")
+    recompute: str = field_help("activation recomputation (Megatron's recompute_granularity): none, full (every layer "
+                                "recomputed in the backward pass) or selective (its core attention); Star recomputes "
+                                "without collectives", "none")
 
 
 @dataclass(kw_only=True)
@@ -89,10 +98,17 @@ class MegatronConfig(TrainSettings, _MegatronKeys):
     def __post_init__(self) -> None:
         check_choice("attention", self.attention, ("star", "global", "ring"))
         check_choice("star_anchor_source", self.star_anchor_source, ANCHOR_SOURCES)
+        check_choice("recompute", self.recompute, RECOMPUTE_CHOICES)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                      "max_position_embeddings", "rotary_base", "context_parallel_size", "max_new_tokens"):
             check_integer(name, getattr(self, name), 1)
         super().__post_init__()
+        if self.offload_activations and self.recompute == "none":
+            raise StarInputError("offload_activations offloads what recomputation keeps; set recompute = 'full' (or "
+                                 "'selective') too, or offload_activations = false")
+        if self.recompute != "none" and self.attention == "ring":
+            raise StarInputError("attention = 'ring' does not recompute (its recomputation would repeat the ring's "
+                                 "collectives); set recompute = 'none' for ring")
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_query_groups:
             raise StarInputError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
                                  f"({self.hidden_size}) and be a multiple of num_query_groups "
@@ -181,7 +197,8 @@ def build_model(cfg: MegatronConfig, vocab: int, device: torch.device, seed: int
         num_query_groups=cfg.num_query_groups, ffn_hidden_size=cfg.ffn_hidden_size, normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.init_method_std, use_cpu_initialization=True,
-        params_dtype=torch.float32, masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False)
+        params_dtype=torch.float32, masked_softmax_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        **RECOMPUTE_SETTINGS[cfg.recompute])
     # the spec's StarConfig is read only by Megatron's own loop; this job's steps bring each sample's
     spec = star_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm"),
                            cfg.star_config(cfg.max_position_embeddings), cfg.attention)

@@ -15,6 +15,7 @@ import torch
 from ... import _compat
 from ...config import StarConfig
 from ...ops.backends import many_shapes
+from ...runtime.offload import ActivationOffload, offload_layers
 from ...training.loss import star_train_loss
 from ...training.terms import IGNORE_INDEX, ce_sum
 
@@ -64,7 +65,7 @@ class TrainModule(torch.nn.Module):
 
     def __init__(self, model, *, attention: str, sp, sp_rank: int, context_loss_weight: float,
                  anchor_source: str = "broadcast", backend: str = "auto", collective_timeout_s: float = 600.0,
-                 offload_activations: bool = False, loss_chunk_tokens: int = 4096, tiled_mlp: int = 0):
+                 offload_activations: bool | int = False, loss_chunk_tokens: int = 4096, tiled_mlp: int = 0):
         super().__init__()
         self.model = model
         self.attention, self.sp, self.sp_rank, self.weight = attention, sp, sp_rank, context_loss_weight
@@ -74,11 +75,12 @@ class TrainModule(torch.nn.Module):
 
     def _offloading(self):
         """The plain model's checkpoints keep their inputs in CPU memory under ``offload_activations``."""
-        if not self.memory["offload_activations"]:  # (the control's MLP is not tiled)
+        offload = self.memory["offload_activations"]
+        if not offload:  # (the control's MLP is not tiled)
             return contextlib.nullcontext()
         model = self.model
         return _compat.recompute_with_attention(model, model.config._attn_implementation,
-                                                offload=next(model.parameters()).device)
+                                                offload=ActivationOffload(offload_layers(offload)))
 
     def star_config(self, sample) -> StarConfig:
         return StarConfig(block_size=sample.block_size, anchor_size=sample.anchor_size, **self.star)

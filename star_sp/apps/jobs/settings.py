@@ -53,6 +53,11 @@ class TrainSettings:
                                        "loss on answer tokens", 0.0)
     loss_chunk_tokens: int = field_help("the loss computes the logits of this many rows at a time, recomputed in the "
                                         "backward pass (0: all at once)", 4096)
+    offload_activations: bool = field_help("with recomputation (gradient_checkpointing, Megatron's recompute): keep what "
+                                           "each recomputed layer keeps, its input, in host memory (pinned on CUDA) "
+                                           "until the backward pass needs it", False)
+    offload_layers: int = field_help("with offload_activations: offload only the first N recomputed layers' inputs, "
+                                     "the others stay on the device (0: every layer's)", 0)
 
     # -- data (data.py) ------------------------------------------------------------------------------
     data: str = field_help("'tasks' (the RULER-style generators, answers as targets) or a JSONL file of "
@@ -84,7 +89,7 @@ class TrainSettings:
                                  "is picked from LOCAL_RANK)")
         for name in ("steps", "gradient_accumulation_steps", "log_every"):
             check_integer(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "save_every", "keep_last", "num_workers", "loss_chunk_tokens"):
+        for name in ("warmup_steps", "save_every", "keep_last", "num_workers", "loss_chunk_tokens", "offload_layers"):
             check_integer(name, getattr(self, name), 0)
         check_integer("seed", self.seed, None)
         for name in ("lr", "adam_eps", "collective_timeout_s"):
@@ -108,7 +113,15 @@ class TrainSettings:
             raise StarInputError(f"tasks must be a list of task or family names (or ['all']), got {self.tasks!r}")
         if not isinstance(self.data, str) or not self.data:
             raise StarInputError("data must be 'tasks' or the path of a JSONL file of {context, query, answer} records")
-        check_booleans(self, "resume", "quiet")
+        check_booleans(self, "resume", "quiet", "offload_activations")
+        if self.offload_layers and not self.offload_activations:
+            raise StarInputError(f"offload_layers = {self.offload_layers} applies to offload_activations; set "
+                                 "offload_activations = true too (or offload_layers = 0)")
+
+    @property
+    def offload(self) -> bool | int:
+        """``offload_activations`` as the losses take it: False, True (every layer) or the first N layers."""
+        return (self.offload_layers or True) if self.offload_activations else False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,8 +159,6 @@ class _FinetuneKeys:
     gradient_checkpointing: bool = field_help("recompute each decoder layer in the backward pass (transformers' "
                                               "non-reentrant activation checkpointing; Star recomputes without "
                                               "collectives)", False)
-    offload_activations: bool = field_help("with gradient_checkpointing: keep each layer's checkpointed input in CPU "
-                                           "memory (pinned on CUDA) until the backward pass needs it", False)
     lora: dict = field_help("a [lora] table: LoRA adapters through peft, {rank, alpha, target_modules}, trained "
                             "alone and saved in peft's layout (star-sp generate --model loads base + adapter); "
                             "empty: the whole model trains", default_factory=dict)
@@ -179,7 +190,7 @@ class FinetuneConfig(TrainSettings, _FinetuneKeys):
         check_integer("eval_samples", self.eval_samples, 0)
         check_integer("tiled_mlp", self.tiled_mlp, 0)
         check_lora(self.lora)
-        check_booleans(self, "gradient_checkpointing", "offload_activations")
+        check_booleans(self, "gradient_checkpointing")
         if self.offload_activations and not self.gradient_checkpointing:
             raise StarInputError("offload_activations offloads what gradient checkpointing keeps; set "
                                  "gradient_checkpointing = true too (or offload_activations = false)")

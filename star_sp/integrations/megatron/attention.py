@@ -157,6 +157,7 @@ class StarCoreAttention(torch.nn.Module):
         self.star = star
         self.attention = attention
         self.star_positions = False  # set by use_star_positions(model) on the model that holds this module
+        self.recompute = getattr(config, "recompute_granularity", None)
         cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         if cp is None:
             from megatron.core import parallel_state
@@ -206,6 +207,10 @@ class StarCoreAttention(torch.nn.Module):
                 raise StarInputError("Megatron's own loop at context parallel size > 1 needs use_star_positions(model) "
                                      "(RoPE at each rank's contiguous positions; Megatron's own is zigzag) and the "
                                      "batch split by contiguous_share, " + advice)
+            if self.recompute:
+                raise StarInputError("Megatron's own loop at context parallel size > 1 does not take recompute_granularity "
+                                     "(its reentrant checkpoint would repeat phase 1's anchor broadcast in the backward "
+                                     "pass); set recompute_granularity to None, " + advice + ", which recomputes")
             if config.anchor_source == "recompute":
                 raise StarInputError("Megatron's own loop takes anchor_source='broadcast' (its rows are the rank's "
                                      "own tokens, with no room for the anchor's), " + advice)

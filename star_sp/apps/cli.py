@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", help="run config (TOML); flags override its values (configs/example-cpu.toml, "
                    "configs/llama-3.1-8b-random.toml)")
     g.add_argument("--model", help="model directory in the transformers layout (config, weights, tokenizer), "
-                   "or 'reference' / 'reference-anchor' for the models shipped with star-sp")
+                   "'reference' / 'reference-anchor' for the models shipped with star-sp, or 'smollm2' (a real "
+                   "model from an optional package)")
     g.add_argument("--random-weights", action="store_true", default=None,
                    help="build the model from its config with random weights (for timings)")
     g.add_argument("--dtype", choices=DTYPES,
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--query-file", help="text file holding the query (its final newlines dropped)")
     g.add_argument("--query-ids", help="whitespace-separated token ids of the query")
     g.add_argument("--random-query", type=int, metavar="N", help="N random token ids as the query (timings)")
+    g.add_argument("--prompt", choices=("auto", "plain", "chat"), default="auto",
+                   help="chat: the context and question as one user turn of the tokenizer's chat template (an "
+                        "instruct model's form); plain: the text as is; auto: chat where the tokenizer has a "
+                        "template and both are text")
     g = gen.add_argument_group("star attention")
     g.add_argument("--attention", choices=ATTENTIONS,
                    help="star (default), the plain model (one process), or exact ring attention across the processes")
@@ -104,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                "      --dtype float32 --out runs/eval-2hosts                                   # two hosts",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", required=True,
-                    help="model directory with tokenizer files, or 'reference' / 'reference-anchor' for the models shipped with star-sp")
+                    help="model directory with tokenizer files, 'reference' / 'reference-anchor' for the models shipped with "
+                         "star-sp, or 'smollm2' (a real model from an optional package)")
     ev.add_argument("--dtype", choices=DTYPES, default="auto")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--tasks", default="all", help="comma-separated tasks or families (niah_single, vt, ...) or all")
@@ -128,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=int, default=8,
                     help="samples of one task and length answered together per method (their contexts prefilled "
                          "into one batch, their questions decoded together; the same answers as one by one)")
+    ev.add_argument("--prompt", choices=("auto", "plain", "chat"), default="auto",
+                    help="chat: each sample as a user turn of the tokenizer's chat template (the context in "
+                         "phase 1, the question and the assistant's turn in phase 2); plain: the text as is; "
+                         "auto: chat where the tokenizer has a template")
     ev.add_argument("--quiet", action="store_true", help="no progress bars (weights loading, tasks)")
     return parser
 

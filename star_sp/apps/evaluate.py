@@ -85,13 +85,14 @@ def evaluate(args) -> int:
             dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
             return box[0]
 
+        chat = args.prompt == "chat" or (args.prompt == "auto" and bool(getattr(tokenizer, "chat_template", None)))
         settings = {"model": os.path.abspath(args.model), "dtype": args.dtype, "seed": args.seed,
                     "anchor_source": args.anchor_source, "backend": args.backend,
-                    "max_new_tokens": args.max_new_tokens}
+                    "max_new_tokens": args.max_new_tokens, "prompt": "chat" if chat else "plain"}
         summary = runner.run(make_engine=make_engine, tokenizer=tokenizer, tasks=tasks, lengths=lengths,
                              methods=methods, samples=args.samples, out_dir=args.out, seed=args.seed, batch=args.batch,
                              is_writer=rank == 0, max_new_tokens=args.max_new_tokens, progress=not args.quiet,
-                             on_row=tracker.log_row, settings=settings, share=share)
+                             on_row=tracker.log_row, settings=settings, share=share, chat=chat)
         if rank == 0:
             plots = write_plots(summary, args.out)
             table = runner.markdown_table(summary)

@@ -16,7 +16,7 @@ _SOURCES = {"context": ("--context-file", "--context-ids", "--random-context"),
             "query": ("--query-file", "--query-ids", "--random-query", "--query")}
 
 
-def _read_ids(what: str, args, tokenizer, vocab: int, seed: int) -> list[int]:
+def _read_ids(what: str, args, tokenizer, vocab: int, seed: int, chat=None) -> list[int]:
     """The token ids of the context or the query, from the one source given for it."""
     text_file, ids_source, random_n = (getattr(args, f.lstrip("-").replace("-", "_")) for f in _SOURCES[what][:3])
     text = getattr(args, "query", None) if what == "query" else None
@@ -56,13 +56,20 @@ def _read_ids(what: str, args, tokenizer, vocab: int, seed: int) -> list[int]:
         if what == "query":  # an editor's final newline is no part of the question (as with "$(cat FILE)")
             text = text.rstrip("\r\n")
         source = f"{source} {text_file}"
-    return _encode(what, text, source, tokenizer, vocab)
+    return _encode(what, text, source, tokenizer, vocab, chat)
 
 
-def _encode(what: str, text: str, source: str, tokenizer, vocab: int) -> list[int]:
-    encoded = tokenizer(text, add_special_tokens=what == "context", return_special_tokens_mask=True)
+def _encode(what: str, text: str, source: str, tokenizer, vocab: int, chat=None) -> list[int]:
+    """``text``'s ids; ``chat = (head, tail)``: as one user turn of the chat template, the head before the
+    context and the tail (up to the assistant's turn) after the query (``eval.runner.chat_parts``)."""
+    if not text.strip():
+        raise StarInputError(f"the {what} is empty: {source} holds no text; give it the text to "
+                             + ("answer from" if what == "context" else "ask"))
+    if chat is not None:
+        text = chat[0] + text if what == "context" else text + chat[1]
+    encoded = tokenizer(text, add_special_tokens=what == "context" and chat is None, return_special_tokens_mask=True)
     ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
-    if not text.strip() or all(special):  # blank, or nothing but the tokenizer's own BOS/EOS
+    if all(special):  # nothing but the tokenizer's own BOS/EOS
         raise StarInputError(f"the {what} is empty: {source} holds no text; give it the text to "
                              + ("answer from" if what == "context" else "ask"))
     bad = next((i for i in ids if not 0 <= i < vocab), None)
@@ -72,7 +79,7 @@ def _encode(what: str, text: str, source: str, tokenizer, vocab: int) -> list[in
     return ids
 
 
-def _read_questions(args, tokenizer, vocab: int, seed: int) -> list[list[int]]:
+def _read_questions(args, tokenizer, vocab: int, seed: int, chat=None) -> list[list[int]]:
     """Every question's ids: one from the one query source, or several from ``--query`` given more than
     once or ``--questions-file`` (one question per line, blank lines skipped)."""
     texts = getattr(args, "query", None) or []
@@ -80,7 +87,7 @@ def _read_questions(args, tokenizer, vocab: int, seed: int) -> list[list[int]]:
     others = [f for f in ("--query-file", "--query-ids", "--random-query")
               if getattr(args, f.lstrip("-").replace("-", "_"), None) is not None]
     if path is None and len(texts) <= 1:
-        return [_read_ids("query", args, tokenizer, vocab, seed)]
+        return [_read_ids("query", args, tokenizer, vocab, seed, chat)]
     if others or (path is not None and texts):
         given = others + (["--query"] if texts else []) + (["--questions-file"] if path is not None else [])
         raise StarInputError("several questions come from --query given more than once or from --questions-file "
@@ -93,8 +100,25 @@ def _read_questions(args, tokenizer, vocab: int, seed: int) -> list[list[int]]:
         lines = [(n, line) for n, line in lines if line]
         if not lines:
             raise StarInputError(f"--questions-file {path} holds no questions; write one question per line")
-        return [_encode("query", line, f"--questions-file {path} line {n}", tokenizer, vocab) for n, line in lines]
-    return [_encode("query", text, f"--query number {i + 1}", tokenizer, vocab) for i, text in enumerate(texts)]
+        return [_encode("query", line, f"--questions-file {path} line {n}", tokenizer, vocab, chat)
+                for n, line in lines]
+    return [_encode("query", text, f"--query number {i + 1}", tokenizer, vocab, chat) for i, text in enumerate(texts)]
+
+
+def _chat(args, tokenizer):
+    """``(head, tail)`` of the chat template for ``--prompt``, or None (plain text)."""
+    from ..eval.runner import chat_parts
+
+    prompt = getattr(args, "prompt", "plain") or "plain"
+    texts = getattr(args, "context_file", None) is not None and not any(
+        getattr(args, name, None) is not None for name in ("query_ids", "random_query"))
+    if prompt == "plain" or tokenizer is None or (prompt == "auto" and not (
+            texts and getattr(tokenizer, "chat_template", None))):
+        return None
+    if not texts:
+        raise StarInputError("--prompt chat wraps text in the chat template: give the context as --context-file and "
+                             "the question as text (--query, --query-file or --questions-file)")
+    return chat_parts(tokenizer)
 
 
 def _read_file(path: str, flag: str) -> str:
@@ -107,12 +131,14 @@ def _read_file(path: str, flag: str) -> str:
 
 def read_inputs(args, cfg, tokenizer, vocab: int, group) -> tuple[torch.Tensor, "torch.Tensor | list[torch.Tensor]"]:
     """Rank 0 reads the inputs; every rank gets the same ids (or the same error): the context ``(1, Lc)``
-    and the query ``(1, Lq)``, or a list of several questions' ids ``(L_i,)``."""
+    and the query ``(1, Lq)``, or a list of several questions' ids ``(L_i,)``. ``--prompt chat`` (``auto``: where
+    the tokenizer has a chat template and both are text) asks the query as a user turn of the template."""
     payload: list = [None]
     if group is None or dist.get_rank(group) == 0:
         try:
-            ctx = _read_ids("context", args, tokenizer, vocab, cfg.seed)
-            qry = _read_questions(args, tokenizer, vocab, cfg.seed)
+            chat = _chat(args, tokenizer)
+            ctx = _read_ids("context", args, tokenizer, vocab, cfg.seed, chat)
+            qry = _read_questions(args, tokenizer, vocab, cfg.seed, chat)
             payload = [(ctx, qry, None)]
         except StarInputError as exc:
             payload = [(None, None, str(exc))]

@@ -171,8 +171,13 @@ def markdown_table(summary: dict) -> str:
 def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[str], lengths: list[int],
         methods: list[Method], samples: int, out_dir: str, seed: int = 0, is_writer: bool = True,
         max_new_tokens: int | None = None, progress: bool = True, on_row: Callable[[dict], None] | None = None,
-        settings: dict | None = None, share: Callable[[object], object] | None = None, batch: int = 1) -> dict:
+        settings: dict | None = None, share: Callable[[object], object] | None = None, batch: int = 1,
+        chat: bool = False) -> dict:
     """Evaluate every (task, length, sample, method) not already in ``out_dir/results.jsonl``.
+
+    ``chat``: each sample as one user turn of the tokenizer's chat template (``chat_parts``): the
+    template's head and the context are the context (phase 1), the question and the template's tail up to
+    the assistant's turn the query (phase 2).
 
     ``batch``: samples of one task and length answered together, per method: their contexts (of
     different lengths) prefilled one after another into one batch and their questions decoded together
@@ -214,6 +219,7 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
                     f.write(b"\n")
     count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     eos = tokenizer.eos_token_id
+    head, tail = chat_parts(tokenizer) if chat else ("", "")
     engines: dict[tuple, object] = {}
     for task in tasks:
         for length in lengths:
@@ -226,8 +232,8 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
             def make(index: int):
                 if index not in made:
                     sample = generate(task, length, index, count, seed)
-                    ctx = torch.tensor([tokenizer(sample.context, add_special_tokens=True)["input_ids"]])
-                    qry = torch.tensor([tokenizer(sample.query, add_special_tokens=False)["input_ids"]])
+                    ctx = torch.tensor([tokenizer(head + sample.context, add_special_tokens=not chat)["input_ids"]])
+                    qry = torch.tensor([tokenizer(sample.query + tail, add_special_tokens=False)["input_ids"]])
                     new = answer_budget(task, max_new_tokens, count(" " + ", ".join(sample.answers) + "."))
                     made[index] = (sample, ctx, qry, new)
                 return made[index]
@@ -267,6 +273,22 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
     names = {m.name for m in methods}
     rows = [done[k] for k in sorted(done) if k[0] in tasks and k[1] in lengths and k[2] < samples and k[3] in names]
     return write_summary(rows, out_dir) if is_writer else summarize(rows)
+
+
+def chat_parts(tokenizer) -> tuple[str, str]:
+    """``(head, tail)``: the tokenizer's chat template around one user message, ending where the
+    assistant's answer begins (``head + message + tail``). One line if the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise StarInputError("--prompt chat needs a tokenizer with a chat template; this one has none (use --prompt "
+                             "plain)")
+    marker = "\x00STAR-SP-MESSAGE\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(marker) != 1:
+        raise StarInputError("the tokenizer's chat template does not keep the user's message as given; use "
+                             "--prompt plain")
+    head, tail = text.split(marker)
+    return head, tail
 
 
 def _answer(engine, items: list[tuple], eos) -> list[list[int]]:

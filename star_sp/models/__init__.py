@@ -15,6 +15,9 @@ It loads offline::
 
 The command line takes ``--model reference`` for it.
 
+``smollm2``: a real pretrained model, SmolLM2-135M-Instruct, from an optional package, converted once
+into a cache folder (``smollm2.py``; ``smollm2()``, ``--model smollm2``).
+
 ``reference-anchor``: the same model fine-tuned under the anchor pattern (Star Attention's phase 1,
 random block and anchor sizes per sample) with ``tools/finetune_reference.sh``; ``reference_model_path
 ("anchor")``, ``--model reference-anchor``. Its ``recipe.json`` and ``training_log.jsonl`` record how.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import os
 
 from ..errors import StarInputError
+from .smollm2 import smollm2
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = {"reference": os.path.join(_HERE, "reference"), "reference-anchor": os.path.join(_HERE, "reference-anchor")}
@@ -58,14 +62,16 @@ def resolve_model(name: str, *, weights: bool = True) -> str:
     """
     if name in SHIPPED and not os.path.isdir(name):
         return reference_model_path({v: k for k, v in VARIANTS.items()}[name])
+    if name == "smollm2" and not os.path.isdir(name):
+        return smollm2()
     path = os.path.expanduser(name)
     if not os.path.isdir(path):
         path = _cached_hub_model(name)
     if path is None:
         what = "is a file, not a directory" if os.path.exists(name) else "does not exist"
         raise StarInputError(f"model directory {name} {what}: pass a directory in the transformers layout "
-                             "(config.json, weights, tokenizer) or 'reference' (or 'reference-anchor') for a model shipped "
-                             "with star-sp")
+                             "(config.json, weights, tokenizer), 'reference' (or 'reference-anchor') for a model shipped "
+                             "with star-sp, or 'smollm2' (a real model from an optional package)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise StarInputError(f"model directory {name} has no config.json: it is not a model in the transformers "
                              "layout (save one with model.save_pretrained(DIR))")

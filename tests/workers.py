@@ -299,7 +299,8 @@ def train_step(group, spec: dict) -> dict:
 @contextlib.contextmanager
 def offloads_counted():
     """While inside, every saved tensor is offloaded however small (the tiny models' are all below the
-    1 MiB floor), and each offloading checkpoint's index is listed in what this yields."""
+    1 MiB floor); afterwards what this yields lists the checkpoints each offload hooked
+    (``offloaded_checkpoints``) and the bytes it copied to the host."""
     from star_sp.runtime import offload
 
     found = {"checkpoints": [], "bytes": 0}
@@ -308,8 +309,6 @@ def offloads_counted():
 
     def counted(self, index):
         self.min_bytes = 0
-        if self.layers is None or index < self.layers:
-            found["checkpoints"].append(index)
         if self not in seen:
             seen.append(self)
         return enter(self, index)
@@ -318,6 +317,7 @@ def offloads_counted():
         yield found
     finally:
         offload.ActivationOffload.for_checkpoint = enter
+        found["checkpoints"] = [i for o in seen for i in o.offloaded_checkpoints]  # what the offload itself did
         found["bytes"] = sum(o.offloaded_bytes for o in seen)
 
 

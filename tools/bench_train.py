@@ -110,7 +110,7 @@ def _measure(step, model, device, repeats: int, profile: str | None = None, labe
 
     return {"status": "ok", "step_s": round(seconds, 4), "peak_gb": None if peak is None else round(peak, 2),
             "cold": not repeats, "host_peak_gb": round(_host_peak_gb(), 2),
-            "pinned_pool_gb": round(HOST_POOL.pinned_bytes / 2**30, 2)}
+            "pinned_gb": round(HOST_POOL.registered_bytes / 2**30, 2)}
 
 
 def _cold(once, device) -> float:

@@ -7,11 +7,14 @@ least ``min_bytes`` is copied to host memory, and copied back when the backward 
 ``layers``: how many checkpoints offload, the first ones (their inputs wait longest); None: all. A
 partial offload splits the checkpoints between the GPU and the host where neither holds them all.
 
-Host memory on CUDA is pinned (copies overlap compute), by registering buffers of exactly the tensor's
-size (``cudaHostRegister``) and keeping them in a pool for the next steps: torch's pinned allocator
-rounds every buffer up to a power of two, 1.6x the memory for a 2.5 GB layer input. A tensor saved by
-several checkpoints (the RoPE table each layer takes) is copied once while its source lives. On CPU the
-tensors are copied too (the same code path, for tests), unpinned.
+Host memory on CUDA is pinned (the copies do not block the host; they are queued on the compute stream,
+in order with the kernels that make and reuse the device memory: the hooks assume one stream). Buffers
+are registered with ``cudaHostRegister`` in size classes of at most 1/8 over the tensor (torch's pinned
+allocator rounds to a power of two, up to 2x: 1.6x for a 2.5 GB layer input) and pooled from step to
+step; at the end of each forward the pooled buffers that forward did not take are released, so the pool
+follows the steps' sizes. A tensor saved by several checkpoints (the RoPE table each layer takes) is
+copied once while its source lives. On CPU the tensors are copied too (the same code path, for tests),
+unpinned.
 """
 
 from __future__ import annotations
@@ -23,41 +26,67 @@ from collections import defaultdict
 
 import torch
 
+from ..errors import StarError
+
 MIN_BYTES = 1 << 20
 """Saved tensors smaller than this stay where they are (a copy would cost more than it saves)."""
 
 
+def size_class(nbytes: int) -> int:
+    """The buffer size that serves ``nbytes``: rounded up to a multiple of 1/8 of its power of two (at
+    most 12.5% more), so that tensors of nearby sizes share buffers from step to step."""
+    if nbytes <= 4096:
+        return 4096
+    step = 1 << (nbytes.bit_length() - 4)
+    return -(-nbytes // step) * step
+
+
+def _unregister(ptr: int, pool: "_HostPool", nbytes: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+    pool.registered_bytes -= nbytes
+
+
 class _HostPool:
-    """Host buffers by byte size, pinned when CUDA allows it, reused from step to step."""
+    """Host buffers by size class (``size_class``), pinned on CUDA, reused from step to step."""
 
     def __init__(self) -> None:
-        self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self._free: dict[tuple[int, bool], list[torch.Tensor]] = defaultdict(list)
         self._lock = threading.Lock()
-        self.pinned_bytes = 0
+        self.registered_bytes = 0
+        """Pinned bytes registered now, in the pool or held by a step."""
+        self.allocations = 0
+        """Buffers allocated so far (a step that reuses the pool allocates none)."""
 
-    def take(self, nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
+    def take(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A buffer of at least ``nbytes``, pinned for ``device`` when it is a CUDA device."""
+        pin = device.type == "cuda"
+        size = size_class(nbytes)
         with self._lock:
-            free = self._free.get((nbytes, pin))
+            free = self._free.get((size, pin))
             if free:
-                return free.pop(), pin
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        if pin and nbytes:
-            ok = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0
-            if not ok:  # e.g. the host's locked-memory limit: an unpinned buffer still works, synchronously
-                return buf, False
-            weakref.finalize(buf, torch.cuda.cudart().cudaHostUnregister, buf.data_ptr())
-            self.pinned_bytes += nbytes
-        return buf, pin
+                return free.pop()
+        buf = torch.empty(size, dtype=torch.uint8)
+        self.allocations += 1
+        if pin:
+            with torch.cuda.device(device):
+                code = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 1))  # portable
+            if code != 0:
+                raise StarError(f"activation offload could not pin {size / 2**30:.2f} GiB of host memory (CUDA error "
+                                f"{code}: {torch.cuda.cudart().cudaGetErrorString(code)}; "
+                                f"{self.registered_bytes / 2**30:.1f} GiB pinned already): offload fewer layers "
+                                "(offload_layers, or offload_activations=N), or raise the host's locked-memory limit")
+            self.registered_bytes += size
+            weakref.finalize(buf, _unregister, buf.data_ptr(), self, size)
+        return buf
 
     def give_back(self, buf: torch.Tensor, pinned: bool) -> None:
         with self._lock:
             self._free[(buf.numel(), pinned)].append(buf)
 
-    def clear(self) -> None:
-        """Let the pooled buffers go (their memory returns to the host once no step holds them)."""
+    def trim(self) -> None:
+        """Release the buffers in the pool (not those a step holds: they come back when it lets them go)."""
         with self._lock:
             self._free.clear()
-            self.pinned_bytes = 0
 
 
 HOST_POOL = _HostPool()
@@ -69,9 +98,9 @@ class _Packed:
 
     __slots__ = ("device", "host", "pinned", "__weakref__")
 
-    def __init__(self, device: torch.device, host: torch.Tensor, pinned: bool, buf: torch.Tensor):
-        self.device, self.host, self.pinned = device, host, pinned
-        weakref.finalize(self, HOST_POOL.give_back, buf, pinned)
+    def __init__(self, device: torch.device, host: torch.Tensor, buf: torch.Tensor):
+        self.device, self.host, self.pinned = device, host, device.type == "cuda"
+        weakref.finalize(self, HOST_POOL.give_back, buf, self.pinned)
 
 
 class ActivationOffload:
@@ -92,8 +121,10 @@ class ActivationOffload:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def done(self) -> None:
-        """After the forward: forget the copies made (the backward pass holds what it needs)."""
+        """After the forward: forget the copies made (the backward pass holds what it needs) and release the
+        pooled buffers this forward did not take."""
         self._seen.clear()
+        HOST_POOL.trim()
 
     def _pack(self, t: torch.Tensor):
         nbytes = t.numel() * t.element_size()
@@ -103,11 +134,10 @@ class ActivationOffload:
         seen = self._seen.get(key)
         if seen is not None and seen[0]() is t:  # the same tensor, alive and unchanged: its copy
             return seen[1]
-        pin = t.device.type == "cuda"
-        buf, pinned = HOST_POOL.take(nbytes, pin)
-        host = buf.view(t.dtype).view(t.shape)
-        host.copy_(t, non_blocking=pinned)
-        packed = _Packed(t.device, host, pinned, buf)
+        buf = HOST_POOL.take(nbytes, t.device)
+        host = buf[:nbytes].view(t.dtype).view(t.shape)
+        packed = _Packed(t.device, host, buf)
+        host.copy_(t, non_blocking=packed.pinned)
         self._seen[key] = (weakref.ref(t), packed)
         self.offloaded_bytes += nbytes
         return packed

@@ -54,8 +54,9 @@ class TrainSettings:
     loss_chunk_tokens: int = field_help("the loss computes the logits of this many rows at a time, recomputed in the "
                                         "backward pass (0: all at once)", 4096)
     offload_activations: bool = field_help("with recomputation (gradient_checkpointing, Megatron's recompute): keep what "
-                                           "each recomputed layer keeps, its input, in host memory (pinned on CUDA) "
-                                           "until the backward pass needs it", False)
+                                           "each recomputed region keeps (a layer's input; selective: the core "
+                                           "attention's q, k, v) in pinned host memory until the backward pass needs "
+                                           "it", False)
     offload_layers: int = field_help("with offload_activations: offload only the first N recomputed layers' inputs, "
                                      "the others stay on the device (0: every layer's)", 0)
 

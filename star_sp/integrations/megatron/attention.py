@@ -207,7 +207,7 @@ class StarCoreAttention(torch.nn.Module):
                 raise StarInputError("Megatron's own loop at context parallel size > 1 needs use_star_positions(model) "
                                      "(RoPE at each rank's contiguous positions; Megatron's own is zigzag) and the "
                                      "batch split by contiguous_share, " + advice)
-            if self.recompute:
+            if self.recompute and self.training:  # Megatron recomputes in training mode only
                 raise StarInputError("Megatron's own loop at context parallel size > 1 does not take recompute_granularity "
                                      "(its reentrant checkpoint would repeat phase 1's anchor broadcast in the backward "
                                      "pass); set recompute_granularity to None, " + advice + ", which recomputes")

@@ -11,7 +11,7 @@ What each granularity recomputes (Megatron's ``TransformerConfig``)::
 
     full       whole layers (recompute_method uniform: chunks of recompute_num_layers; block: the first
                recompute_num_layers layers); each chunk keeps its input
-    selective  the modules in recompute_modules: core_attn (Star's attention), mlp, layernorm
+    selective  the modules in recompute_modules: core_attn (Star's attention, keeping its q, k, v), mlp
 
 Megatron's dropout RNG tracking is not carried over: the training loss refuses dropout anyway (every rank
 computes the target rows). FP8/FP4 recomputation (TransformerEngine's checkpoint) and
@@ -27,8 +27,9 @@ import torch
 from ... import _compat
 from .attention import running
 
-SELECTIVE_MODULES = ("core_attn", "mlp", "layernorm")
-"""The selective recomputation modules that run under Star (a dense GPT layer's)."""
+SELECTIVE_MODULES = ("core_attn", "mlp")
+"""The selective recomputation modules that run under Star (a dense GPT layer's). ``layernorm`` recomputes
+through Megatron's ``CheckpointWithoutOutput``, which needs TransformerEngine in megatron-core 0.16: refused."""
 
 
 def recompute_error(config) -> str | None:

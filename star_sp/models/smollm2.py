@@ -60,10 +60,20 @@ def smollm2() -> str:
     """The transformers directory of SmolLM2-135M-Instruct, converted from the GGUF file once (module
     docstring). Several processes may call it at once: each converts into a folder of its own and the
     first to finish puts it in place."""
-    target = os.path.join(cache_dir(), f"smollm2-135m-instruct-{VERSION}-float32")
+    target = converted_dir()
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
-    source = gguf_file()
+    return convert(gguf_file())
+
+
+def converted_dir() -> str:
+    """The cache folder of the converted model."""
+    return os.path.join(cache_dir(), f"smollm2-135m-instruct-{VERSION}-float32")
+
+
+def convert(source: str) -> str:
+    """Convert the GGUF file ``source`` (the package's, or a copy of it) into ``converted_dir()``."""
+    target = converted_dir()
     for module in ("gguf", "accelerate"):
         try:
             __import__(module)
@@ -95,4 +105,5 @@ def smollm2() -> str:
     return target
 
 
-__all__ = ["GGUF_NAME", "INSTALL", "PACKAGE", "VERSION", "cache_dir", "gguf_file", "smollm2"]
+__all__ = ["GGUF_NAME", "INSTALL", "PACKAGE", "VERSION", "cache_dir", "convert", "converted_dir", "gguf_file",
+           "smollm2"]

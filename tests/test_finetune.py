@@ -607,14 +607,17 @@ def finetune_gradients(group, argv: list[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_global_control_gradients_match_the_oracle(cluster, tiny_dir, tmp_path):
+@pytest.mark.parametrize("attention", [["--attention", "global"], ["--attention", "star", "--global-fraction", "1"]],
+                         ids=["control", "star-all-steps-global"])
+def test_global_control_gradients_match_the_oracle(cluster, tiny_dir, tmp_path, attention):
     """``--attention global`` on a sequence-parallel group of 2 (plain PyTorch): every rank runs the
-    plain model, the first carries the loss, and the summed gradients are the plain causal model's."""
+    plain model, the first carries the loss, and the summed gradients are the plain causal model's. A
+    star run whose every micro-batch is a mixed-in global one (``--global-fraction 1``) is the same."""
     from transformers import AutoModelForCausalLM
 
     from star_sp.apps.jobs.objective import global_train_loss
 
-    argv = ["--model", tiny_dir, "--out", str(tmp_path), *COMMON, "--attention", "global", "--sp-size", "2",
+    argv = ["--model", tiny_dir, "--out", str(tmp_path), *COMMON, *attention, "--sp-size", "2",
             "--steps", "1", "--gradient-accumulation-steps", "2"]
     results = cluster(2).run(finetune_gradients, argv)
     samples = _samples(tiny_dir, 0, 2, [0])
@@ -673,6 +676,36 @@ def test_torchrun_bad_setting_one_line(tiny_dir):
     line = "star-sp finetune: error: lr must be a finite number > 0, got -1.0"
     assert result.returncode == 1
     assert result.stderr.splitlines().count(line) == 1, result.stderr  # torchrun's report quotes it as well
+
+
+def test_global_fraction_mixes_global_micro_batches_alike_on_every_rank(tiny_dir):
+    """``global_fraction``: about that share of the micro-batches trains under global attention, drawn per
+    (step, micro-batch) alone (every data-parallel rank alike), from a stream of its own (the samples
+    themselves are those of a run without it); a bad value or a run that is global already is one line."""
+    from transformers import AutoTokenizer
+
+    from star_sp import StarInputError
+    from star_sp.apps.jobs.data import TaskData
+    from star_sp.apps.jobs.settings import FinetuneConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    plain = TaskData(tokenizer, TASKS.split(","), [100, 160], [2, 4], [0, 1], 3)
+    mixed = TaskData(tokenizer, TASKS.split(","), [100, 160], [2, 4], [0, 1], 3, global_fraction=0.5)
+    keys = [(step, micro) for step in range(20) for micro in range(2)]
+    choice = {}
+    for step, micro in keys:
+        a, b = (mixed.sample(step, micro, dp) for dp in (0, 1))
+        assert a.attention == b.attention and a.attention in ("", "global")
+        reference = plain.sample(step, micro, 0)
+        assert torch.equal(a.context_ids, reference.context_ids) and reference.attention == ""
+        choice[(step, micro)] = a.attention
+    share = sum(v == "global" for v in choice.values()) / len(keys)
+    assert 0.25 <= share <= 0.75, share  # 40 fair draws: outside this 1 time in 800
+    for bad, words in ((dict(global_fraction=1.5), "global_fraction must be a share between 0 and 1"),
+                       (dict(attention="global", global_fraction=0.5), "global_fraction mixes global-attention steps"),
+                       (dict(prompt="html"), "prompt must be one of auto, plain, chat")):
+        with pytest.raises(StarInputError, match=words):
+            FinetuneConfig(model=tiny_dir, **bad)
 
 
 def test_lora_table_trains_the_adapters_alone_and_generate_loads_base_and_adapter(tiny_dir, tmp_path):

@@ -145,3 +145,28 @@ def test_generate_asks_an_instruct_model_through_its_chat_template(path, tmp_pat
     assert tokenizer.decode(qry) == question and "<|im_start|>" not in tokenizer.decode(ctx)
     with pytest.raises(StarInputError, match="--prompt chat wraps text in the chat template"):
         ids("chat", random_query=4)
+
+
+def test_training_samples_take_the_chat_template_as_eval_asks(path):
+    """The jobs' data under ``prompt = auto`` with an instruct model's tokenizer: the context is the
+    template's head and the document, the target the question, the template's tail and the answer, the
+    labels on the answer and its end-of-turn token alone."""
+    from transformers import AutoTokenizer
+
+    from star_sp.apps.jobs.data import TaskData, open_data
+    from star_sp.apps.jobs.settings import FinetuneConfig
+    from star_sp.eval.runner import chat_parts
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    head, tail = chat_parts(tokenizer)
+    data = open_data(FinetuneConfig(model=path, tasks=["niah_single_1"], lengths=[300, 400]), tokenizer, 1)
+    assert isinstance(data, TaskData) and data.chat == (head, tail)
+    sample = data.sample(0, 0, 0)
+    assert tokenizer.decode(sample.context_ids[0]).startswith(head)
+    target = tokenizer.decode(sample.target_ids[0])
+    answer = sample.labels[0][sample.labels[0] != -100]
+    assert tail in target and target.endswith(tokenizer.decode(answer)) and int(answer[-1]) == tokenizer.eos_token_id
+    assert target.index(tail) < len(target) - len(tokenizer.decode(answer))
+    plain = open_data(FinetuneConfig(model=path, tasks=["niah_single_1"], lengths=[300, 400], prompt="plain"),
+                      tokenizer, 1)
+    assert plain.chat is None and "<|im_start|>" not in tokenizer.decode(plain.sample(0, 0, 0).context_ids[0])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,8 @@ class Sample:
     block_size: int
     anchor_size: int
     task: str
+    attention: str = ""
+    """The attention this sample trains under when it is not the job's (``global_fraction``: "global")."""
 
     @property
     def tokens(self) -> int:
@@ -70,9 +73,16 @@ def draw_sizes(rng: random.Random, context_len: int, blocks: list, anchor_fracti
     return block, anchor
 
 
-def _sample(tokenizer, context: str, query: str, answer: str, rng, blocks, anchor_fraction, task: str) -> Sample:
-    ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
-    q = tokenizer(query, add_special_tokens=False)["input_ids"]
+def _sample(tokenizer, context: str, query: str, answer: str, rng, blocks, anchor_fraction, task: str,
+            chat=None) -> Sample:
+    """One sample's ids; ``chat = (head, tail)``: the context and query as one user turn of the tokenizer's
+    chat template (``eval.runner.chat_parts``), as ``star-sp eval --prompt chat`` asks them."""
+    if chat is None:
+        ctx = tokenizer(context, add_special_tokens=True)["input_ids"]
+        q = tokenizer(query, add_special_tokens=False)["input_ids"]
+    else:
+        ctx = tokenizer(chat[0] + context, add_special_tokens=False)["input_ids"]
+        q = tokenizer(query + chat[1], add_special_tokens=False)["input_ids"]
     a = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         a = a + [tokenizer.eos_token_id]
@@ -93,9 +103,10 @@ class TaskData:
     """Samples of the RULER-style tasks, ``lengths[0]`` to ``lengths[1]`` tokens each (context, query and
     answer), the task uniform among ``tasks`` that fit the drawn length."""
 
-    def __init__(self, tokenizer, tasks: list[str], lengths: list, blocks: list, anchor_fraction: list, seed: int):
+    def __init__(self, tokenizer, tasks: list[str], lengths: list, blocks: list, anchor_fraction: list, seed: int,
+                 chat=None, global_fraction: float = 0.0):
         self.tokenizer, self.lengths, self.blocks, self.anchor_fraction = tokenizer, lengths, blocks, anchor_fraction
-        self.seed = seed
+        self.seed, self.chat, self.global_fraction = seed, chat, global_fraction
         self.tasks = resolve_tasks(tasks)
         self.fit = {task: self._fit(task) for task in self.tasks}
         if not any(least <= lengths[1] for least, _, _ in self.fit.values()):
@@ -126,11 +137,12 @@ class TaskData:
             rng.setstate(state)
             context, query, answers = TASKS[task][0](rng, units)
             answer = answer_text(task, context, answers)
-            sample = _sample(self.tokenizer, context, query, answer, rng, self.blocks, self.anchor_fraction, task)
+            sample = _sample(self.tokenizer, context, query, answer, rng, self.blocks, self.anchor_fraction, task,
+                             self.chat)
             if sample.tokens <= length or units == 1:
-                return sample
+                break
             units = max(1, units - int((sample.tokens - length) / slope * 1.1) - 1)
-        return sample
+        return mixed(sample, self.seed, step, micro, self.global_fraction)
 
 
 class JsonlData:
@@ -139,8 +151,9 @@ class JsonlData:
     record ``order(epoch)[i % N]`` with ``epoch = i // N``."""
 
     def __init__(self, path: str, tokenizer, blocks: list, anchor_fraction: list, seed: int,
-                 accumulation: int, dp_size: int):
+                 accumulation: int, dp_size: int, chat=None, global_fraction: float = 0.0):
         self.tokenizer, self.blocks, self.anchor_fraction, self.seed = tokenizer, blocks, anchor_fraction, seed
+        self.chat, self.global_fraction = chat, global_fraction
         self.accumulation, self.dp_size = accumulation, dp_size
         self.records = read_jsonl(path)
         self._orders: dict[int, list[int]] = {}
@@ -157,8 +170,19 @@ class JsonlData:
         epoch, position = divmod(i, len(self.records))
         record = self.records[self._order(epoch)[position]]
         rng = sample_rng(self.seed, step, micro, dp_rank)
-        return _sample(self.tokenizer, record["context"], record["query"], record["answer"], rng, self.blocks,
-                       self.anchor_fraction, "jsonl")
+        sample = _sample(self.tokenizer, record["context"], record["query"], record["answer"], rng, self.blocks,
+                         self.anchor_fraction, "jsonl", self.chat)
+        return mixed(sample, self.seed, step, micro, self.global_fraction)
+
+
+def mixed(sample: Sample, seed: int, step: int, micro: int, global_fraction: float) -> Sample:
+    """``sample``, under global attention with probability ``global_fraction`` (a star run's mixed-in plain
+    steps). The draw depends on ``(seed, step, micro)`` alone, from a stream of its own (the samples are
+    those of a run without it): every rank of the run makes the same choice at each micro-batch, so
+    ZeRO-3's parameter gathers (the head is called once under global, in chunks under star) stay alike."""
+    if global_fraction and random.Random(f"train/{seed}/{step}/{micro}/attention").random() < global_fraction:
+        return dataclasses.replace(sample, attention="global")
+    return sample
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -191,11 +215,18 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def open_data(cfg, tokenizer, dp_size: int):
-    """The configured sample source (``cfg.data``: 'tasks' or a JSONL path)."""
+    """The configured sample source (``cfg.data``: 'tasks' or a JSONL path), in the chat template's form
+    where ``cfg.prompt`` asks for it (``auto``: where the tokenizer has one)."""
+    chat = None
+    if cfg.prompt == "chat" or (cfg.prompt == "auto" and getattr(tokenizer, "chat_template", None)):
+        from ...eval.runner import chat_parts
+
+        chat = chat_parts(tokenizer)
+    mix = getattr(cfg, "global_fraction", 0.0)
     if cfg.data == "tasks":
-        return TaskData(tokenizer, cfg.tasks, cfg.lengths, cfg.blocks, cfg.anchor_fraction, cfg.seed)
+        return TaskData(tokenizer, cfg.tasks, cfg.lengths, cfg.blocks, cfg.anchor_fraction, cfg.seed, chat, mix)
     return JsonlData(cfg.data, tokenizer, cfg.blocks, cfg.anchor_fraction, cfg.seed, cfg.gradient_accumulation_steps,
-                     dp_size)
+                     dp_size, chat, mix)
 
 
 class _Stream(torch.utils.data.IterableDataset):

@@ -91,7 +91,7 @@ class TrainModule(torch.nn.Module):
 
     def _forward(self, sample):
         ctx, tgt, labels = sample.context_ids, sample.target_ids, sample.labels
-        if self.attention == "global":
+        if (getattr(sample, "attention", "") or self.attention) == "global":  # the control, or a mixed-in step
             with self._offloading():
                 loss, answer, context = global_train_loss(self.model, ctx, tgt, labels,
                                                           context_loss_weight=self.weight)

@@ -72,6 +72,9 @@ class TrainSettings:
                                   "(0: no anchor)", default_factory=lambda: [0.25, 1.0])
     seed: int = field_help("seed of the data and of the run (a new model's weights); training samples use seeds "
                       "evaluation never uses", 0)
+    prompt: str = field_help("chat: each sample as one user turn of the tokenizer's chat template, as star-sp eval "
+                             "--prompt chat asks it; plain: the text as is; auto: chat where the tokenizer has a "
+                             "template", "auto")
     num_workers: int = field_help("background processes that generate samples (0: in the training process)", 0)
 
     # -- checkpoints and logging ---------------------------------------------------------------------
@@ -115,6 +118,7 @@ class TrainSettings:
         if not isinstance(self.data, str) or not self.data:
             raise StarInputError("data must be 'tasks' or the path of a JSONL file of {context, query, answer} records")
         check_booleans(self, "resume", "quiet", "offload_activations")
+        check_choice("prompt", self.prompt, ("auto", "plain", "chat"))
         if self.offload_layers and not self.offload_activations:
             raise StarInputError(f"offload_layers = {self.offload_layers} applies to offload_activations; set "
                                  "offload_activations = true too (or offload_layers = 0)")
@@ -155,6 +159,9 @@ class _FinetuneKeys:
                            "empty: plain PyTorch (gradients summed over the sequence-parallel group, averaged "
                            "over the data-parallel groups)", "")
     anchor_source: str = field_help("broadcast or recompute (see star-sp generate --help)", "broadcast")
+    global_fraction: float = field_help("attention = star: this share of the micro-batches trains under global "
+                                        "attention instead (drawn per micro-batch, the same on every rank), to keep "
+                                        "the model's global attention while it learns the anchor pattern", 0.0)
 
     # -- memory --------------------------------------------------------------------------------------
     gradient_checkpointing: bool = field_help("recompute each decoder layer in the backward pass (transformers' "
@@ -188,6 +195,12 @@ class FinetuneConfig(TrainSettings, _FinetuneKeys):
         check_choice("attention", self.attention, TRAIN_ATTENTIONS)
         check_choice("anchor_source", self.anchor_source, ANCHOR_SOURCES)
         check_integer("sp_size", self.sp_size, 1)
+        check_number("global_fraction", self.global_fraction)
+        if not 0 <= self.global_fraction <= 1:
+            raise StarInputError(f"global_fraction must be a share between 0 and 1, got {self.global_fraction!r}")
+        if self.global_fraction and self.attention != "star":
+            raise StarInputError(f"global_fraction mixes global-attention steps into a star run; attention is "
+                                 f"{self.attention!r} already: set global_fraction = 0 or attention = 'star'")
         check_integer("eval_samples", self.eval_samples, 0)
         check_integer("tiled_mlp", self.tiled_mlp, 0)
         check_lora(self.lora)

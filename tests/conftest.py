@@ -8,6 +8,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cluster import Cluster  # noqa: E402
 
+if not torch.cuda.is_available():  # Triton kernels (where triton is installed) run in its interpreter here;
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported, so before any test does
+
 # under pytest-xdist (make test: -n 2) each worker takes its share of the cores
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))

@@ -1,0 +1,109 @@
+"""``ops/decode_kernel.py``: one decode step's attention over ``[context | own valid keys]`` in one
+split-KV pass, against the float64 oracle (a dense softmax over the concatenated keys).
+
+Without CUDA the Triton kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, numpy on the CPU),
+which checks their indexing, masks and the split merge exactly; with CUDA they run compiled. Skipped
+where triton is not installed (the CPU test extra does not pull it: about 290 MB). float64: both sides
+differ only in the order of the sums, so ``common.oracle_bound``'s 1e-10 of the scale; float32: twice
+the plain float32 implementation's error plus 4 eps (``oracle_bound``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from common import oracle_bound
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported (conftest sets it too)
+pytest.importorskip("triton", reason="triton is not installed (pip install triton; the GPU machine has it)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def oracle(q, ctx_k, ctx_v, own_k, own_v, valid, scale):
+    """Softmax over the context keys and the valid own keys, in q's dtype (float64 for the oracle)."""
+    batch, heads = q.shape[:2]
+    parts_k, parts_v, keep = [], [], []
+    if ctx_k is not None:
+        parts_k.append(ctx_k.expand(batch, -1, -1, -1))
+        parts_v.append(ctx_v.expand(batch, -1, -1, -1))
+        keep.append(torch.ones(batch, ctx_k.shape[2], dtype=torch.bool, device=q.device))
+    if own_k is not None:
+        parts_k.append(own_k)
+        parts_v.append(own_v)
+        keep.append(valid.expand(batch, -1) if valid.dim() == 1 else valid)
+    group = heads // parts_k[0].shape[1]
+    k = torch.cat(parts_k, 2).to(q.dtype).repeat_interleave(group, 1)
+    v = torch.cat(parts_v, 2).to(q.dtype).repeat_interleave(group, 1)
+    keep = torch.cat(keep, 1)[:, None, None, :]
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    v = torch.where(keep.transpose(-1, -2), v, 0.0)  # unwritten own slots may hold NaN
+    return p @ v, lse
+
+
+CASES = [  # batch, heads, kv heads, rows, head dim, context keys, own slots, context batch, splits
+    (2, 4, 2, 1, 59, 37, 9, 2, None),   # a decode step, GQA 2, odd head dim
+    (1, 8, 2, 3, 64, 200, 16, 1, 3),    # three question rows, splits that straddle the context's end
+    (3, 4, 4, 2, 32, 0, 12, 3, None),   # no context keys (an idle host's own KV only)
+    (2, 6, 2, 1, 40, 50, 0, 2, 2),      # no own keys (a host without the query KV)
+    (4, 4, 2, 1, 64, 90, 8, 1, 5),      # one context shared by four sequences (several questions)
+]
+
+
+def _inputs(case, dtype, seed=0):
+    batch, heads, kv, rows, dim, lc, cap, ctx_batch, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    q = r(batch, heads, rows, dim)
+    ctx = (r(ctx_batch, kv, lc, dim), r(ctx_batch, kv, lc, dim)) if lc else (None, None)
+    own, valid = (None, None), None
+    if cap:
+        valid = torch.rand(batch, cap, generator=gen) < 0.6
+        valid[0] = False  # sequence 0 has no own key yet
+        k, v = r(batch, kv, cap, dim), r(batch, kv, cap, dim)
+        hole = ~valid[:, None, :, None].expand_as(k)
+        k[hole], v[hole] = float("nan"), float("nan")  # unwritten slots
+        own = (k, v)
+    move = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+    return (move(q), move(ctx[0]), move(ctx[1]), move(own[0]), move(own[1]),
+            None if valid is None else valid.to(DEVICE))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_kv_decode_equals_the_float64_oracle(case, dtype):
+    from star_sp.ops.decode_kernel import split_kv_decode
+
+    scale = case[4] ** -0.5
+    args = _inputs(case, dtype)
+    out, lse = split_kv_decode(*args, scale, splits=case[-1])
+    wide = _inputs(case, torch.float64)
+    ref_out, ref_lse = oracle(*wide, scale)
+    plain_out, plain_lse = oracle(*args, scale)  # the plain implementation of the same math in dtype
+    assert out.dtype == dtype and lse.shape == ref_lse.shape
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)  # rows without keys: lse -inf, out 0
+    assert (out[~finite] == 0).all()
+    bound = oracle_bound(ref_out, plain_out.double(), dtype)
+    assert (out.double() - ref_out).abs().max() <= bound
+    lse_bound = oracle_bound(ref_lse[finite], plain_lse.double()[finite], dtype)
+    assert (lse.double()[finite] - ref_lse[finite]).abs().max() <= lse_bound
+
+
+def test_the_split_merge_is_not_vacuous():
+    """Dropping one run of keys (what a merge that skipped a split would give) lies outside the bound."""
+    from star_sp.ops.decode_kernel import split_kv_decode
+
+    case = CASES[1]
+    q, ck, cv, ok, ov, valid = _inputs(case, torch.float64)
+    out, _ = split_kv_decode(q, ck, cv, ok, ov, valid, 0.125, splits=3)
+    ref, _ = oracle(q, ck, cv, ok, ov, valid, 0.125)
+    partial, _ = oracle(q, ck[:, :, 64:], cv[:, :, 64:], ok, ov, valid, 0.125)
+    bound = oracle_bound(ref, None, torch.float64)
+    assert (out - ref).abs().max() <= bound < (partial - ref).abs().max()

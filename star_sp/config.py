@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -16,6 +17,7 @@ Backend = Literal["auto", "cpu", "flash", "cudnn", "efficient", "math"]
 ANCHOR_SOURCES: tuple[str, ...] = ("broadcast", "recompute")
 BACKENDS: tuple[str, ...] = ("auto", "cpu", "flash", "cudnn", "efficient", "math")
 DECODE_GRAPHS: tuple[str, ...] = ("auto", "on", "off", "static")
+DECODE_KERNELS: tuple[str, ...] = ("torch", "triton")
 PHASE2_MERGES: tuple[str, ...] = ("allreduce", "allgather")
 ATTENTIONS: tuple[str, ...] = ("star", "global", "ring")
 TRAIN_ATTENTIONS: tuple[str, ...] = ("star", "global")
@@ -96,6 +98,11 @@ class StarConfig:
     ``"off"``: plainly, a fresh forward per token. ``"static"``: the capturable step (fixed shapes,
     device-side positions) run without capture, on any device and any number of processes."""
 
+    decode_kernel: Literal["torch", "triton"] = "torch"
+    """The attention of a fixed-shape decode step (``decode_graphs`` other than ``"off"``): ``"torch"``,
+    the context's KV and the step's own attended apart and merged; ``"triton"``, both in one split-KV
+    pass (``ops/decode_kernel.py``; needs triton, CUDA tensors). Not yet measured against ``"torch"``."""
+
     compile: bool | str = False
     """Fuse the model's own element-wise work (norms, rotary embedding, activations, residual adds) with
     ``torch.compile`` around Star's attention, in prefill and decoding (``integrations/hf/compiled.py``):
@@ -115,6 +122,11 @@ class StarConfig:
             raise StarInputError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.decode_graphs not in DECODE_GRAPHS:
             raise StarInputError(f"decode_graphs must be one of {DECODE_GRAPHS}, got {self.decode_graphs!r}")
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise StarInputError(f"decode_kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}")
+        if self.decode_kernel == "triton" and importlib.util.find_spec("triton") is None:
+            raise StarInputError("decode_kernel='triton' needs the triton package: pip install triton (or use "
+                                 "decode_kernel='torch')")
         timeout = self.collective_timeout_s
         if not is_number(timeout) or not 0 < timeout <= MAX_COLLECTIVE_TIMEOUT_S:  # NaN fails the comparison
             raise StarInputError(f"collective_timeout_s must be a positive number of seconds, at most "

@@ -107,3 +107,36 @@ def test_the_split_merge_is_not_vacuous():
     partial, _ = oracle(q, ck[:, :, 64:], cv[:, :, 64:], ok, ov, valid, 0.125)
     bound = oracle_bound(ref, None, torch.float64)
     assert (out - ref).abs().max() <= bound < (partial - ref).abs().max()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_the_engine_decodes_through_the_kernel_as_the_oracle(cluster, world_size):
+    """``StarConfig(decode_kernel="triton")`` with the fixed-shape decode step (``decode_graphs="static"``,
+    the step a CUDA graph captures): every layer of every step goes through the kernel on the ranks with
+    keys (at 3 ranks one holds none), and the greedy tokens are the float64 oracle's."""
+    import workers
+    from model_oracle import oracle_greedy, reference_model
+
+    from star_sp.testing import build
+
+    spec = dict(family="qwen3", block=5, anchor=2, lc=9, lq=3, batch=2, steps=4, anchor_source="broadcast",
+                decode_graphs="static", decode_kernel="triton")
+    results = cluster(world_size).run(workers.engine_run, spec) if world_size > 1 else [workers.engine_run(None, spec)]
+    model, _ = build("qwen3", dtype=torch.float64)
+    ctx, q = workers.engine_inputs(spec, model.config.vocab_size)
+    greedy = oracle_greedy(reference_model(model), ctx, q, 5, 2, 4)
+    layers = model.config.num_hidden_layers
+    assert world_size < 3 or any(r["local_tokens"] == 0 for r in results)  # 2 blocks on 3 ranks: one idle
+    for r in results:
+        assert r["decode_mode"] == "static" and torch.equal(r["greedy"], greedy), r["greedy"]
+        if r["local_tokens"] == 0 and not r["query_kv"]:  # no key at all: its part is empty, no kernel
+            assert r["kernel_calls"] == 0, r["kernel_calls"]
+        else:  # every layer of each decode step after the first token (the query's, through QueryPass)
+            assert r["kernel_calls"] >= layers * (spec["steps"] - 1), r["kernel_calls"]
+
+
+def test_the_kernel_choice_is_checked():
+    from star_sp import StarConfig, StarInputError
+
+    with pytest.raises(StarInputError, match="decode_kernel must be one of"):
+        StarConfig(block_size=8, decode_kernel="cuda")

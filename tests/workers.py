@@ -120,15 +120,36 @@ def engine_run(group, spec: dict) -> dict:
     engine = StarEngine(model, StarConfig(block_size=spec["block"], anchor_size=spec["anchor"],
                                           anchor_source="recompute" if paper else spec["anchor_source"],
                                           phase2_merge="allgather" if paper else "allreduce",
-                                          collective_timeout_s=60, decode_graphs=spec.get("decode_graphs", "auto")),
+                                          collective_timeout_s=60, decode_graphs=spec.get("decode_graphs", "auto"),
+                                          decode_kernel=spec.get("decode_kernel", "torch")),
                         group, attention=spec.get("attention", "star"))
     ctx, q = engine_inputs(spec, model.config.vocab_size)
     context = engine.prefill(ctx)
     sampling = SamplingConfig(do_sample=True, temperature=1.3, top_k=30, top_p=0.9, seed=5)
-    return {"logits": engine.score(context, q), "greedy": engine.generate(context, q, spec["steps"]),
+    with kernel_calls_counted() as kernel_calls:
+        greedy = engine.generate(context, q, spec["steps"])
+    return {"logits": engine.score(context, q), "greedy": greedy,
             "sampled": engine.generate(context, q, spec["steps"], sampling=sampling),
             "local_tokens": context.kv.num_tokens, "query_kv": engine._holds_query(context),
-            "decode_mode": engine.stats["decode_mode"]}
+            "decode_mode": engine.stats["decode_mode"], "kernel_calls": kernel_calls[0]}
+
+
+@contextlib.contextmanager
+def kernel_calls_counted():
+    """While inside, calls of ``ops.decode_kernel.split_kv_decode`` (the split-KV decode kernel) count."""
+    from star_sp.ops import decode_kernel
+
+    calls = [0]
+    kernel = decode_kernel.split_kv_decode
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return kernel(*args, **kwargs)
+    decode_kernel.split_kv_decode = counted
+    try:
+        yield calls
+    finally:
+        decode_kernel.split_kv_decode = kernel
 
 
 def cli(group, command: str, argv: list) -> tuple[int, str, str]:

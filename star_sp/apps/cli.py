@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import ANCHOR_SOURCES, ATTENTIONS, BACKENDS, DECODE_GRAPHS, DTYPES, PHASE2_MERGES
+from ..config import ANCHOR_SOURCES, ATTENTIONS, BACKENDS, DECODE_GRAPHS, DECODE_KERNELS, DTYPES, PHASE2_MERGES
 from ..errors import StarError
 from .evaluate import evaluate
 from .generate import generate
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--collective-timeout-s", type=float, help="seconds a collective may wait (default 600)")
     g.add_argument("--decode-graphs", choices=DECODE_GRAPHS,
                    help="decode steps as one CUDA graph per request (auto: in one process on CUDA)")
+    g.add_argument("--decode-kernel", choices=DECODE_KERNELS,
+                   help="a fixed-shape decode step's attention: torch (default) or triton (the context's KV and "
+                        "the step's own in one split-KV pass; CUDA, not yet measured)")
     g.add_argument("--compile", action="store_true", default=None,
                    help="fuse the model's element-wise work with torch.compile around Star's attention (compiled "
                         "once; the compile time is reported apart)")
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--collective-timeout-s", type=float, default=600.0)
     ev.add_argument("--decode-graphs", choices=DECODE_GRAPHS, default="auto",
                     help="decode steps as one CUDA graph per request (auto: in one process on CUDA)")
+    ev.add_argument("--decode-kernel", choices=DECODE_KERNELS, default="torch",
+                    help="a fixed-shape decode step's attention: torch or triton (one split-KV pass; CUDA)")
     ev.add_argument("--compile", action="store_true",
                     help="fuse the model's element-wise work with torch.compile around Star's attention")
     ev.add_argument("--batch", type=int, default=8,

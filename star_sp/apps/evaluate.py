@@ -65,7 +65,8 @@ def evaluate(args) -> int:
             block, anchor = method.sizes(length)
             star = StarConfig(block_size=block, anchor_size=anchor, anchor_source=args.anchor_source,
                               backend=args.backend, collective_timeout_s=args.collective_timeout_s,
-                              decode_graphs=args.decode_graphs, compile=args.compile)
+                              decode_graphs=args.decode_graphs, decode_kernel=args.decode_kernel,
+                              compile=args.compile)
             # global attention is the plain model in one process: under a launcher every rank runs it alone
             return StarEngine(model, star, None if method.attention == "global" else group, attention=method.attention)
 

@@ -47,7 +47,7 @@ def generate(args) -> int:
 
     overrides = {k: getattr(args, k, None) for k in (
         "model", "random_weights", "dtype", "device", "attention", "block_size", "anchor_size", "anchor_source",
-        "phase2_merge", "backend", "collective_timeout_s", "decode_graphs", "compile", "max_new_tokens", "do_sample",
+        "phase2_merge", "backend", "collective_timeout_s", "decode_graphs", "decode_kernel", "compile", "max_new_tokens", "do_sample",
         "temperature", "top_p", "top_k", "seed", "stop")}
     cfg = same_everywhere(lambda: RunConfig.load(args.config, overrides))
     group, device, created = init_from_env(cfg.collective_timeout_s, cfg.device)

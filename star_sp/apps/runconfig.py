@@ -30,6 +30,8 @@ class RunConfig:
     collective_timeout_s: float = 600.0
     decode_graphs: str = "auto"
     """Decode steps as a CUDA graph per request: auto (one process on CUDA), on, off, static."""
+    decode_kernel: str = "torch"
+    """A fixed-shape decode step's attention: torch, or triton (one split-KV pass; CUDA)."""
     compile: bool = False
     """Fuse the model's element-wise work with torch.compile around Star's attention."""
     max_new_tokens: int = 64
@@ -55,7 +57,7 @@ class RunConfig:
     def star_config(self) -> StarConfig:
         return StarConfig(block_size=self.block_size, anchor_size=self.anchor_size, anchor_source=self.anchor_source,
                           phase2_merge=self.phase2_merge, backend=self.backend, collective_timeout_s=self.collective_timeout_s,
-                          decode_graphs=self.decode_graphs, compile=self.compile)
+                          decode_graphs=self.decode_graphs, decode_kernel=self.decode_kernel, compile=self.compile)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,

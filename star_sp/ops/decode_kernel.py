@@ -1,6 +1,7 @@
 """One decode step's attention in one split-KV pass (Triton): the context's KV and the step's own
-(generated) KV read together, merged output and LSE out. Issue 27's kernel; not yet wired into
-``runtime/passes.py: DecodeStepPass`` (its speed and its CUDA-graph capture are to be measured on a GPU).
+(generated) KV read together, merged output and LSE out. ``StarConfig(decode_kernel="triton")`` runs
+``runtime/passes.py: DecodeStepPass`` through it (its speed and its CUDA-graph capture are still to be
+measured on a GPU).
 
     split_kv_decode(q, ctx_k, ctx_v, own_k, own_v, own_valid, scale) -> (out, lse)
 
@@ -139,8 +140,9 @@ def default_splits(batch: int, kv_heads: int, keys: int, sms: int = 132) -> int:
 
 
 def split_kv_decode(q: torch.Tensor, ctx_k, ctx_v, own_k, own_v, own_valid, scale: float,
-                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The merged attention of ``q`` over ``[context | own valid keys]`` (module docstring)."""
+                    splits: int | None = None, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged attention of ``q`` over ``[context | own valid keys]`` (module docstring); ``out`` in
+    ``out_dtype`` (default q's: the accumulation dtype keeps it exact for a merge across hosts)."""
     partial, merge = _kernels()
     triton, _ = _triton()
     batch, heads, rows, dim = q.shape
@@ -184,7 +186,7 @@ def split_kv_decode(q: torch.Tensor, ctx_k, ctx_v, own_k, own_v, own_valid, scal
     lse = torch.empty(batch, kv_heads, m, dtype=acc, device=device)
     merge[(batch * kv_heads,)](part_o, part_lse, out, lse, m, dim, F64=f64, BLOCK_M=block_m, BLOCK_D=block_d,
                                SPLITS=splits)
-    return out.view(batch, heads, rows, dim).to(q.dtype), lse.view(batch, heads, rows)
+    return out.view(batch, heads, rows, dim).to(out_dtype or q.dtype), lse.view(batch, heads, rows)
 
 
 __all__ = ["default_splits", "split_kv_decode"]

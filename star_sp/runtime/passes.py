@@ -34,6 +34,7 @@ gradients) cannot keep phase 2's gradient path to the context's KV, so it is ref
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -344,6 +345,8 @@ class DecodeStepPass(_Pass):
     def _attend(self, layer: int, q, k, v, scale: float | None):
         cfg = self.context.config
         scale = default_scale(q.shape[-1]) if scale is None else scale
+        if cfg.decode_kernel == "triton" and self.context.sequences is None:
+            return self._attend_split_kv(layer, q, k, v, scale)
         acc = accumulation_dtype(q.dtype)
         parts = None if self.context.shares_across_rows(q.shape[0]) else phase2_parts(
             (0, q.shape[2]), *self.context.kv.get(layer))
@@ -359,6 +362,33 @@ class DecodeStepPass(_Pass):
             if self._valid is None:  # once per step, shared by the layers
                 self._valid = self.query_kv.valid(1)
             merge_into_(out, lse, *valid_keys_attention(q, k, v, self._valid, scale))
+        if self.distributed:
+            out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
+        return out
+
+    def _attend_split_kv(self, layer: int, q, k, v, scale: float):
+        """``decode_kernel='triton'``: the context's KV and the step's own in one split-KV pass
+        (``ops/decode_kernel.py``), then the configured merge across hosts."""
+        from ..ops.decode_kernel import split_kv_decode
+
+        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise StarInputError(f"decode_kernel='triton' runs on CUDA devices, not {q.device.type}; use "
+                                 "decode_kernel='torch'")
+        cfg = self.context.config
+        ctx_k, ctx_v = self.context.kv.get(layer)
+        if ctx_k is not None and ctx_k.shape[2] == 0:
+            ctx_k = ctx_v = None  # an idle host: no context keys
+        own_k = own_v = valid = None
+        if self.query_kv is not None:
+            if self._valid is None:  # once per step, shared by the layers
+                self._valid = self.query_kv.valid(1)
+            own_k, own_v, valid = k, v, self._valid
+        acc = accumulation_dtype(q.dtype)
+        if ctx_k is None and own_k is None:  # no key at all on this host
+            out = torch.zeros(q.shape, dtype=acc, device=q.device)
+            lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        else:
+            out, lse = split_kv_decode(q, ctx_k, ctx_v, own_k, own_v, valid, scale, out_dtype=acc)
         if self.distributed:
             out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
         return out

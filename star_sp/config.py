@@ -101,7 +101,8 @@ class StarConfig:
     decode_kernel: Literal["torch", "triton"] = "torch"
     """The attention of a fixed-shape decode step (``decode_graphs`` other than ``"off"``): ``"torch"``,
     the context's KV and the step's own attended apart and merged; ``"triton"``, both in one split-KV
-    pass (``ops/decode_kernel.py``; needs triton, CUDA tensors). Not yet measured against ``"torch"``."""
+    pass (``ops/decode_kernel.py``; needs triton, CUDA tensors). Not yet measured against ``"torch"``.
+    A batch of several contexts of different lengths (``prefill`` of a list) decodes with ``"torch"``."""
 
     compile: bool | str = False
     """Fuse the model's own element-wise work (norms, rotary embedding, activations, residual adds) with

@@ -140,3 +140,20 @@ def test_the_kernel_choice_is_checked():
 
     with pytest.raises(StarInputError, match="decode_kernel must be one of"):
         StarConfig(block_size=8, decode_kernel="cuda")
+
+
+def test_keys_in_the_models_layout_and_all_valid_slots():
+    """The context's KV as transformers keeps it (a transposed view of ``(B, L, Hkv, D)``) is read in
+    place, and ``own_valid=None`` means every own slot holds a key."""
+    from star_sp.ops.decode_kernel import split_kv_decode
+
+    gen = torch.Generator().manual_seed(4)
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
+    q = r(2, 4, 1, 32)
+    ck, cv = r(2, 70, 2, 32).transpose(1, 2), r(2, 70, 2, 32).transpose(1, 2)
+    ok, ov = r(2, 2, 6, 32), r(2, 2, 6, 32)
+    assert not ck.is_contiguous() and ck.stride(-1) == 1
+    out, lse = split_kv_decode(q, ck, cv, ok, ov, None, 0.2, splits=3)
+    ref, ref_lse = oracle(q, ck, cv, ok, ov, torch.ones(2, 6, dtype=torch.bool, device=DEVICE), 0.2)
+    bound = oracle_bound(ref, None, torch.float64)
+    assert (out - ref).abs().max() <= bound and (lse - ref_lse).abs().max() <= oracle_bound(ref_lse, None, torch.float64)

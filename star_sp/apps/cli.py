@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode steps as one CUDA graph per request (auto: in one process on CUDA)")
     g.add_argument("--decode-kernel", choices=DECODE_KERNELS,
                    help="a fixed-shape decode step's attention: torch (default) or triton (the context's KV and "
-                        "the step's own in one split-KV pass; CUDA, not yet measured)")
+                        "the step's own in one split-KV pass; CUDA, not yet measured; several contexts of "
+                        "different lengths in one batch decode with torch)")
     g.add_argument("--compile", action="store_true", default=None,
                    help="fuse the model's element-wise work with torch.compile around Star's attention (compiled "
                         "once; the compile time is reported apart)")
@@ -141,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "into one batch, their questions decoded together; the same answers as one by one)")
     ev.add_argument("--prompt", choices=("auto", "plain", "chat"), default="auto",
                     help="chat: each sample as a user turn of the tokenizer's chat template (the context in "
-                         "phase 1, the question and the assistant's turn in phase 2); plain: the text as is; "
-                         "auto: chat where the tokenizer has a template")
+                         "phase 1, the question and the assistant's turn in phase 2; the template's tokens come "
+                         "on top of --lengths); plain: the text as is; auto: chat where the tokenizer has a "
+                         "template")
     ev.add_argument("--quiet", action="store_true", help="no progress bars (weights loading, tasks)")
     return parser
 

@@ -87,9 +87,21 @@ def evaluate(args) -> int:
             return box[0]
 
         chat = args.prompt == "chat" or (args.prompt == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+        template = None
+        if chat:  # the template's tokens come on top of each length: they must fit the positions too
+            head, tail = runner.chat_parts(tokenizer)
+            template = runner.template_id(head, tail)
+            extra = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (head, tail))
+            budget = max(runner.answer_budget(t, args.max_new_tokens) for t in tasks)
+            limit = getattr(model.config, "max_position_embeddings", None)
+            if limit is not None and max(lengths) + extra + budget > limit:
+                raise StarInputError(f"length {max(lengths)} plus the chat template's {extra} tokens and {budget} "
+                                     f"answer tokens exceeds the model's {limit} positions; use shorter --lengths "
+                                     "(or --prompt plain)")
         settings = {"model": os.path.abspath(args.model), "dtype": args.dtype, "seed": args.seed,
                     "anchor_source": args.anchor_source, "backend": args.backend,
-                    "max_new_tokens": args.max_new_tokens, "prompt": "chat" if chat else "plain"}
+                    "max_new_tokens": args.max_new_tokens, "prompt": "chat" if chat else "plain",
+                    "template": template}
         summary = runner.run(make_engine=make_engine, tokenizer=tokenizer, tasks=tasks, lengths=lengths,
                              methods=methods, samples=args.samples, out_dir=args.out, seed=args.seed, batch=args.batch,
                              is_writer=rank == 0, max_new_tokens=args.max_new_tokens, progress=not args.quiet,

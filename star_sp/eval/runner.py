@@ -196,6 +196,9 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
         if os.path.exists(settings_path) and settings is not None:
             with open(settings_path) as f:
                 old = json.load(f)
+            for key, before in (("prompt", "plain"), ("template", None)):  # folders made before these keys
+                if key in settings and key not in old:
+                    old[key] = before
             if old != json.loads(json.dumps(settings)):
                 error = (f"{out_dir} holds results made with other settings ({old}); use another --out, or the "
                          f"same settings to resume")
@@ -275,6 +278,17 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
     return write_summary(rows, out_dir) if is_writer else summarize(rows)
 
 
+CHAT_DATE = "26 Jul 2024"
+"""The date a chat template that writes one is given (``chat_parts``), so prompts do not change by day."""
+
+
+def template_id(head: str, tail: str) -> str:
+    """A short fingerprint of a chat template's parts (kept in an eval folder's settings)."""
+    import hashlib
+
+    return hashlib.sha1((head + "\x00" + tail).encode()).hexdigest()[:12]
+
+
 def chat_parts(tokenizer) -> tuple[str, str]:
     """``(head, tail)``: the tokenizer's chat template around one user message, ending where the
     assistant's answer begins (``head + message + tail``). One line if the tokenizer has no template."""
@@ -282,8 +296,9 @@ def chat_parts(tokenizer) -> tuple[str, str]:
         raise StarInputError("--prompt chat needs a tokenizer with a chat template; this one has none (use --prompt "
                              "plain)")
     marker = "\x00STAR-SP-MESSAGE\x00"
+    # a fixed date for templates that write today's (Llama 3.x): the same prompt on every rank and every day
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True, date_string=CHAT_DATE)
     if text.count(marker) != 1:
         raise StarInputError("the tokenizer's chat template does not keep the user's message as given; use "
                              "--prompt plain")

@@ -20,6 +20,7 @@ found through its installed metadata.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
@@ -58,8 +59,8 @@ def cache_dir() -> str:
 
 def smollm2() -> str:
     """The transformers directory of SmolLM2-135M-Instruct, converted from the GGUF file once (module
-    docstring). Several processes may call it at once: each converts into a folder of its own and the
-    first to finish puts it in place."""
+    docstring). Several processes may call it at once: one converts (a lock file in the cache folder),
+    the others wait and find its folder."""
     target = converted_dir()
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return target
@@ -74,16 +75,27 @@ def converted_dir() -> str:
 def convert(source: str) -> str:
     """Convert the GGUF file ``source`` (the package's, or a copy of it) into ``converted_dir()``."""
     target = converted_dir()
+    if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "model.safetensors")):
+        raise StarInputError(f"the converted model folder {target} is incomplete (no model.safetensors): delete it "
+                             "and run again")
     for module in ("gguf", "accelerate"):
         try:
             __import__(module)
         except ImportError:
             raise StarInputError(f"converting SmolLM2's GGUF file needs the {module} package: {INSTALL}") from None
+    folder, name = os.path.split(source)
+    os.makedirs(cache_dir(), exist_ok=True)
+    with open(os.path.join(cache_dir(), ".smollm2.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process converts; the others wait, then find its folder
+        if os.path.isfile(os.path.join(target, "model.safetensors")):
+            return target
+        return _convert(folder, name, target)
+
+
+def _convert(folder: str, name: str, target: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, name = os.path.split(source)
-    os.makedirs(cache_dir(), exist_ok=True)
     work = tempfile.mkdtemp(prefix="smollm2-", dir=cache_dir())
     os.chmod(work, 0o755)  # mkdtemp's folder is private; the cache may be shared
     print(f"star-sp: converting {name} into {target} (once)", file=sys.stderr, flush=True)
@@ -95,11 +107,7 @@ def convert(source: str) -> str:
             quantizer.remove_quantization_config(model)
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
-        try:
-            os.rename(work, target)
-        except OSError:  # another process put its copy in place first
-            if not os.path.isfile(os.path.join(target, "model.safetensors")):
-                raise
+        os.rename(work, target)  # under the lock: no other process is converting
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

@@ -84,8 +84,12 @@ class _HostPool:
             self._free[(buf.numel(), pinned)].append(buf)
 
     def trim(self) -> None:
-        """Release the buffers in the pool (not those a step holds: they come back when it lets them go)."""
+        """Release the buffers in the pool (not those a step holds: they come back when it lets them go).
+        Pinned ones only after the device's queued work: a copy back to the GPU may still read one."""
         with self._lock:
+            pinned = any(pin and free for (_, pin), free in self._free.items())
+            if pinned:
+                torch.cuda.synchronize()
             self._free.clear()
 
 

@@ -205,7 +205,8 @@ def _evaluate(cfg: FinetuneConfig, model_dir: str, tracker, rank: int) -> None:
     argv = ["eval", "--model", model_dir, "--out", out, "--tasks", cfg.eval_tasks, "--lengths", cfg.eval_lengths,
             "--samples", str(cfg.eval_samples), "--attention", "star,global", "--block-size", cfg.eval_block_size,
             "--anchor-size", cfg.eval_anchor_size, "--anchor-source", cfg.anchor_source, "--dtype", cfg.dtype,
-            "--device", cfg.device, "--seed", str(cfg.seed), "--collective-timeout-s", str(cfg.collective_timeout_s)]
+            "--device", cfg.device, "--seed", str(cfg.seed), "--collective-timeout-s", str(cfg.collective_timeout_s),
+            "--prompt", cfg.prompt]
     if cfg.quiet:
         argv.append("--quiet")
     if cli_main(argv) != 0:

@@ -161,7 +161,9 @@ class _FinetuneKeys:
     anchor_source: str = field_help("broadcast or recompute (see star-sp generate --help)", "broadcast")
     global_fraction: float = field_help("attention = star: this share of the micro-batches trains under global "
                                         "attention instead (drawn per micro-batch, the same on every rank), to keep "
-                                        "the model's global attention while it learns the anchor pattern", 0.0)
+                                        "the model's global attention while it learns the anchor pattern; such a "
+                                        "step runs the whole sequence on every rank (plain model, no tiled MLP): "
+                                        "size lengths for it", 0.0)
 
     # -- memory --------------------------------------------------------------------------------------
     gradient_checkpointing: bool = field_help("recompute each decoder layer in the backward pass (transformers' "

@@ -157,3 +157,26 @@ def test_keys_in_the_models_layout_and_all_valid_slots():
     ref, ref_lse = oracle(q, ck, cv, ok, ov, torch.ones(2, 6, dtype=torch.bool, device=DEVICE), 0.2)
     bound = oracle_bound(ref, None, torch.float64)
     assert (out - ref).abs().max() <= bound and (lse - ref_lse).abs().max() <= oracle_bound(ref_lse, None, torch.float64)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_several_questions_decode_through_the_kernel_as_each_alone_under_the_oracle(cluster, world_size):
+    """Three left-padded questions of different lengths over one context (batch 1): the kernel reads the
+    shared context for every question's rows and each question's own keys past its padding; each
+    question's greedy tokens are the oracle's for [context ; question]."""
+    import workers
+    from model_oracle import oracle_greedy, reference_model
+
+    from star_sp.testing import build
+
+    spec = dict(family="llama", block=16, anchor=5, lc=45, lengths=[2, 6, 3], listed=True, steps=4,
+                decode_graphs="static", decode_kernel="triton")
+    results = ([workers.questions_run(None, spec)] if world_size == 1
+               else cluster(world_size).run(workers.questions_run, spec))
+    model, _ = build("llama", dtype=torch.float64)
+    ref = reference_model(model)
+    for r in results:
+        assert r["kernel_calls"] >= model.config.num_hidden_layers * (spec["steps"] - 1), r["kernel_calls"]
+        for i, q in enumerate(r["questions"]):
+            want = oracle_greedy(ref, r["ctx"], q[None], spec["block"], spec["anchor"], spec["steps"])
+            assert torch.equal(r["greedy"][i:i + 1], want), (i, r["greedy"][i], want)

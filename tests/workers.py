@@ -410,7 +410,8 @@ def questions_run(group, spec: dict) -> dict:
 
     model, _ = build(spec["family"], dtype=torch.float64)
     engine = StarEngine(model, StarConfig(block_size=spec["block"], anchor_size=spec["anchor"], collective_timeout_s=60,
-                                          decode_graphs=spec.get("decode_graphs", "auto")),
+                                          decode_graphs=spec.get("decode_graphs", "auto"),
+                                          decode_kernel=spec.get("decode_kernel", "torch")),
                         group, attention=spec.get("attention", "star"))
     gen = torch.Generator().manual_seed(33)
     ctx = torch.randint(4, model.config.vocab_size, (1, spec["lc"]), generator=gen)
@@ -419,9 +420,11 @@ def questions_run(group, spec: dict) -> dict:
     context = engine.prefill(ctx)
     logits = engine.score(context, asked)
     sampling = SamplingConfig(do_sample=True, temperature=1.3, top_k=30, seeds=tuple(range(7, 7 + len(questions))))
-    return {"ctx": ctx, "questions": questions,
+    with kernel_calls_counted() as kernel_calls:
+        greedy = engine.generate(context, asked, spec["steps"])
+    return {"ctx": ctx, "questions": questions, "kernel_calls": kernel_calls[0],
             "logits": logits if spec.get("listed") else [logits[i:i + 1] for i in range(len(questions))],
-            "greedy": engine.generate(context, asked, spec["steps"]),
+            "greedy": greedy,
             "alone": [engine.generate(context, q[None], spec["steps"]) for q in questions],
             "sampled": engine.generate(context, asked, spec["steps"], sampling=sampling),
             "sampled_alone": [engine.generate(context, q[None], spec["steps"], sampling=replace(

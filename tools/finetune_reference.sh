@@ -5,17 +5,20 @@
 # with global attention. Both stop at STEPS or after SECONDS; then the last step that both reached
 # and saved is exported in bf16 to OUT/reference-anchor and OUT/reference-global-control.
 #   bash tools/finetune_reference.sh OUT [STEPS] [SECONDS]
-# FINETUNE_ARGS adds flags to both runs (e.g. "--lengths 512,1024" for a quick CPU check).
+# FINETUNE_ARGS adds flags to both runs (e.g. "--lengths 512,1024" for a quick CPU check). CONFIG (default
+# configs/finetune-reference.toml) and NAME (default reference: OUT/NAME-anchor, OUT/NAME-global-control)
+# run another model's recipe the same way (configs/finetune-smollm2.toml, NAME=smollm2).
 set -uo pipefail
 out=$1 steps=${2:-400} seconds=${3:-420}
 export PYTHON=${PYTHON:-python3} PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
 mkdir -p "$out"
-common=(--config configs/finetune-reference.toml --deepspeed '' --wandb '' --steps "$steps" --save-every ${SAVE_EVERY:-25}
+export NAME=${NAME:-reference}
+common=(--config "${CONFIG:-configs/finetune-reference.toml}" --deepspeed '' --wandb '' --steps "$steps" --save-every ${SAVE_EVERY:-25}
         --keep-last 1000 --log-every 10 --quiet ${FINETUNE_ARGS:-})
 timeout "$seconds" $PYTHON launch/finetune.py "${common[@]}" --attention star --out "$out/star" > "$out/star.log" 2>&1 &
-timeout "$seconds" $PYTHON launch/finetune.py "${common[@]}" --attention global --out "$out/global" > "$out/global.log" 2>&1 &
+timeout "$seconds" $PYTHON launch/finetune.py "${common[@]}" --attention global --global-fraction 0 --out "$out/global" > "$out/global.log" 2>&1 &
 wait
-RECIPE="bash tools/finetune_reference.sh $* (FINETUNE_ARGS='${FINETUNE_ARGS:-}' SAVE_EVERY=${SAVE_EVERY:-25})" \
+RECIPE="bash tools/finetune_reference.sh $* (CONFIG=${CONFIG:-configs/finetune-reference.toml} NAME=$NAME FINETUNE_ARGS='${FINETUNE_ARGS:-}' SAVE_EVERY=${SAVE_EVERY:-25})" \
 $PYTHON - "$out" <<'PY'
 import glob, json, os, sys
 import torch
@@ -25,7 +28,8 @@ steps = lambda run: {int(p.rsplit("-", 1)[1]) for p in glob.glob(f"{out}/{run}/c
 common = sorted(steps("star") & steps("global"))
 assert common, "no step was saved by both runs"
 step = common[-1]
-for run, name in (("star", "reference-anchor"), ("global", "reference-global-control")):
+prefix = os.environ["NAME"]
+for run, name in (("star", f"{prefix}-anchor"), ("global", f"{prefix}-global-control")):
     src = f"{out}/{run}/checkpoint-{step:07d}"
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     model.save_pretrained(f"{out}/{name}")
@@ -33,7 +37,8 @@ for run, name in (("star", "reference-anchor"), ("global", "reference-global-con
     rows = [json.loads(l) for l in open(f"{out}/{run}/train_log.jsonl")]
     with open(f"{out}/{name}/training_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-    json.dump({"run": run, "step": step, "from": "star_sp/models/reference", "command": os.environ["RECIPE"],
-               "config": json.load(open(f"{src}/trainer_state.json"))["config"]}, open(f"{out}/{name}/recipe.json", "w"), indent=1)
+    config = json.load(open(f"{src}/trainer_state.json"))["config"]
+    json.dump({"run": run, "step": step, "from": config["model"], "command": os.environ["RECIPE"],
+               "config": config}, open(f"{out}/{name}/recipe.json", "w"), indent=1)
     print(name, "step", step, "MB", round(os.path.getsize(f"{out}/{name}/model.safetensors") / 2**20, 1))
 PY

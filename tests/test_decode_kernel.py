@@ -180,3 +180,18 @@ def test_several_questions_decode_through_the_kernel_as_each_alone_under_the_ora
         for i, q in enumerate(r["questions"]):
             want = oracle_greedy(ref, r["ctx"], q[None], spec["block"], spec["anchor"], spec["steps"])
             assert torch.equal(r["greedy"][i:i + 1], want), (i, r["greedy"][i], want)
+
+
+def test_the_kernel_off_cuda_without_the_interpreter_is_one_line(monkeypatch):
+    from star_sp import StarConfig, StarEngine, StarInputError
+    from star_sp.testing import build
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the kernel runs compiled")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine outside the tests
+    model, _ = build("llama", dtype=torch.float64)
+    engine = StarEngine(model, StarConfig(block_size=8, decode_graphs="static", decode_kernel="triton"))
+    context = engine.prefill(torch.randint(4, 100, (1, 20)))
+    with pytest.raises(StarInputError, match="decode_kernel='triton' runs on CUDA devices, not cpu; use "
+                                             "decode_kernel='torch'"):
+        engine.generate(context, torch.randint(4, 100, (1, 3)), 3)

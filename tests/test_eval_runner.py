@@ -59,6 +59,11 @@ def test_eval_writes_rows_summary_plots_and_resumes(model_dir, tmp_path, capsys)
     assert len(again) == 24 and again[:10] == [json.loads(x) for x in lines[:10]]
     key = lambda r: (r["task"], r["length"], r["index"], r["method"])  # noqa: E731
     assert {key(r): r["prediction"] for r in again} == {key(json.loads(x)): json.loads(x)["prediction"] for x in lines}
+    # a folder made before the prompt keys existed (plain text) resumes as plain
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["prompt"] == "plain" and settings["template"] is None  # this tokenizer has no template
+    (out / "settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k not in ("prompt", "template")}))
+    assert main(["eval", *_argv(model_dir, out)]) == 0 and len(_rows_tolerant(out)) == 24
     # a folder made with other settings is not resumed with these
     assert main(["eval", *_argv(model_dir, out), "--seed", "1"]) == 1
     assert "holds results made with other settings" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from star_sp.runtime.offload import HOST_POOL, ActivationOffload, offload_layers, size_class
+from star_sp.runtime.offload import HOST_POOL, ActivationOffload, activation_offload, offload_error, size_class
 
 
 def _layer(x, table, w):
@@ -86,6 +86,9 @@ def test_size_classes_waste_at_most_an_eighth():
         assert n <= c <= max(4096, n * 1.125), (n, c)
 
 
-def test_offload_layers_reads_the_losses_argument():
-    assert offload_layers(True) is None and offload_layers(False) is False
-    assert offload_layers(0) is False and offload_layers(5) == 5
+def test_the_losses_argument_gives_the_offload():
+    assert activation_offload(True).layers is None and activation_offload(5).layers == 5
+    assert activation_offload(False) is None and activation_offload(0) is None
+    assert offload_error(True) is None and offload_error(3) is None
+    for bad in (-1, 2.5, "all"):
+        assert offload_error(bad).startswith("offload_activations must be True, False or a whole number of layers")

@@ -68,7 +68,7 @@ def _checkpointing(model, choice: str, offload: bool | int):
     import contextlib
 
     from star_sp import _compat
-    from star_sp.runtime.offload import ActivationOffload, offload_layers
+    from star_sp.runtime.offload import activation_offload
 
     if choice == "off":
         model.gradient_checkpointing_disable()
@@ -76,7 +76,7 @@ def _checkpointing(model, choice: str, offload: bool | int):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if choice == "offload":
         return _compat.recompute_with_attention(model, model.config._attn_implementation,
-                                                offload=ActivationOffload(offload_layers(offload)))
+                                                offload=activation_offload(offload))
     return contextlib.nullcontext()
 
 
@@ -201,8 +201,8 @@ def main(argv=None) -> int:
 def _rows_at(model, ctx, tgt, methods, choice: str, common: dict, args, device, profile) -> list[dict]:
     """The rows of one context and one checkpointing choice: global, then each Star setting."""
     rows, length = [], common["context"]
+    offload = (args.offload_layers or True) if choice == "offload" else False  # the losses' offload_activations
     if "global" in methods:
-        offload = args.offload_layers or True
         with _checkpointing(model, choice, offload) as _:
             row = {**common, "method": "global", **_measure(
                 lambda: _global_step(model, ctx, tgt, args.context_loss_weight), model, device, args.repeats,
@@ -210,7 +210,7 @@ def _rows_at(model, ctx, tgt, methods, choice: str, common: dict, args, device, 
         rows.append(row)
         print(json.dumps(row), flush=True)
     if "star" in methods:
-        _checkpointing(model, choice, True)
+        _checkpointing(model, choice, offload)
         for block_spec in args.blocks.split(","):
             block = bench._size(block_spec, length, 1)
             for anchor_spec in args.anchors.split(","):
@@ -219,8 +219,7 @@ def _rows_at(model, ctx, tgt, methods, choice: str, common: dict, args, device, 
                 row = {**common, "method": "star", "block": block, "anchor": anchor, "block_spec": block_spec,
                        "tiled_mlp": args.tiled_mlp, "offload_layers": args.offload_layers,
                        "anchor_spec": anchor_spec, **_measure(
-                           lambda: _star_step(model, ctx, tgt, cfg, args.context_loss_weight,
-                                              (args.offload_layers or True) if choice == "offload" else False,
+                           lambda: _star_step(model, ctx, tgt, cfg, args.context_loss_weight, offload,
                                               args.loss_chunk_tokens, args.tiled_mlp), model, device, args.repeats, profile,
                            f"star, context {length}, batch {args.batch}, block {block}, anchor {anchor}, "
                            f"checkpointing {choice}")}

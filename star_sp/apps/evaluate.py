@@ -52,14 +52,21 @@ def evaluate(args) -> int:
             if tok is None:
                 raise StarInputError(f"{args.model} has no tokenizer files; star-sp eval writes its tasks as text "
                                      "and needs the model's tokenizer")
+            chat = runner.prompt_parts(tok, args.prompt)
+            # the chat template's tokens come on top of each length: they must fit the positions too
+            extra = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in chat) if chat else 0
             budget = max(runner.answer_budget(t, args.max_new_tokens) for t in tasks)
             limit = getattr(model.config, "max_position_embeddings", None)
-            if limit is not None and max(lengths) + budget > limit:
+            if limit is not None and max(lengths) + extra + budget > limit:
+                if chat:
+                    raise StarInputError(f"length {max(lengths)} plus the chat template's {extra} tokens and {budget} "
+                                         f"answer tokens exceeds the model's {limit} positions; use shorter --lengths "
+                                         "(or --prompt plain)")
                 raise StarInputError(f"length {max(lengths)} plus {budget} answer tokens exceeds the model's "
                                      f"{limit} positions; use shorter --lengths")
-            return tok
+            return tok, chat
 
-        tokenizer = run_on_every_rank(group, "tokenizer", need_tokenizer)
+        tokenizer, chat = run_on_every_rank(group, "tokenizer", need_tokenizer)
 
         def make_engine(method, length):
             block, anchor = method.sizes(length)
@@ -86,22 +93,10 @@ def evaluate(args) -> int:
             dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
             return box[0]
 
-        chat = args.prompt == "chat" or (args.prompt == "auto" and bool(getattr(tokenizer, "chat_template", None)))
-        template = None
-        if chat:  # the template's tokens come on top of each length: they must fit the positions too
-            head, tail = runner.chat_parts(tokenizer)
-            template = runner.template_id(head, tail)
-            extra = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (head, tail))
-            budget = max(runner.answer_budget(t, args.max_new_tokens) for t in tasks)
-            limit = getattr(model.config, "max_position_embeddings", None)
-            if limit is not None and max(lengths) + extra + budget > limit:
-                raise StarInputError(f"length {max(lengths)} plus the chat template's {extra} tokens and {budget} "
-                                     f"answer tokens exceeds the model's {limit} positions; use shorter --lengths "
-                                     "(or --prompt plain)")
         settings = {"model": os.path.abspath(args.model), "dtype": args.dtype, "seed": args.seed,
                     "anchor_source": args.anchor_source, "backend": args.backend,
                     "max_new_tokens": args.max_new_tokens, "prompt": "chat" if chat else "plain",
-                    "template": template}
+                    "template": runner.template_id(*chat) if chat else None}
         summary = runner.run(make_engine=make_engine, tokenizer=tokenizer, tasks=tasks, lengths=lengths,
                              methods=methods, samples=args.samples, out_dir=args.out, seed=args.seed, batch=args.batch,
                              is_writer=rank == 0, max_new_tokens=args.max_new_tokens, progress=not args.quiet,

@@ -107,18 +107,19 @@ def _read_questions(args, tokenizer, vocab: int, seed: int, chat=None) -> list[l
 
 def _chat(args, tokenizer):
     """``(head, tail)`` of the chat template for ``--prompt``, or None (plain text)."""
-    from ..eval.runner import chat_parts
+    from ..eval.runner import prompt_parts
 
     prompt = getattr(args, "prompt", "plain") or "plain"
     texts = getattr(args, "context_file", None) is not None and not any(
         getattr(args, name, None) is not None for name in ("query_ids", "random_query"))
-    if prompt == "plain" or tokenizer is None or (prompt == "auto" and not (
-            texts and getattr(tokenizer, "chat_template", None))):
+    if prompt == "plain" or tokenizer is None:
         return None
-    if not texts:
+    if not texts:  # ids: auto leaves them as they are
+        if prompt == "auto":
+            return None
         raise StarInputError("--prompt chat wraps text in the chat template: give the context as --context-file and "
                              "the question as text (--query, --query-file or --questions-file)")
-    return chat_parts(tokenizer)
+    return prompt_parts(tokenizer, prompt)
 
 
 def _read_file(path: str, flag: str) -> str:

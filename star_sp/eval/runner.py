@@ -172,12 +172,12 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
         methods: list[Method], samples: int, out_dir: str, seed: int = 0, is_writer: bool = True,
         max_new_tokens: int | None = None, progress: bool = True, on_row: Callable[[dict], None] | None = None,
         settings: dict | None = None, share: Callable[[object], object] | None = None, batch: int = 1,
-        chat: bool = False) -> dict:
+        chat: tuple[str, str] | None = None) -> dict:
     """Evaluate every (task, length, sample, method) not already in ``out_dir/results.jsonl``.
 
-    ``chat``: each sample as one user turn of the tokenizer's chat template (``chat_parts``): the
-    template's head and the context are the context (phase 1), the question and the template's tail up to
-    the assistant's turn the query (phase 2).
+    ``chat``: the chat template's ``(head, tail)`` (``prompt_parts``), each sample one user turn of it: the
+    head and the context are the context (phase 1), the question and the tail up to the assistant's turn
+    the query (phase 2); None: the text as is.
 
     ``batch``: samples of one task and length answered together, per method: their contexts (of
     different lengths) prefilled one after another into one batch and their questions decoded together
@@ -222,7 +222,7 @@ def run(*, make_engine: Callable[[Method, int], object], tokenizer, tasks: list[
                     f.write(b"\n")
     count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     eos = tokenizer.eos_token_id
-    head, tail = chat_parts(tokenizer) if chat else ("", "")
+    head, tail = chat or ("", "")
     engines: dict[tuple, object] = {}
     for task in tasks:
         for length in lengths:
@@ -287,6 +287,14 @@ def template_id(head: str, tail: str) -> str:
     import hashlib
 
     return hashlib.sha1((head + "\x00" + tail).encode()).hexdigest()[:12]
+
+
+def prompt_parts(tokenizer, prompt: str) -> tuple[str, str] | None:
+    """What ``--prompt`` asks of this tokenizer: ``chat``, its chat template's ``(head, tail)``
+    (``chat_parts``); ``plain``, None; ``auto``, the template's where the tokenizer has one."""
+    if prompt == "chat" or (prompt == "auto" and getattr(tokenizer, "chat_template", None)):
+        return chat_parts(tokenizer)
+    return None
 
 
 def chat_parts(tokenizer) -> tuple[str, str]:

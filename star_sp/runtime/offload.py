@@ -155,12 +155,19 @@ class ActivationOffload:
         return packed.host.to(packed.device, non_blocking=packed.pinned)
 
 
-def offload_layers(value) -> "int | None | bool":
-    """``offload_activations`` as a count of checkpoints: True -> None (all), False or 0 -> False (off),
-    a whole number n > 0 -> n (the first n)."""
-    if isinstance(value, bool):
-        return None if value else False
-    return value if value else False
+def offload_error(value, unit: str = "layers") -> str | None:
+    """What is wrong with a loss's ``offload_activations`` (True, False or a whole number of ``unit``), or None."""
+    if isinstance(value, bool) or (isinstance(value, int) and value >= 0):
+        return None
+    return f"offload_activations must be True, False or a whole number of {unit} >= 0 (the first ones offload), got {value!r}"
 
 
-__all__ = ["HOST_POOL", "MIN_BYTES", "ActivationOffload", "offload_layers"]
+def activation_offload(value: bool | int) -> "ActivationOffload | None":
+    """The offload a loss's ``offload_activations`` asks for: True every checkpoint's, a whole number n > 0
+    the first n's, False or 0 none (None)."""
+    if not value:
+        return None
+    return ActivationOffload(None if value is True else value)
+
+
+__all__ = ["HOST_POOL", "MIN_BYTES", "ActivationOffload", "activation_offload", "offload_error"]

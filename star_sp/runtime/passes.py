@@ -56,6 +56,13 @@ from ..ops.valid_keys import valid_keys_attention
 from .kv_cache import ContextKV, QueryKV, StaticQueryKV
 
 
+def _no_keys(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of rows over no key at all, in the accumulation dtype: 0 and -inf (a merge ignores it)."""
+    acc = accumulation_dtype(q.dtype)
+    return (torch.zeros(q.shape, dtype=acc, device=q.device),
+            torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device))
+
+
 def _same_backward(out: torch.Tensor, *unused: torch.Tensor) -> torch.Tensor:
     """``out``, with tensors this host computed but does not use joined at weight 0 when gradients are
     on: so that every host runs the same modules' backward (ZeRO-3 gathers a module's parameters in its
@@ -345,53 +352,47 @@ class DecodeStepPass(_Pass):
     def _attend(self, layer: int, q, k, v, scale: float | None):
         cfg = self.context.config
         scale = default_scale(q.shape[-1]) if scale is None else scale
+        if self.query_kv is not None and self._valid is None:  # once per step, shared by the layers
+            self._valid = self.query_kv.valid(1)
         if cfg.decode_kernel == "triton" and self.context.sequences is None:
-            return self._attend_split_kv(layer, q, k, v, scale)
-        acc = accumulation_dtype(q.dtype)
+            out, lse = self._local_split_kv(layer, q, k, v, scale)
+        else:
+            out, lse = self._local(layer, q, k, v, scale)
+        if self.distributed:
+            out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
+        return out
+
+    def _local(self, layer: int, q, k, v, scale: float):
+        """This host's part, in the accumulation dtype: its context KV by the fused kernels, and the step's
+        own KV (``valid_keys_attention``) merged in."""
         parts = None if self.context.shares_across_rows(q.shape[0]) else phase2_parts(
             (0, q.shape[2]), *self.context.kv.get(layer))
         if parts is None:  # several questions or contexts
             out, lse = self._shared_context_part(q, layer, scale)
         elif parts:
-            out, lse = local_attention(q, parts, scale=scale, backend=cfg.backend)
-            out = out.to(acc)
+            out, lse = local_attention(q, parts, scale=scale, backend=self.context.config.backend)
+            out = out.to(accumulation_dtype(q.dtype))
         else:  # an idle host: no context keys
-            out = torch.zeros(q.shape, dtype=acc, device=q.device)
-            lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+            out, lse = _no_keys(q)
         if self.query_kv is not None:
-            if self._valid is None:  # once per step, shared by the layers
-                self._valid = self.query_kv.valid(1)
             merge_into_(out, lse, *valid_keys_attention(q, k, v, self._valid, scale))
-        if self.distributed:
-            out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
-        return out
+        return out, lse
 
-    def _attend_split_kv(self, layer: int, q, k, v, scale: float):
-        """``decode_kernel='triton'``: the context's KV and the step's own in one split-KV pass
-        (``ops/decode_kernel.py``), then the configured merge across hosts."""
+    def _local_split_kv(self, layer: int, q, k, v, scale: float):
+        """``decode_kernel='triton'``: this host's part, its context KV and the step's own in one split-KV
+        pass (``ops/decode_kernel.py``)."""
         from ..ops.decode_kernel import split_kv_decode
 
         if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise StarInputError(f"decode_kernel='triton' runs on CUDA devices, not {q.device.type}; use "
                                  "decode_kernel='torch'")
-        cfg = self.context.config
         ctx_k, ctx_v = self.context.kv.get(layer)
-        if ctx_k is not None and ctx_k.shape[2] == 0:
+        if ctx_k.shape[2] == 0:
             ctx_k = ctx_v = None  # an idle host: no context keys
-        own_k = own_v = valid = None
-        if self.query_kv is not None:
-            if self._valid is None:  # once per step, shared by the layers
-                self._valid = self.query_kv.valid(1)
-            own_k, own_v, valid = k, v, self._valid
-        acc = accumulation_dtype(q.dtype)
-        if ctx_k is None and own_k is None:  # no key at all on this host
-            out = torch.zeros(q.shape, dtype=acc, device=q.device)
-            lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-        else:
-            out, lse = split_kv_decode(q, ctx_k, ctx_v, own_k, own_v, valid, scale, out_dtype=acc)
-        if self.distributed:
-            out, lse = MERGES[cfg.phase2_merge](self.group, cfg.collective_timeout_s).merge(out, lse)
-        return out
+        own = (k, v, self._valid) if self.query_kv is not None else (None, None, None)
+        if ctx_k is None and own[0] is None:
+            return _no_keys(q)
+        return split_kv_decode(q, ctx_k, ctx_v, *own, scale, out_dtype=accumulation_dtype(q.dtype))
 
     def finish(self, advance: bool = True) -> None:
         """After the model's forward: move the query KV's fill level past this step's token (``advance``;

@@ -45,7 +45,7 @@ from ..integrations.hf.tiled import tiled_mlp as tile_mlp
 from ..layout import BlockLayout
 from ..runtime.inputs import check_ids, fingerprint
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
-from ..runtime.offload import ActivationOffload, offload_layers
+from ..runtime.offload import activation_offload, offload_error
 from ..runtime.passes import PrefillPass, QueryPass, SplitPass, StarContext
 from .terms import IGNORE_INDEX, HeadRows, RankShare, head_calls
 
@@ -124,10 +124,7 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     for name, value in (("loss_chunk_tokens", loss_chunk_tokens), ("tiled_mlp", tiled_mlp)):
         if error is None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             error = f"{name} must be a whole number of rows >= 0 (0: off), got {value!r}"
-    if error is None and not isinstance(offload_activations, bool) and (
-            not isinstance(offload_activations, int) or offload_activations < 0):
-        error = (f"offload_activations must be True, False or a whole number of layers >= 0 (the first ones "
-                 f"offload), got {offload_activations!r}")
+    error = error or offload_error(offload_activations)
     if error is None and offload_activations and not _compat.gradient_checkpointing_on(model):
         error = ("offload_activations=True offloads what activation checkpointing keeps; enable it first: "
                  "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})")
@@ -153,8 +150,7 @@ def star_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tensor, 
     positions = torch.cat([rows.positions, torch.arange(lc, lc + lt)])
     n = rows.num_rows
     keep = torch.tensor(rows.keep + list(range(n, n + max(lt - 1, 1))), device=engine.device)  # target rows
-    layers = offload_layers(offload_activations)  # predict labels[:, 1:]
-    offload = ActivationOffload(layers) if layers is not False else None
+    offload = activation_offload(offload_activations)  # keep: the target rows predict labels[:, 1:]
     bound = lc + config.anchor_size + lt  # the rows of any rank's forward: the same bound on every rank
     tiles = (lambda: tile_mlp(model, head_calls(bound, tiled_mlp))) if tiled_mlp else contextlib.nullcontext
     with _compat.attn_implementation_set(model, ATTENTION_NAME), tiles(), \

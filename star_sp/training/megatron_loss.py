@@ -34,7 +34,7 @@ from ..integrations.megatron.positions import use_star_positions
 from ..integrations.megatron.recompute import recompute_error, recomputes, star_recompute
 from ..layout import BlockLayout, RingLayout
 from ..runtime.kv_cache import ContextKV, TrainingQueryKV
-from ..runtime.offload import ActivationOffload, offload_layers
+from ..runtime.offload import activation_offload, offload_error
 from ..runtime.passes import PrefillPass, QueryPass, RingPrefillPass, StarContext
 from .loss import check_train_inputs, sample_terms, train_meta
 from .terms import IGNORE_INDEX, HeadRows, RankShare, ce_sum, head_calls
@@ -76,10 +76,7 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
     error = _check(model, context_ids, target_ids, labels, context_loss_weight, attention)
     if error is None and not isinstance(config, StarConfig):
         error = f"config must be a star_sp.StarConfig, got {type(config).__name__}"
-    if error is None and not isinstance(offload_activations, bool) and (
-            not isinstance(offload_activations, int) or offload_activations < 0):
-        error = (f"offload_activations must be True, False or a whole number of checkpoints >= 0 (the first ones "
-                 f"offload), got {offload_activations!r}")
+    error = error or offload_error(offload_activations, "checkpoints")
     if error is None and offload_activations and not recomputes(model):
         error = ("offload_activations offloads what activation recomputation keeps; set the model's "
                  "recompute_granularity ('full' or 'selective') first")
@@ -107,8 +104,7 @@ def megatron_train_loss(model, context_ids: torch.Tensor, target_ids: torch.Tens
                       training=True, drops_context=True)
     keep = rows.keep + list(range(rows.num_rows, rows.num_rows + lt))  # the kept phase-1 rows, the target rows
     step = ForwardPlan(torch.cat([rows.positions, torch.arange(lc, lc + lt)]), rows.num_rows, prefill, query, group, keep)
-    layers = offload_layers(offload_activations)
-    with star_recompute(model, step, ActivationOffload(layers) if layers is not False else None):
+    with star_recompute(model, step, activation_offload(offload_activations)):
         hidden, project = model_forward(model, torch.cat([rows.ids, target_ids], dim=1), step, hidden=True)
     calls = head_calls(lc + config.anchor_size + lt, loss_chunk_tokens)  # alike on every rank
     answer, context_mean, replicated = sample_terms(HeadRows(hidden, project), calls, rows, context_ids, labels,

@@ -217,11 +217,9 @@ def read_jsonl(path: str) -> list[dict]:
 def open_data(cfg, tokenizer, dp_size: int):
     """The configured sample source (``cfg.data``: 'tasks' or a JSONL path), in the chat template's form
     where ``cfg.prompt`` asks for it (``auto``: where the tokenizer has one)."""
-    chat = None
-    if cfg.prompt == "chat" or (cfg.prompt == "auto" and getattr(tokenizer, "chat_template", None)):
-        from ...eval.runner import chat_parts
+    from ...eval.runner import prompt_parts
 
-        chat = chat_parts(tokenizer)
+    chat = prompt_parts(tokenizer, cfg.prompt)
     mix = getattr(cfg, "global_fraction", 0.0)
     if cfg.data == "tasks":
         return TaskData(tokenizer, cfg.tasks, cfg.lengths, cfg.blocks, cfg.anchor_fraction, cfg.seed, chat, mix)

@@ -15,7 +15,7 @@ import torch
 from ... import _compat
 from ...config import StarConfig
 from ...ops.backends import many_shapes
-from ...runtime.offload import ActivationOffload, offload_layers
+from ...runtime.offload import activation_offload
 from ...training.loss import star_train_loss
 from ...training.terms import IGNORE_INDEX, ce_sum
 
@@ -80,7 +80,7 @@ class TrainModule(torch.nn.Module):
             return contextlib.nullcontext()
         model = self.model
         return _compat.recompute_with_attention(model, model.config._attn_implementation,
-                                                offload=ActivationOffload(offload_layers(offload)))
+                                                offload=activation_offload(offload))
 
     def star_config(self, sample) -> StarConfig:
         return StarConfig(block_size=sample.block_size, anchor_size=sample.anchor_size, **self.star)

@@ -6,18 +6,19 @@
 # SECONDS and a rerun resumes (the summary covers what finished: check the row counts).
 #   bash tools/eval_reference.sh MODEL OUT [SAMPLES] [SECONDS]
 # GPUS="0 1" spreads the processes over those GPUs (round robin; default: the first GPU); LENGTHS="1k"
-# other lengths (a quick check).
+# other lengths (a quick check); SEED another draw of samples (default 0); BLOCKS and ANCHORS other Star
+# settings (defaults 1/4,1/8 and block,block/4,0); TASKS a subset (default all).
 set -uo pipefail
 model=$1 out=$2 samples=${3:-8} seconds=${4:-420}
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1  # 12 processes share the cores
 read -r -a gpus <<< "${GPUS:-0}"
-tasks=$(python3 -c "from star_sp.eval.tasks import TASKS; print(' '.join(TASKS))")
+tasks=${TASKS:-$(python3 -c "from star_sp.eval.tasks import TASKS; print(' '.join(TASKS))")}
 mkdir -p "$out"
 n=0
 for task in $tasks; do
     CUDA_VISIBLE_DEVICES=${gpus[$(( n % ${#gpus[@]} ))]} timeout "$seconds" python3 -m star_sp.apps.cli eval \
         --model "$model" --tasks "$task" --lengths "${LENGTHS:-4k,8k,16k}" --samples "$samples" --dtype bfloat16 --quiet \
-        --attention global,star --block-size 1/4,1/8 --anchor-size block,block/4,0 \
+        --seed "${SEED:-0}" --attention global,star --block-size "${BLOCKS:-1/4,1/8}" --anchor-size "${ANCHORS:-block,block/4,0}" \
         --out "$out/$task" > "$out/$task.log" 2>&1 &
     n=$(( n + 1 ))
 done
@@ -36,4 +37,5 @@ print(markdown_table(summary))
 PY
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  date -u; echo "bash tools/eval_reference.sh $*"; } > "$out/all/provenance.txt"
+  date -u; echo "SEED=${SEED:-0} BLOCKS=${BLOCKS:-1/4,1/8} ANCHORS=${ANCHORS:-block,block/4,0} TASKS='${TASKS:-all}' LENGTHS=${LENGTHS:-4k,8k,16k}"
+  echo "bash tools/eval_reference.sh $*"; } > "$out/all/provenance.txt"

@@ -35,7 +35,8 @@ common = sorted(set.intersection(*(steps(run) for run in runs)))
 assert common, f"no step was saved by every run of {runs}"
 step = common[-1]
 prefix = os.environ["NAME"]
-for run, name in [("star", f"{prefix}-anchor"), ("global", f"{prefix}-global-control")][:len(runs)]:
+names = {"star": f"{prefix}-anchor", "global": f"{prefix}-global-control"}
+for run, name in ((run, names[run]) for run in runs):
     src = f"{out}/{run}/checkpoint-{step:07d}"
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     model.save_pretrained(f"{out}/{name}")
